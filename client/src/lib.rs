@@ -1,1 +1,23 @@
-//! Parley client library: streams audio to a Parley server and collects the reply (grows with the streaming issue).
+//! Parley client library: connects to a Parley server, streams audio at real-time pace in 20 ms
+//! Opus frames (as a microphone would, then silence), receives events and reply audio, and
+//! measures each turn (client-side voice-to-voice plus the server's stage breakdown).
+//!
+//! # Layout
+//! - [`audio`]: WAV reading/writing, offline and streaming resampling, voiced-frame detection.
+//! - [`talk`]: one session: stream clips, collect replies, per-frame round trips.
+//! - [`report`]: the per-turn JSON report of `parley talk --report`.
+//! - `mic` (feature `mic`): live microphone and speaker through cpal.
+pub mod audio;
+#[cfg(feature = "mic")]
+pub mod mic;
+pub mod report;
+pub mod talk;
+
+pub use report::{Report, TurnReport};
+pub use talk::{talk, TalkError, TalkOptions, TalkResult};
+
+/// Builds the endpoint URL from `ws://host:port` or a full `ws://host:port/v1/voice`.
+pub fn endpoint_url(server: &str) -> String {
+    let base = server.trim_end_matches('/');
+    if base.ends_with(parley_protocol::WS_PATH) { base.to_string() } else { format!("{base}{}", parley_protocol::WS_PATH) }
+}

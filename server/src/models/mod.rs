@@ -10,6 +10,12 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+pub mod speaker;
+pub mod text_embed;
+pub mod vad;
+pub mod tts;
+mod espeak;
+
 /// The manifest schema this build understands.
 const SCHEMA: u32 = 1;
 /// Key of the model cache this build expects (hash of `models/`, computed by `build.rs`).

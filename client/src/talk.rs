@@ -1,0 +1,323 @@
+//! One client session: streams clips at real-time pace as 20 ms Opus frames (then silence),
+//! receives events and reply audio, decodes it, and measures each turn.
+use crate::report::{Latency, Report, TurnReport};
+use futures_util::{SinkExt, StreamExt};
+use parley_protocol::event::SessionUpdate;
+use parley_protocol::{frame_samples, ClientEvent, FrameHeader, ServerEvent, FRAME_MS, MAX_OPUS_PACKET_BYTES};
+use std::time::{Duration, Instant};
+use tokio::time::MissedTickBehavior;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+
+/// What to stream and how long to wait.
+#[derive(Debug, Clone)]
+pub struct TalkOptions {
+    /// `ws://host:port` or the full endpoint URL.
+    pub server: String,
+    /// Stream sample rate (both directions), Hz.
+    pub sample_rate: u32,
+    /// Silence streamed between one turn's reply and the next clip, ms.
+    pub pause_ms: u32,
+    /// Wait for each turn's reply (`response.audio.done` / `reply.cancelled`) before the pause.
+    pub wait_for_reply: bool,
+    /// Give up waiting for a reply after this long, ms after the clip ends.
+    pub reply_timeout_ms: u32,
+    /// When no speech is detected by the server within this long after a clip, move on, ms.
+    pub turn_start_timeout_ms: u32,
+    /// Opus bitrate of the uploaded frames, bit/s.
+    pub bitrate: i32,
+}
+
+impl Default for TalkOptions {
+    fn default() -> Self {
+        Self {
+            server: "ws://127.0.0.1:8080".into(),
+            sample_rate: parley_protocol::DEFAULT_SAMPLE_RATE,
+            pause_ms: 1000,
+            wait_for_reply: true,
+            reply_timeout_ms: 20_000,
+            turn_start_timeout_ms: 3_000,
+            bitrate: 32_000,
+        }
+    }
+}
+
+/// One clip to say: its name (for the report) and mono audio at the stream rate.
+#[derive(Debug, Clone)]
+pub struct Clip {
+    pub name: String,
+    pub samples: Vec<f32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TalkError {
+    #[error("connecting to {url}: {source}")]
+    Connect { url: String, source: Box<tokio_tungstenite::tungstenite::Error> },
+    #[error("WebSocket: {0}")]
+    Ws(#[from] Box<tokio_tungstenite::tungstenite::Error>),
+    #[error("Opus: {0}")]
+    Opus(#[from] opus::Error),
+    #[error("the server closed the session: {code} {reason}")]
+    Closed { code: u16, reason: String },
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// A reply audio frame as received.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceivedFrame {
+    pub seq: u32,
+    /// Header timestamp (the client timestamp the server echoes), µs.
+    pub timestamp_us: u64,
+    /// Client clock when it arrived, µs since the session start.
+    pub received_us: u64,
+}
+
+/// Everything a session produced.
+#[derive(Debug, Default)]
+pub struct TalkResult {
+    pub report: Report,
+    /// Decoded reply audio at the stream rate, frames concatenated in arrival order.
+    pub reply_audio: Vec<f32>,
+    pub frames: Vec<ReceivedFrame>,
+    /// Every event received, with its arrival time (µs since the session start).
+    pub events: Vec<(u64, ServerEvent)>,
+    /// Send time of each uploaded frame (index = seq), µs since the session start.
+    pub sent_us: Vec<u64>,
+    /// Reply frames whose sequence number was not the previous one + 1.
+    pub seq_gaps: u32,
+    /// The close code and reason, when the server closed the session.
+    pub close: Option<(u16, String)>,
+}
+
+impl TalkResult {
+    /// Round trip per echoed frame: arrival − the send time the header echoes, µs (the per-frame
+    /// transport overhead with the echo pipeline in frame mode, plus the frame's 20 ms of buffering).
+    pub fn frame_round_trips_us(&self) -> Vec<u64> {
+        self.frames.iter().filter(|f| f.timestamp_us > 0).map(|f| f.received_us.saturating_sub(f.timestamp_us)).collect()
+    }
+}
+
+struct Window {
+    clip: usize,
+    first_event: usize,
+    first_frame: usize,
+    last_voiced_sent_us: Option<u64>,
+}
+
+/// Streams `clips` (one turn each) to the server and collects the replies.
+pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, TalkError> {
+    let url = crate::endpoint_url(&options.server);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .map_err(|e| TalkError::Connect { url: url.clone(), source: Box::new(e) })?;
+    let rate = options.sample_rate;
+    let frame = frame_samples(rate);
+    let update = ClientEvent::SessionUpdate {
+        session: SessionUpdate { input_sample_rate: Some(rate), output_sample_rate: Some(rate) },
+    };
+    ws.send(Message::text(update.to_json())).await.map_err(Box::new)?;
+
+    let mut encoder = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip)?;
+    encoder.set_bitrate(opus::Bitrate::Bits(options.bitrate))?;
+    let mut decoder = opus::Decoder::new(rate, opus::Channels::Mono)?;
+    let mut packet = vec![0u8; MAX_OPUS_PACKET_BYTES];
+    let mut pcm = vec![0f32; frame];
+    let silence = vec![0f32; frame];
+
+    let start = Instant::now();
+    let now_us = || start.elapsed().as_micros() as u64;
+    let mut result = TalkResult {
+        report: Report { server: url.clone(), ..Report::default() },
+        ..TalkResult::default()
+    };
+    let mut windows: Vec<Window> = Vec::new();
+    let mut ticker = tokio::time::interval(Duration::from_millis(FRAME_MS as u64));
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
+
+    // Position: which clip, which frame in it; then the wait/pause phase.
+    let mut clip_index = 0;
+    let mut frame_index = 0;
+    let mut last_voiced: Option<usize> = clips.first().and_then(|c| crate::audio::last_voiced_frame(&c.samples, rate));
+    let mut phase_started = Instant::now();
+    enum Phase {
+        Speaking,
+        Waiting,
+        Pausing,
+    }
+    let mut phase = if clips.is_empty() { Phase::Pausing } else { Phase::Speaking };
+    if !clips.is_empty() {
+        windows.push(Window { clip: 0, first_event: 0, first_frame: 0, last_voiced_sent_us: None });
+    }
+    let mut seq: u32 = 0;
+    let mut last_reply_seq: Option<u32> = None;
+
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                // Decide what this tick sends.
+                let samples: &[f32] = match phase {
+                    Phase::Speaking => {
+                        let clip = &clips[clip_index].samples;
+                        let begin = frame_index * frame;
+                        if begin < clip.len() {
+                            let end = (begin + frame).min(clip.len());
+                            pcm[..end - begin].copy_from_slice(&clip[begin..end]);
+                            pcm[end - begin..].fill(0.0);
+                            &pcm
+                        } else {
+                            phase = if options.wait_for_reply { Phase::Waiting } else { Phase::Pausing };
+                            phase_started = Instant::now();
+                            &silence
+                        }
+                    }
+                    Phase::Waiting => {
+                        let window = windows.last().expect("a window per clip");
+                        let waited = phase_started.elapsed();
+                        let events = &result.events[window.first_event..];
+                        let started = events.iter().any(|(_, e)| matches!(e, ServerEvent::SpeechStarted { .. } | ServerEvent::ResponseAudioStarted { .. }));
+                        let finished = events.iter().rev().find_map(|(_, e)| match e {
+                            ServerEvent::ResponseAudioDone { .. } | ServerEvent::ReplyCancelled { .. } => Some(true),
+                            ServerEvent::SpeechStarted { .. } => Some(false),
+                            _ => None,
+                        }) == Some(true);
+                        if finished
+                            || waited > Duration::from_millis(options.reply_timeout_ms as u64)
+                            || (!started && waited > Duration::from_millis(options.turn_start_timeout_ms as u64))
+                        {
+                            phase = Phase::Pausing;
+                            phase_started = Instant::now();
+                        }
+                        &silence
+                    }
+                    Phase::Pausing => {
+                        if phase_started.elapsed() >= Duration::from_millis(options.pause_ms as u64) {
+                            clip_index += 1;
+                            if clip_index >= clips.len() {
+                                break;
+                            }
+                            frame_index = 0;
+                            last_voiced = crate::audio::last_voiced_frame(&clips[clip_index].samples, rate);
+                            windows.push(Window {
+                                clip: clip_index,
+                                first_event: result.events.len(),
+                                first_frame: result.frames.len(),
+                                last_voiced_sent_us: None,
+                            });
+                            phase = Phase::Speaking;
+                        }
+                        &silence
+                    }
+                };
+                let n = encoder.encode_float(samples, &mut packet)?;
+                let sent = now_us();
+                let message = FrameHeader::audio(seq, sent).encode(&packet[..n]);
+                ws.send(Message::Binary(Bytes::from(message))).await.map_err(Box::new)?;
+                result.sent_us.push(sent);
+                if matches!(phase, Phase::Speaking) {
+                    if Some(frame_index) == last_voiced
+                        && let Some(window) = windows.last_mut()
+                    {
+                        window.last_voiced_sent_us = Some(sent);
+                    }
+                    frame_index += 1;
+                }
+                seq += 1;
+            }
+            message = ws.next() => {
+                let received = now_us();
+                match message {
+                    None => break,
+                    Some(Err(e)) => return Err(TalkError::Ws(Box::new(e))),
+                    Some(Ok(Message::Binary(data))) => {
+                        let (header, payload) = FrameHeader::decode(&data).map_err(|e| TalkError::Protocol(e.to_string()))?;
+                        if last_reply_seq.is_some_and(|last| header.seq != last.wrapping_add(1)) {
+                            result.seq_gaps += 1;
+                        }
+                        last_reply_seq = Some(header.seq);
+                        let mut out = vec![0f32; frame];
+                        let n = decoder.decode_float(payload, &mut out, false)?;
+                        result.reply_audio.extend_from_slice(&out[..n]);
+                        result.frames.push(ReceivedFrame { seq: header.seq, timestamp_us: header.timestamp_us, received_us: received });
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        let event = ServerEvent::parse(text.as_str()).map_err(|e| TalkError::Protocol(e.to_string()))?;
+                        if let ServerEvent::SessionCreated { session, .. } = &event {
+                            result.report.pipeline = session.pipeline.clone();
+                        }
+                        result.events.push((received, event));
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        result.close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                        break;
+                    }
+                    Some(Ok(_)) => {}
+                }
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+    result.report.turns = windows
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let end_event = windows.get(i + 1).map_or(result.events.len(), |n| n.first_event);
+            let end_frame = windows.get(i + 1).map_or(result.frames.len(), |n| n.first_frame);
+            turn_report(&clips[w.clip].name, w, &result.events[w.first_event..end_event], &result.frames[w.first_frame..end_frame])
+        })
+        .collect();
+    if let Some((code, reason)) = &result.close
+        && *code != 1000
+    {
+        return Err(TalkError::Closed { code: *code, reason: reason.clone() });
+    }
+    Ok(result)
+}
+
+fn turn_report(name: &str, window: &Window, events: &[(u64, ServerEvent)], frames: &[ReceivedFrame]) -> TurnReport {
+    let mut report = TurnReport { input: name.to_string(), ..TurnReport::default() };
+    let mut audio_started_at = None;
+    let mut latency = None;
+    for (at, event) in events {
+        match event {
+            ServerEvent::SpeechStarted { turn, .. } if !report.server_turns.contains(turn) => report.server_turns.push(*turn),
+            ServerEvent::TranscriptionCompleted { transcript, .. } => {
+                if !report.transcript.is_empty() {
+                    report.transcript.push(' ');
+                }
+                report.transcript.push_str(transcript);
+            }
+            ServerEvent::ResponseTextDone { text, .. } => report.reply_text.push_str(text),
+            ServerEvent::ResponseAudioStarted { .. } => audio_started_at = Some(*at),
+            ServerEvent::ResponseAudioDone { audio_ms, .. } => report.reply_audio_ms += audio_ms,
+            ServerEvent::SafetyDecision { .. } => report.safety.push(serde_json::to_value(event).unwrap_or_default()),
+            ServerEvent::ReplyCancelled { sent_ms, .. } => {
+                report.reply_audio_ms += sent_ms;
+                report.cancelled.push(serde_json::to_value(event).unwrap_or_default());
+            }
+            ServerEvent::TurnLatency { marks, total_ms, .. } => latency = Some((marks.clone(), *total_ms)),
+            _ => {}
+        }
+    }
+    let first_reply_frame = match audio_started_at {
+        Some(at) => frames.iter().find(|f| f.received_us >= at),
+        None => None,
+    };
+    let voice_to_voice = match (first_reply_frame, window.last_voiced_sent_us) {
+        (Some(frame), Some(sent)) => Some(frame.received_us.saturating_sub(sent) as f64 / 1000.0),
+        _ => None,
+    };
+    let mut out = Latency { voice_to_voice, ..Latency::default() };
+    if let Some((marks, total)) = latency {
+        out.server_total = Some(total);
+        let mut previous = 0.0;
+        for mark in marks {
+            out.server_marks.push((mark.stage.clone(), mark.at_ms));
+            if mark.stage != parley_protocol::event::mark::SPEECH_END {
+                out.server_stages.push((mark.stage, mark.at_ms - previous));
+            }
+            previous = mark.at_ms;
+        }
+    }
+    report.latency_ms = out;
+    report
+}

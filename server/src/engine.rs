@@ -1,0 +1,203 @@
+//! Engine threads: each model is owned by one OS thread (ort's `Session::run` takes `&mut self`,
+//! and inference must never run on the network runtime). Sessions submit jobs through a bounded
+//! two-level queue and await the result; latency-critical jobs go ahead of background ones.
+//!
+//! Overflow policy: a job submitted to a full queue is refused at once with [`EngineError::Busy`]
+//! (the caller reports it to its client) and counted in [`Engine::refused`]; nothing queues unboundedly.
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+
+use crate::models::ModelError;
+
+/// How urgent a job is. `High` jobs (final ASR, first TTS chunk) run before any `Low` job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    High,
+    Low,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the {0} engine is busy (queue full); try again")]
+    Busy(&'static str),
+    #[error("the {0} engine has stopped")]
+    Stopped(&'static str),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+type Job<M> = Box<dyn FnOnce(&mut M) + Send>;
+
+struct Queue<M> {
+    high: VecDeque<Job<M>>,
+    low: VecDeque<Job<M>>,
+    closed: bool,
+}
+
+struct Shared<M> {
+    queue: Mutex<Queue<M>>,
+    ready: Condvar,
+    capacity: usize,
+    refused: AtomicU64,
+}
+
+/// A model owned by its own thread. Cloning shares the same thread and queue.
+pub struct Engine<M> {
+    name: &'static str,
+    shared: Arc<Shared<M>>,
+}
+
+impl<M> Clone for Engine<M> {
+    fn clone(&self) -> Self {
+        Engine { name: self.name, shared: self.shared.clone() }
+    }
+}
+
+impl<M: 'static> Engine<M> {
+    /// Starts the thread, builds the model on it with `load`, and returns once the model is
+    /// loaded (or with the load error). `capacity` bounds the jobs waiting at each priority.
+    pub fn spawn(
+        name: &'static str,
+        capacity: usize,
+        load: impl FnOnce() -> Result<M, ModelError> + Send + 'static,
+    ) -> Result<Engine<M>, ModelError> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue { high: VecDeque::new(), low: VecDeque::new(), closed: false }),
+            ready: Condvar::new(),
+            capacity,
+            refused: AtomicU64::new(0),
+        });
+        let (loaded_tx, loaded_rx) = std::sync::mpsc::sync_channel(1);
+        let worker = shared.clone();
+        thread::Builder::new()
+            .name(format!("engine-{name}"))
+            .spawn(move || {
+                let mut model = match load() {
+                    Ok(model) => {
+                        let _ = loaded_tx.send(Ok(()));
+                        model
+                    }
+                    Err(e) => {
+                        let _ = loaded_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Some(job) = worker.next_job() {
+                    job(&mut model);
+                }
+            })
+            .map_err(|e| ModelError::Invalid(format!("cannot start the {name} engine thread: {e}")))?;
+        loaded_rx
+            .recv()
+            .map_err(|_| ModelError::Invalid(format!("the {name} engine thread died while loading")))??;
+        Ok(Engine { name, shared })
+    }
+
+    /// Runs `f` on the engine thread and awaits its result.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        priority: Priority,
+        f: impl FnOnce(&mut M) -> R + Send + 'static,
+    ) -> Result<R, EngineError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(priority, Box::new(move |model| {
+            let _ = tx.send(f(model));
+        }))?;
+        rx.await.map_err(|_| EngineError::Stopped(self.name))
+    }
+
+    /// Runs `f` on the engine thread, blocking the calling (non-async) thread until it is done.
+    pub fn run_blocking<R: Send + 'static>(
+        &self,
+        priority: Priority,
+        f: impl FnOnce(&mut M) -> R + Send + 'static,
+    ) -> Result<R, EngineError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(priority, Box::new(move |model| {
+            let _ = tx.send(f(model));
+        }))?;
+        rx.recv().map_err(|_| EngineError::Stopped(self.name))
+    }
+
+    fn submit(&self, priority: Priority, job: Job<M>) -> Result<(), EngineError> {
+        let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.closed {
+            return Err(EngineError::Stopped(self.name));
+        }
+        let lane = match priority {
+            Priority::High => &mut queue.high,
+            Priority::Low => &mut queue.low,
+        };
+        if lane.len() >= self.shared.capacity {
+            self.shared.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(EngineError::Busy(self.name));
+        }
+        lane.push_back(job);
+        self.shared.ready.notify_one();
+        Ok(())
+    }
+
+    /// Jobs refused because the queue was full, since start.
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
+    }
+
+    /// Stops the thread after the jobs already queued.
+    pub fn close(&self) {
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.shared.ready.notify_all();
+    }
+}
+
+impl<M> Shared<M> {
+    fn next_job(&self) -> Option<Job<M>> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(job) = queue.high.pop_front().or_else(|| queue.low.pop_front()) {
+                return Some(job);
+            }
+            if queue.closed {
+                return None;
+            }
+            queue = self.ready.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn high_priority_jobs_run_first_and_full_queues_refuse() {
+        let engine = Engine::spawn("test", 2, || Ok(Vec::<&'static str>::new())).unwrap();
+        // Hold the engine busy so the next jobs queue up behind this one.
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let gate = engine.clone();
+        let blocker = thread::spawn(move || {
+            gate.run_blocking(Priority::Low, move |_| {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap()
+            })
+        });
+        started_rx.recv().unwrap();
+        engine.submit(Priority::Low, Box::new(|log| log.push("low"))).unwrap();
+        engine.submit(Priority::High, Box::new(|log| log.push("high"))).unwrap();
+        engine.submit(Priority::Low, Box::new(|log| log.push("low2"))).unwrap();
+        assert!(matches!(engine.submit(Priority::Low, Box::new(|_| {})), Err(EngineError::Busy("test"))));
+        assert_eq!(engine.refused(), 1);
+        release_tx.send(()).unwrap();
+        blocker.join().unwrap().unwrap();
+        let order = engine.run_blocking(Priority::Low, |log| log.clone()).unwrap();
+        assert_eq!(order, ["high", "low", "low2"]);
+    }
+
+    #[test]
+    fn load_errors_are_returned() {
+        let err = Engine::<()>::spawn("broken", 1, || Err(ModelError::Invalid("no".into()))).err().unwrap();
+        assert_eq!(err.to_string(), "no");
+    }
+}

@@ -1,0 +1,102 @@
+//! A minimal HTTP/1.1 front door: reads one request head, answers `GET /healthz` and
+//! `GET /metrics`, and performs the WebSocket upgrade for the voice endpoint. Every response
+//! closes the connection; nothing here is a general HTTP server.
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest request head accepted, in bytes.
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Headers parsed at most.
+const MAX_HEADERS: usize = 32;
+
+/// A parsed request head, plus any bytes the client sent after it.
+#[derive(Debug)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    /// Bytes read past the head (a client may send its first WebSocket frame early).
+    pub rest: Vec<u8>,
+}
+
+impl Request {
+    /// A header value by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the request asks for a WebSocket upgrade.
+    pub fn is_websocket_upgrade(&self) -> bool {
+        let has_token = |name: &str, token: &str| {
+            self.header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        };
+        has_token("upgrade", "websocket") && has_token("connection", "upgrade")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("connection closed before a full request head")]
+    Eof,
+    #[error("request head larger than {MAX_HEAD_BYTES} bytes")]
+    TooLarge,
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads and parses one request head.
+pub async fn read_request(stream: &mut TcpStream) -> Result<Request, HttpError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HttpError::Eof);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                return Ok(Request {
+                    method: request.method.unwrap_or_default().to_string(),
+                    path: request.path.unwrap_or_default().to_string(),
+                    headers: request
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                        .collect(),
+                    rest: buf[len..].to_vec(),
+                });
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => {}
+            Ok(httparse::Status::Partial) => return Err(HttpError::TooLarge),
+            Err(e) => return Err(HttpError::Malformed(e.to_string())),
+        }
+    }
+}
+
+/// Writes a complete response and closes the write side.
+pub async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The `101 Switching Protocols` answer to a valid upgrade request, or the error status to send.
+pub fn upgrade_response(request: &Request) -> Result<String, &'static str> {
+    if request.header("sec-websocket-version") != Some("13") {
+        return Err("426 Upgrade Required");
+    }
+    let key = request.header("sec-websocket-key").ok_or("400 Bad Request")?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+    Ok(format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    ))
+}

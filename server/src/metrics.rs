@@ -1,0 +1,289 @@
+//! Process-wide counters and latency histograms, rendered in the Prometheus text format for
+//! `GET /metrics`. Lock-free (atomics only) so the per-frame path can count without contention.
+use parley_protocol::event::mark;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Histogram bucket upper bounds in seconds, dense around the 20 ms frame budget and the
+/// 200–800 ms range of a voice turn.
+const BUCKETS_S: [f64; 16] =
+    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.5, 0.8, 1.5, 3.0];
+
+/// A cumulative histogram with fixed buckets.
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS_S.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, value: Duration) {
+        let secs = value.as_secs_f64();
+        if let Some(i) = BUCKETS_S.iter().position(|&b| secs <= b) {
+            self.counts[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(value.as_nanos() as u64, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS_S.iter().enumerate() {
+            cumulative += self.counts[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count());
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count());
+    }
+}
+
+/// Why a session ended; one counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed the WebSocket.
+    ClientClosed,
+    /// The TCP connection dropped without a close frame (e.g. disconnect mid-reply).
+    ClientGone,
+    /// Server shutdown.
+    Shutdown,
+    /// The client stopped reading.
+    SlowConsumer,
+    /// A message over the size limit.
+    MessageTooBig,
+    /// Too many malformed messages in a row.
+    TooManyErrors,
+    /// No message within the idle timeout.
+    IdleTimeout,
+    /// A server-side failure.
+    Internal,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 8] = [
+        CloseReason::ClientClosed,
+        CloseReason::ClientGone,
+        CloseReason::Shutdown,
+        CloseReason::SlowConsumer,
+        CloseReason::MessageTooBig,
+        CloseReason::TooManyErrors,
+        CloseReason::IdleTimeout,
+        CloseReason::Internal,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::ClientGone => "client_gone",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::MessageTooBig => "message_too_big",
+            CloseReason::TooManyErrors => "too_many_errors",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Internal => "internal",
+        }
+    }
+}
+
+/// Kinds of bad client input; one counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputError {
+    BadFrame,
+    BadAudio,
+    OutOfOrder,
+    InvalidJson,
+    UnknownEvent,
+    InvalidEvent,
+    MessageTooBig,
+}
+
+impl InputError {
+    pub const ALL: [InputError; 7] = [
+        InputError::BadFrame,
+        InputError::BadAudio,
+        InputError::OutOfOrder,
+        InputError::InvalidJson,
+        InputError::UnknownEvent,
+        InputError::InvalidEvent,
+        InputError::MessageTooBig,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            InputError::BadFrame => "bad_frame",
+            InputError::BadAudio => "bad_audio",
+            InputError::OutOfOrder => "out_of_order",
+            InputError::InvalidJson => "invalid_json",
+            InputError::UnknownEvent => "unknown_event",
+            InputError::InvalidEvent => "invalid_event",
+            InputError::MessageTooBig => "message_too_big",
+        }
+    }
+}
+
+/// Stage names with their own histogram, in pipeline order (see [`mark`]); others go to "other".
+pub const STAGES: [&str; 7] = [
+    mark::ENDPOINT,
+    mark::ASR_FINAL,
+    mark::FIRST_TOKEN,
+    mark::FIRST_CHUNK_SAFE,
+    mark::FIRST_AUDIO,
+    mark::FIRST_FRAME_SENT,
+    "other",
+];
+
+/// All server metrics.
+#[derive(Default)]
+pub struct Metrics {
+    pub sessions_active: AtomicU64,
+    pub sessions_total: AtomicU64,
+    /// Upgrades refused because the server was at `max_sessions`.
+    pub sessions_refused: AtomicU64,
+    sessions_closed: [AtomicU64; CloseReason::ALL.len()],
+    input_errors: [AtomicU64; InputError::ALL.len()],
+    pub frames_received: AtomicU64,
+    pub frames_sent: AtomicU64,
+    /// Frames missing from the input sequence (concealed by the decoder).
+    pub frames_lost: AtomicU64,
+    /// Input samples dropped because the session's input ring was full (client faster than real time
+    /// or a stalled pipeline). Policy: drop the newest samples.
+    pub input_overflow_samples: AtomicU64,
+    /// Outgoing messages dropped because the send queue was full (client not reading). Policy: drop
+    /// the newest message; the session is closed once the writer stalls past the deadline.
+    pub send_queue_dropped: AtomicU64,
+    /// Reply audio frames dropped unsent by a cancel (barge-in or `response.cancel`).
+    pub reply_frames_dropped: AtomicU64,
+    pub replies_cancelled: AtomicU64,
+    pub http_requests: AtomicU64,
+    /// Input path per frame: Opus decode + resample + ring push.
+    pub input_frame_seconds: Histogram,
+    /// Output path per frame: resample + Opus encode + enqueue.
+    pub output_frame_seconds: Histogram,
+    /// Stage durations (interval from the previous mark), indexed like [`STAGES`].
+    stage_seconds: [Histogram; STAGES.len()],
+    /// Whole turn on the server: anchor (speech end) → first reply frame sent.
+    pub turn_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn session_closed(&self, reason: CloseReason) {
+        self.sessions_closed[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn sessions_closed(&self, reason: CloseReason) -> u64 {
+        self.sessions_closed[reason as usize].load(Relaxed)
+    }
+
+    pub fn input_error(&self, kind: InputError) {
+        self.input_errors[kind as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn input_errors(&self, kind: InputError) -> u64 {
+        self.input_errors[kind as usize].load(Relaxed)
+    }
+
+    /// Records one stage's duration under its mark name.
+    pub fn observe_stage(&self, stage: &str, duration: Duration) {
+        let index = STAGES.iter().position(|s| *s == stage).unwrap_or(STAGES.len() - 1);
+        self.stage_seconds[index].observe(duration);
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        let counter = |out: &mut String, name: &str, help: &str, kind: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        counter(&mut out, "parley_sessions_active", "Open voice sessions.", "gauge", self.sessions_active.load(Relaxed));
+        counter(&mut out, "parley_sessions_total", "Voice sessions accepted.", "counter", self.sessions_total.load(Relaxed));
+        counter(
+            &mut out,
+            "parley_sessions_refused_total",
+            "Upgrades refused at max_sessions (close 1013).",
+            "counter",
+            self.sessions_refused.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP parley_sessions_closed_total Sessions ended, by reason.\n# TYPE parley_sessions_closed_total counter"
+        );
+        for reason in CloseReason::ALL {
+            let _ = writeln!(out, "parley_sessions_closed_total{{reason=\"{}\"}} {}", reason.label(), self.sessions_closed(reason));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP parley_input_errors_total Rejected client messages, by kind.\n# TYPE parley_input_errors_total counter"
+        );
+        for kind in InputError::ALL {
+            let _ = writeln!(out, "parley_input_errors_total{{kind=\"{}\"}} {}", kind.label(), self.input_errors(kind));
+        }
+        for (name, help, value) in [
+            ("parley_frames_received_total", "Audio frames received and decoded.", &self.frames_received),
+            ("parley_frames_sent_total", "Audio frames sent.", &self.frames_sent),
+            ("parley_frames_lost_total", "Input frames missing from the sequence (concealed).", &self.frames_lost),
+            (
+                "parley_input_overflow_samples_total",
+                "16 kHz input samples dropped: input ring full (drop newest).",
+                &self.input_overflow_samples,
+            ),
+            (
+                "parley_send_queue_dropped_total",
+                "Outgoing messages dropped: send queue full (drop newest).",
+                &self.send_queue_dropped,
+            ),
+            ("parley_reply_frames_dropped_total", "Reply frames dropped unsent by a cancel.", &self.reply_frames_dropped),
+            ("parley_replies_cancelled_total", "Replies cancelled (barge-in or client).", &self.replies_cancelled),
+            ("parley_http_requests_total", "Plain HTTP requests served.", &self.http_requests),
+        ] {
+            counter(&mut out, name, help, "counter", value.load(Relaxed));
+        }
+        for (name, help, histogram) in [
+            (
+                "parley_input_frame_seconds",
+                "Per input frame: Opus decode, resample, ring push.",
+                &self.input_frame_seconds,
+            ),
+            ("parley_output_frame_seconds", "Per output frame: resample, Opus encode, enqueue.", &self.output_frame_seconds),
+            ("parley_turn_seconds", "Turn on the server: speech end to first reply frame sent.", &self.turn_seconds),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            histogram.render(&mut out, name, "");
+        }
+        let name = "parley_stage_seconds";
+        let _ = writeln!(out, "# HELP {name} Turn stage durations (previous mark to this one).\n# TYPE {name} histogram");
+        for (stage, histogram) in STAGES.iter().zip(&self.stage_seconds) {
+            histogram.render(&mut out, name, &format!("stage=\"{stage}\""));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let metrics = Metrics::default();
+        metrics.session_closed(CloseReason::SlowConsumer);
+        metrics.input_error(InputError::BadAudio);
+        metrics.turn_seconds.observe(Duration::from_millis(150));
+        metrics.turn_seconds.observe(Duration::from_millis(15));
+        metrics.observe_stage(mark::ENDPOINT, Duration::from_millis(300));
+        let text = metrics.render();
+        assert!(text.contains("parley_sessions_closed_total{reason=\"slow_consumer\"} 1"), "{text}");
+        assert!(text.contains("parley_input_errors_total{kind=\"bad_audio\"} 1"));
+        assert!(text.contains("parley_turn_seconds_bucket{le=\"0.02\"} 1"));
+        assert!(text.contains("parley_turn_seconds_bucket{le=\"0.16\"} 2"));
+        assert!(text.contains("parley_turn_seconds_count 2"));
+        assert!(text.contains("parley_stage_seconds_bucket{stage=\"endpoint\",le=\"0.3\"} 1"));
+    }
+}

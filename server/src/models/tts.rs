@@ -1,0 +1,187 @@
+//! Text to speech, role `tts`: the Piper voice `en_US-joe-medium` (VITS, single speaker, 22 050 Hz).
+//!
+//! Text is turned into IPA phonemes by espeak-ng (voice `en-us`, as the voice was trained), clause
+//! by clause; each clause keeps its closing punctuation, which the voice uses for prosody. Each
+//! sentence is mapped through the voice's `phoneme_id_map` as `^ _ (id _)* $` and synthesised in
+//! one graph run (as Piper does), so audio can be handed on sentence by sentence
+//! ([`Tts::synthesize_with`]).
+use super::{Manifest, ModelError, espeak};
+use ort::session::Session;
+use ort::value::Tensor;
+use serde::Deserialize;
+use std::collections::HashMap;
+
+const ROLE: &str = "tts";
+/// Longest phoneme sequence synthesised in one run: ~500 phonemes ≈ 30 s of speech. Longer
+/// sentences are cut at a word boundary (bounds memory and time to first audio).
+const MAX_PHONEMES: usize = 500;
+/// Piper's begin / end / pad symbols.
+const BOS: char = '^';
+const EOS: char = '$';
+const PAD: char = '_';
+
+#[derive(Deserialize)]
+struct VoiceConfig {
+    audio: AudioConfig,
+    espeak: EspeakConfig,
+    inference: InferenceConfig,
+    phoneme_id_map: HashMap<String, Vec<i64>>,
+    #[serde(default)]
+    num_speakers: u32,
+}
+
+#[derive(Deserialize)]
+struct AudioConfig {
+    sample_rate: u32,
+}
+
+#[derive(Deserialize)]
+struct EspeakConfig {
+    voice: String,
+}
+
+#[derive(Deserialize)]
+struct InferenceConfig {
+    noise_scale: f32,
+    length_scale: f32,
+    noise_w: f32,
+}
+
+/// A Piper voice: one ONNX Runtime session and its phoneme table, used from one thread at a time.
+pub struct Tts {
+    session: Session,
+    ids: HashMap<char, Vec<i64>>,
+    voice: String,
+    sample_rate: u32,
+    /// `[noise_scale, length_scale, noise_w]`.
+    scales: [f32; 3],
+}
+
+impl Tts {
+    /// Loads the `tts` model and its `.onnx.json` voice config, with `threads` intra-op threads.
+    pub fn load(manifest: &Manifest, threads: usize) -> Result<Self, ModelError> {
+        let path = manifest.path(ROLE, "config")?;
+        let bad = |reason: String| ModelError::Invalid(format!("{}: {reason}", path.display()));
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let config: VoiceConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if config.num_speakers > 1 {
+            return Err(bad(format!("{} speakers: only single-speaker voices are supported", config.num_speakers)));
+        }
+        let mut ids = HashMap::new();
+        for (symbol, id) in config.phoneme_id_map {
+            let mut chars = symbol.chars();
+            match (chars.next(), chars.next()) {
+                (Some(c), None) => {
+                    ids.insert(c, id);
+                }
+                _ => return Err(bad(format!("phoneme_id_map key {symbol:?} is not one character"))),
+            }
+        }
+        for symbol in [BOS, EOS, PAD] {
+            if !ids.contains_key(&symbol) {
+                return Err(bad(format!("phoneme_id_map has no {symbol:?}")));
+            }
+        }
+        let inf = config.inference;
+        Ok(Tts {
+            session: manifest.session(ROLE, "model", threads)?,
+            ids,
+            voice: config.espeak.voice,
+            sample_rate: config.audio.sample_rate,
+            scales: [inf.noise_scale, inf.length_scale, inf.noise_w],
+        })
+    }
+
+    /// Sample rate of the audio this voice produces (22 050 Hz).
+    pub fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+
+    /// Speaks `text`: mono f32 samples at [`Tts::sample_rate`]. Empty or whitespace-only text gives
+    /// empty audio; characters espeak-ng cannot pronounce are skipped.
+    pub fn synthesize(&mut self, text: &str) -> Result<Vec<f32>, ModelError> {
+        let mut audio = Vec::new();
+        self.synthesize_with(text, |chunk| audio.extend_from_slice(chunk))?;
+        Ok(audio)
+    }
+
+    /// Speaks `text` sentence by sentence, handing each sentence's audio to `on_audio` as soon as it
+    /// is synthesised (time to first audio is that of the first sentence).
+    pub fn synthesize_with(&mut self, text: &str, mut on_audio: impl FnMut(&[f32])) -> Result<(), ModelError> {
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        for sentence in self.sentences(text)? {
+            let audio = self.speak_phonemes(&sentence)?;
+            if !audio.is_empty() {
+                on_audio(&audio);
+            }
+        }
+        Ok(())
+    }
+
+    /// The phoneme strings of `text`, one per sentence, with each clause's punctuation kept.
+    pub fn sentences(&self, text: &str) -> Result<Vec<String>, ModelError> {
+        let mut sentences = Vec::new();
+        let mut current = String::new();
+        for clause in espeak::phonemize(text, &self.voice)? {
+            current.push_str(&clause.phonemes);
+            if let Some(t) = clause.terminator.filter(|t| self.ids.contains_key(t)) {
+                current.push(t);
+            }
+            if clause.ends_sentence() {
+                sentences.push(std::mem::take(&mut current));
+            } else {
+                current.push(' ');
+            }
+        }
+        sentences.push(current);
+        // Split over-long sentences at the last space before the limit.
+        let mut out = Vec::new();
+        for sentence in sentences {
+            let mut rest = sentence.trim();
+            while rest.chars().count() > MAX_PHONEMES {
+                let limit = rest.char_indices().nth(MAX_PHONEMES).map_or(rest.len(), |(i, _)| i);
+                let cut = rest[..limit].rfind(' ').filter(|&i| i > 0).unwrap_or(limit);
+                out.push(rest[..cut].trim().to_string());
+                rest = rest[cut..].trim_start();
+            }
+            if rest.chars().any(|c| self.ids.contains_key(&c) && c != ' ') {
+                out.push(rest.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Synthesises one phoneme string (IPA, as from [`Tts::sentences`]); unknown symbols are skipped.
+    pub fn speak_phonemes(&mut self, phonemes: &str) -> Result<Vec<f32>, ModelError> {
+        let ids = self.phoneme_ids(phonemes);
+        if ids.len() <= 3 {
+            return Ok(Vec::new()); // ^ _ $: nothing to say
+        }
+        let n = ids.len();
+        let outputs = self.session.run(ort::inputs! {
+            "input" => Tensor::from_array(([1, n], ids))?,
+            "input_lengths" => Tensor::from_array(([1], vec![n as i64]))?,
+            "scales" => Tensor::from_array(([3], self.scales.to_vec()))?,
+        })?;
+        let output = outputs.get("output").ok_or_else(|| ModelError::Invalid("tts graph returned no `output`".into()))?;
+        let (_, audio) = output.try_extract_tensor::<f32>()?;
+        Ok(audio.iter().map(|s| s.clamp(-1.0, 1.0)).collect())
+    }
+
+    /// `^ _ (id _)* $` for the symbols of `phonemes` that the voice knows.
+    fn phoneme_ids(&self, phonemes: &str) -> Vec<i64> {
+        let mut ids = Vec::with_capacity(2 * phonemes.len() + 3);
+        ids.extend_from_slice(&self.ids[&BOS]);
+        ids.extend_from_slice(&self.ids[&PAD]);
+        for c in phonemes.chars() {
+            if let Some(id) = self.ids.get(&c) {
+                ids.extend_from_slice(id);
+                ids.extend_from_slice(&self.ids[&PAD]);
+            }
+        }
+        ids.extend_from_slice(&self.ids[&EOS]);
+        ids
+    }
+}
