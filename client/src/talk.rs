@@ -240,7 +240,11 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
                         result.frames.push(ReceivedFrame { seq: header.seq, timestamp_us: header.timestamp_us, received_us: received });
                     }
                     Some(Ok(Message::Text(text))) => {
-                        let event = ServerEvent::parse(text.as_str()).map_err(|e| TalkError::Protocol(e.to_string()))?;
+                        // Unknown (newer) server events are ignored, as the protocol asks.
+                        let Ok(event) = ServerEvent::parse(text.as_str()) else {
+                            tracing::warn!(%text, "unparsed server event");
+                            continue;
+                        };
                         if let ServerEvent::SessionCreated { session, .. } = &event {
                             result.report.pipeline = session.pipeline.clone();
                         }

@@ -42,10 +42,12 @@ LINEAR = "q4"
 ACCURACY = 4
 # Longest position the rotary tables cover (the model's trained context).
 MAX_POSITIONS = 8192
-# Parity bounds of `check`: graph vs float64 reference (int8 activations cost ~0.1–0.3 in logits whose
-# range is ~±30), and a KV-cached run vs one full run of the same graph.
-MAX_LOGIT_DIFF = 1.0
-MAX_STEP_DIFF = 0.05
+# Parity bounds of `check` on logits spanning ~35: the graph vs the float64 reference of the same weights,
+# and KV-cached steps vs one full run. With fp32 activations both are ~1e-4; the int8 activations of
+# accuracy_level 4 move logits by ~1 (measured 0.97–1.5), differently in prefill and decode kernels.
+# The top token must agree in both comparisons.
+MAX_LOGIT_DIFF = 2.5
+MAX_STEP_DIFF = 2.5
 
 
 class Gguf:
@@ -410,7 +412,7 @@ def check(out: Path) -> str:
     _, cache = runner.run(ids[-2:-1], cache)
     cached, cache = runner.run(ids[-1:], cache)
     step_diff = float(np.abs(cached - got).max())
-    if step_diff > MAX_STEP_DIFF or cache[0].shape[3] != len(ids):
+    if step_diff > MAX_STEP_DIFF or np.argmax(cached) != np.argmax(got) or cache[0].shape[3] != len(ids):
         raise RuntimeError(f"llm: KV-cached logits differ from a full run by {step_diff:.3g}")
 
     # 3. A greedy answer.

@@ -151,7 +151,8 @@ impl Pacer {
                 self.ref_ts_us = ref_ts_us;
             }
             Output::AudioEnd { turn } => {
-                if let Some(state) = self.turn.as_mut().filter(|t| t.turn == turn && !self.is_cancelled(turn)) {
+                let cancelled = self.is_cancelled(turn);
+                if let Some(state) = self.turn.as_mut().filter(|t| t.turn == turn && !cancelled) {
                     state.ended = true;
                     if let Some(resampler) = self.resampler.as_mut() {
                         resampler.flush(&mut self.pcm)?;
@@ -161,7 +162,7 @@ impl Pacer {
                     if partial > 0 {
                         self.pcm.resize(self.pcm.len() + frame - partial, 0.0);
                     }
-                } else if self.turn.is_none() && !self.is_cancelled(turn) {
+                } else if self.turn.is_none() && !cancelled {
                     // A turn without audio: report its latency now.
                     self.send_latency(turn, None);
                 }

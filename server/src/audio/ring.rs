@@ -76,7 +76,7 @@ pub struct AudioInput {
 
 impl AudioInput {
     /// Waits until new audio may be available (returns at once if some arrived since the last wait).
-    pub async fn readable(&self) {
+    pub async fn readable(&mut self) {
         if self.samples.occupied_len() == 0 {
             self.wake.notified().await;
         }

@@ -10,6 +10,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+pub mod asr;
+pub mod llm;
 pub mod speaker;
 pub mod text_embed;
 pub mod vad;

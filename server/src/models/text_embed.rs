@@ -37,10 +37,10 @@ impl TextEmbedder {
         let mut tokenizer = manifest.tokenizer(ROLE)?;
         // The provisioned file already truncates; enforce the model's limit whatever it says.
         let truncation = TruncationParams { max_length: meta.max_tokens, ..TruncationParams::default() };
-        tokenizer.with_truncation(Some(truncation)).map_err(|e| ModelError::Tokenizer {
-            path: manifest.dir.join(&manifest.entry(ROLE, "tokenizer")?.file),
-            reason: e.to_string(),
-        })?;
+        if let Err(e) = tokenizer.with_truncation(Some(truncation)) {
+            let path = manifest.path(ROLE, "tokenizer")?;
+            return Err(ModelError::Tokenizer { path, reason: e.to_string() });
+        }
         let session = manifest.session(ROLE, "model", threads)?;
         Ok(TextEmbedder { session, tokenizer, dim: meta.embedding_dim })
     }

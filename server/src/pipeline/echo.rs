@@ -2,7 +2,7 @@
 //! straight back (the per-frame overhead benchmark); in `utterance` mode an energy VAD cuts the
 //! input into turns and plays each utterance back after its end, with the same events,
 //! latency marks and barge-in a voice pipeline has. Typed text is echoed as reply text.
-use super::{Command, Pipeline, ReplyOutput, SessionClosed, SessionIo, TurnMarks};
+use super::{Command, Pipeline, SessionClosed, SessionIo, TurnMarks};
 use crate::audio::PIPELINE_RATE;
 use crate::config::{EchoConfig, EchoMode};
 use parley_protocol::event::{mark, CancelReason};
@@ -131,8 +131,8 @@ impl Worker {
                     self.utterance.clear();
                     self.utterance.extend_from_slice(&self.pre_roll);
                     self.pre_roll.clear();
-                    self.vad = Vad::Speech { turn, last_voiced_end: position, silence_ms: 0 };
                     let start = position.saturating_sub((*voiced_run * FRAME) as u64);
+                    self.vad = Vad::Speech { turn, last_voiced_end: position, silence_ms: 0 };
                     let audio_start_ms = start * 1000 / PIPELINE_RATE as u64;
                     self.io.output.event(ServerEvent::SpeechStarted { turn, audio_start_ms }).await?;
                 }

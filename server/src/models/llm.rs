@@ -1,0 +1,443 @@
+//! The reply LLM: SmolLM2-135M-Instruct (ChatML), greedy decoding with a KV cache, streamed as text.
+//!
+//! - **Prompt**: `history` rendered as ChatML turns (the manifest's `chat_template`), preceded by the
+//!   default system prompt when the history does not start with one, and followed by the assistant
+//!   generation prompt. Control-token spellings inside message text (`<|im_end|>` …) are defused so a
+//!   user cannot forge a turn.
+//! - **Prefix cache**: the KV cache of the previous call is kept with its tokens. A new call reuses the
+//!   longest common token prefix (at least the system prompt; after a reply, the whole previous
+//!   conversation) and prefills only the tokens after it.
+//! - **Context bound**: prompt plus reply never exceed `max_context` tokens (default
+//!   [`DEFAULT_MAX_CONTEXT`]). When they would, the oldest turns after the system prompt are dropped
+//!   (whole turns, oldest first); a single message too long on its own keeps only its last tokens, and
+//!   the system prompt at most half of the budget.
+//! - **Stops** on `<|im_end|>`/end-of-text, at `max_tokens`, when the context is full, or when the
+//!   `on_token` callback breaks.
+//! - **Streaming**: `on_token` receives text deltas; a character split across tokens is held back
+//!   until complete, so the deltas concatenate to exactly [`Generation::text`].
+use super::{Manifest, ModelError};
+use ort::session::Session;
+use ort::value::{DynValue, Tensor};
+use serde::Deserialize;
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+/// Default bound on prompt + reply tokens. The model was trained on 8192, but every decoded token
+/// copies the whole KV cache (~46 KB per cached token), so a voice conversation keeps it short.
+pub const DEFAULT_MAX_CONTEXT: usize = 1024;
+/// Undecodable tokens held back at most this long before their text is emitted anyway.
+const MAX_PENDING_TOKENS: usize = 8;
+
+/// Who said a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One message of the conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub text: String,
+}
+
+impl Message {
+    pub fn system(text: impl Into<String>) -> Message {
+        Message { role: Role::System, text: text.into() }
+    }
+    pub fn user(text: impl Into<String>) -> Message {
+        Message { role: Role::User, text: text.into() }
+    }
+    pub fn assistant(text: impl Into<String>) -> Message {
+        Message { role: Role::Assistant, text: text.into() }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The model ended its turn.
+    EndOfTurn,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The context bound was reached.
+    ContextFull,
+    /// The `on_token` callback returned `ControlFlow::Break`.
+    Caller,
+}
+
+/// The result of [`Llm::generate`].
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The reply (special tokens removed): the concatenation of the streamed deltas.
+    pub text: String,
+    pub stop: Stop,
+    /// Tokens in the prompt as sent to the model (after dropping turns to fit the context).
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV cache came from the previous call.
+    pub reused_tokens: usize,
+    /// Prompt tokens run through the model in this call (`prompt_tokens - reused_tokens`).
+    pub prefilled_tokens: usize,
+    /// Messages of `history` left out to fit the context bound.
+    pub dropped_messages: usize,
+    pub generated_tokens: usize,
+    /// Wall time of the prefill run (which also yields the first token).
+    pub prefill_ms: f64,
+    /// Mean wall time of each further decoding step.
+    pub per_token_ms: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ChatTemplate {
+    turn_start: String,
+    turn_end: String,
+    generation_prompt: String,
+    default_system: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Meta {
+    n_layers: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+    max_context: usize,
+    stop_token_ids: Vec<u32>,
+    chat_template: ChatTemplate,
+}
+
+/// The KV cache of `tokens` (present_k/present_v of the last run), or none yet.
+struct Cache {
+    tokens: Vec<u32>,
+    kv: Option<(DynValue, DynValue)>,
+}
+
+/// SmolLM2 with its tokenizer and the KV cache of the last conversation.
+pub struct Llm {
+    session: Session,
+    tokenizer: tokenizers::Tokenizer,
+    meta: Meta,
+    max_context: usize,
+    cache: Cache,
+    /// Extra tokens to stop on: control tokens never belong in a reply.
+    end_of_text: Option<u32>,
+}
+
+impl Llm {
+    pub fn load(manifest: &Manifest, threads: usize) -> Result<Llm, ModelError> {
+        let meta: Meta = manifest.meta("llm")?;
+        if meta.n_layers == 0 || meta.n_kv_heads == 0 || meta.head_dim == 0 || meta.vocab == 0 {
+            return Err(ModelError::Invalid("manifest meta of `llm`: zero-sized model".into()));
+        }
+        let tokenizer = manifest.tokenizer("llm")?;
+        let session = manifest.session("llm", "model", threads)?;
+        let end_of_text = tokenizer.token_to_id("<|endoftext|>");
+        Ok(Llm {
+            session,
+            tokenizer,
+            max_context: DEFAULT_MAX_CONTEXT.min(meta.max_context),
+            meta,
+            cache: Cache { tokens: Vec::new(), kv: None },
+            end_of_text,
+        })
+    }
+
+    /// The bound on prompt + reply tokens.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// Sets the bound on prompt + reply tokens (at least 64, at most the model's own context).
+    pub fn set_max_context(&mut self, tokens: usize) {
+        self.max_context = tokens.clamp(64, self.meta.max_context.max(64));
+        self.reset_cache();
+    }
+
+    /// Forgets the cached prefix: the next call prefills its whole prompt.
+    pub fn reset_cache(&mut self) {
+        self.cache = Cache { tokens: Vec::new(), kv: None };
+    }
+
+    /// The default system prompt, used when `history` does not start with a system message.
+    pub fn default_system(&self) -> &str {
+        &self.meta.chat_template.default_system
+    }
+
+    /// Number of tokens `text` encodes to (without any template).
+    pub fn count_tokens(&self, text: &str) -> Result<usize, ModelError> {
+        Ok(self.encode(text)?.len())
+    }
+
+    /// Generates the assistant's reply to `history`, greedily, at most `max_tokens` tokens, calling
+    /// `on_token` with each piece of new text; a `ControlFlow::Break` stops generation after it.
+    pub fn generate(
+        &mut self,
+        history: &[Message],
+        max_tokens: usize,
+        mut on_token: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation, ModelError> {
+        // Room for at least one reply token; the rest of the context is the prompt's budget.
+        let max_tokens = max_tokens.clamp(1, self.max_context / 2);
+        let (prompt, dropped_messages) = self.prompt(history, self.max_context - max_tokens)?;
+
+        // Reuse the cached prefix; at least one token must run to give the next token's logits.
+        let mut reused = common_prefix(&self.cache.tokens, &prompt).min(prompt.len() - 1);
+        if reused == 0 {
+            self.cache.kv = None;
+        } else if reused < self.cache.tokens.len() {
+            let (k, v) = self.cache.kv.take().ok_or_else(|| ModelError::Invalid("llm: KV cache lost".into()))?;
+            match (truncate(&k, reused), truncate(&v, reused)) {
+                (Ok(k), Ok(v)) => self.cache.kv = Some((k, v)),
+                _ => reused = 0,
+            }
+        }
+        self.cache.tokens.truncate(reused);
+
+        let mut generation = Generation {
+            text: String::new(),
+            stop: Stop::MaxTokens,
+            prompt_tokens: prompt.len(),
+            reused_tokens: reused,
+            prefilled_tokens: prompt.len() - reused,
+            dropped_messages,
+            generated_tokens: 0,
+            prefill_ms: 0.0,
+            per_token_ms: 0.0,
+        };
+        let t0 = Instant::now();
+        let mut next = self.step(&prompt[reused..])?;
+        generation.prefill_ms = ms(t0);
+
+        let mut stream = Stream::default();
+        let t1 = Instant::now();
+        let mut steps = 0usize;
+        loop {
+            if self.is_stop(next) {
+                generation.stop = Stop::EndOfTurn;
+                break;
+            }
+            generation.generated_tokens += 1;
+            let flow = match stream.push(&self.tokenizer, next)? {
+                Some(delta) => {
+                    generation.text.push_str(&delta);
+                    on_token(&delta)
+                }
+                None => ControlFlow::Continue(()),
+            };
+            if flow.is_break() {
+                generation.stop = Stop::Caller;
+                break;
+            }
+            if generation.generated_tokens >= max_tokens {
+                generation.stop = Stop::MaxTokens;
+                break;
+            }
+            if self.cache.tokens.len() >= self.max_context {
+                generation.stop = Stop::ContextFull;
+                break;
+            }
+            next = self.step(&[next])?;
+            steps += 1;
+        }
+        if let Some(rest) = stream.flush(&self.tokenizer)? {
+            generation.text.push_str(&rest);
+            if generation.stop != Stop::Caller {
+                let _ = on_token(&rest);
+            }
+        }
+        if steps > 0 {
+            generation.per_token_ms = ms(t1) / steps as f64;
+        }
+        Ok(generation)
+    }
+
+    /// Runs `tokens` after the cached ones, appends them to the cache, and returns the greedy next token.
+    /// A failed run leaves the cache empty.
+    fn step(&mut self, tokens: &[u32]) -> Result<u32, ModelError> {
+        let next = self.run(tokens);
+        if next.is_err() {
+            self.reset_cache();
+        }
+        next
+    }
+
+    fn run(&mut self, tokens: &[u32]) -> Result<u32, ModelError> {
+        let m = &self.meta;
+        let ids = Tensor::from_array(([1usize, tokens.len()], tokens.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()))?;
+        let (past_k, past_v) = match self.cache.kv.take() {
+            Some(kv) => kv,
+            None => {
+                let empty = || Tensor::<f32>::from_array(([m.n_layers, 1, m.n_kv_heads, 0, m.head_dim], Vec::new()));
+                (empty()?.into_dyn(), empty()?.into_dyn())
+            }
+        };
+        let mut out = self.session.run(ort::inputs! {
+            "input_ids" => ids,
+            "past_k" => past_k,
+            "past_v" => past_v,
+        })?;
+        let logits = out["logits"].try_extract_tensor::<f32>()?.1;
+        if logits.len() != m.vocab {
+            return Err(ModelError::Invalid(format!("llm: {} logits, expected {}", logits.len(), m.vocab)));
+        }
+        let next = argmax(logits);
+        let missing = |name: &str| ModelError::Invalid(format!("llm: the graph gave no `{name}`"));
+        let k = out.remove("present_k").ok_or_else(|| missing("present_k"))?;
+        let v = out.remove("present_v").ok_or_else(|| missing("present_v"))?;
+        self.cache.kv = Some((k, v));
+        self.cache.tokens.extend_from_slice(tokens);
+        Ok(next)
+    }
+
+    fn is_stop(&self, token: u32) -> bool {
+        self.meta.stop_token_ids.contains(&token) || Some(token) == self.end_of_text
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| ModelError::Invalid(format!("llm: tokenizing: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The ChatML prompt of `history` within `budget` tokens, and how many messages were dropped.
+    fn prompt(&self, history: &[Message], budget: usize) -> Result<(Vec<u32>, usize), ModelError> {
+        let t = &self.meta.chat_template;
+        let (system_text, rest) = match history.split_first() {
+            Some((first, rest)) if first.role == Role::System => (first.text.as_str(), rest),
+            _ => (t.default_system.as_str(), history),
+        };
+        let generation_prompt = self.encode(&t.generation_prompt)?;
+        let turn_end = self.encode(&t.turn_end)?;
+        let turn = |role: Role, text: &str, keep: Keep| -> Result<Vec<u32>, ModelError> {
+            let mut tokens = self.encode(&format!("{}{}\n", t.turn_start, role.name()))?;
+            let body = self.encode(&defuse(text))?;
+            let body = match keep {
+                Keep::All => &body[..],
+                Keep::Head(n) => &body[..n.min(body.len())],
+                Keep::Tail(n) => &body[body.len().saturating_sub(n)..],
+            };
+            tokens.extend_from_slice(body);
+            tokens.extend_from_slice(&turn_end);
+            Ok(tokens)
+        };
+        let overhead = |role: Role| -> Result<usize, ModelError> { Ok(turn(role, "", Keep::All)?.len()) };
+
+        let mut system = turn(Role::System, system_text, Keep::All)?;
+        let half = budget / 2;
+        if system.len() + generation_prompt.len() > half {
+            let room = half.saturating_sub(overhead(Role::System)? + generation_prompt.len());
+            system = turn(Role::System, system_text, Keep::Head(room))?;
+        }
+        let mut turns = rest.iter().map(|m| turn(m.role, &m.text, Keep::All)).collect::<Result<Vec<_>, _>>()?;
+        let fixed = system.len() + generation_prompt.len();
+        let mut dropped = 0;
+        while turns.len() > 1 && fixed + turns.iter().map(Vec::len).sum::<usize>() > budget {
+            turns.remove(0);
+            dropped += 1;
+        }
+        if let (Some(last), Some(message)) = (turns.last_mut(), rest.last()) {
+            if fixed + last.len() > budget {
+                let room = budget.saturating_sub(fixed + overhead(message.role)?);
+                *last = turn(message.role, &message.text, Keep::Tail(room))?;
+            }
+        }
+        let mut prompt = system;
+        turns.iter().for_each(|t| prompt.extend_from_slice(t));
+        prompt.extend_from_slice(&generation_prompt);
+        prompt.truncate(budget.max(1)); // only if the template pieces alone exceed the budget
+        Ok((prompt, dropped))
+    }
+}
+
+/// How much of a message body to keep.
+#[derive(Clone, Copy)]
+enum Keep {
+    All,
+    Head(usize),
+    Tail(usize),
+}
+
+/// Neutralizes ChatML control-token spellings in message text (`<|` becomes `< |`).
+fn defuse(text: &str) -> String {
+    text.replace("<|", "< |")
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The first `keep` positions of a KV cache tensor [layers, 1, kv_heads, P, head_dim].
+fn truncate(value: &DynValue, keep: usize) -> Result<DynValue, ModelError> {
+    let (shape, data) = value.try_extract_tensor::<f32>()?;
+    let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+    let [layers, batch, heads, past, head_dim] = dims[..] else {
+        return Err(ModelError::Invalid(format!("llm: KV cache of shape {dims:?}")));
+    };
+    let keep = keep.min(past);
+    let mut out = Vec::with_capacity(layers * batch * heads * keep * head_dim);
+    for row in data.chunks_exact((past * head_dim).max(1)).take(layers * batch * heads) {
+        out.extend_from_slice(&row[..keep * head_dim]);
+    }
+    Ok(Tensor::from_array(([layers, batch, heads, keep, head_dim], out))?.into_dyn())
+}
+
+/// Index of the largest logit (NaN never wins).
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = (0usize, f32::NEG_INFINITY);
+    for (i, &x) in logits.iter().enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0 as u32
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Turns generated tokens into text deltas, holding back tokens that end inside a UTF-8 character
+/// (the byte-level decoder renders those as U+FFFD).
+#[derive(Default)]
+struct Stream {
+    pending: Vec<u32>,
+}
+
+impl Stream {
+    fn push(&mut self, tokenizer: &tokenizers::Tokenizer, token: u32) -> Result<Option<String>, ModelError> {
+        self.pending.push(token);
+        let text = decode(tokenizer, &self.pending)?;
+        if text.ends_with('\u{FFFD}') && self.pending.len() < MAX_PENDING_TOKENS {
+            return Ok(None);
+        }
+        self.pending.clear();
+        Ok((!text.is_empty()).then_some(text))
+    }
+
+    fn flush(&mut self, tokenizer: &tokenizers::Tokenizer) -> Result<Option<String>, ModelError> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let text = decode(tokenizer, &self.pending)?;
+        self.pending.clear();
+        Ok((!text.is_empty()).then_some(text))
+    }
+}
+
+fn decode(tokenizer: &tokenizers::Tokenizer, tokens: &[u32]) -> Result<String, ModelError> {
+    tokenizer.decode(tokens, true).map_err(|e| ModelError::Invalid(format!("llm: detokenizing: {e}")))
+}
