@@ -14,10 +14,14 @@ pub mod report;
 pub mod talk;
 
 pub use report::{Report, TurnReport};
-pub use talk::{talk, TalkError, TalkOptions, TalkResult};
+pub use talk::{TalkError, TalkOptions, TalkResult, talk};
 
 /// Builds the endpoint URL from `ws://host:port` or a full `ws://host:port/v1/voice`.
 pub fn endpoint_url(server: &str) -> String {
     let base = server.trim_end_matches('/');
-    if base.ends_with(parley_protocol::WS_PATH) { base.to_string() } else { format!("{base}{}", parley_protocol::WS_PATH) }
+    if base.ends_with(parley_protocol::WS_PATH) {
+        base.to_string()
+    } else {
+        format!("{base}{}", parley_protocol::WS_PATH)
+    }
 }

@@ -3,7 +3,9 @@
 use crate::report::{Latency, Report, TurnReport};
 use futures_util::{SinkExt, StreamExt};
 use parley_protocol::event::SessionUpdate;
-use parley_protocol::{frame_samples, ClientEvent, FrameHeader, ServerEvent, FRAME_MS, MAX_OPUS_PACKET_BYTES};
+use parley_protocol::{
+    ClientEvent, FRAME_MS, FrameHeader, MAX_OPUS_PACKET_BYTES, ServerEvent, frame_samples,
+};
 use std::time::{Duration, Instant};
 use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -51,7 +53,10 @@ pub struct Clip {
 #[derive(Debug, thiserror::Error)]
 pub enum TalkError {
     #[error("connecting to {url}: {source}")]
-    Connect { url: String, source: Box<tokio_tungstenite::tungstenite::Error> },
+    Connect {
+        url: String,
+        source: Box<tokio_tungstenite::tungstenite::Error>,
+    },
     #[error("WebSocket: {0}")]
     Ws(#[from] Box<tokio_tungstenite::tungstenite::Error>),
     #[error("Opus: {0}")]
@@ -93,14 +98,17 @@ impl TalkResult {
     /// Round trip per echoed frame: arrival − the send time the header echoes, µs (the per-frame
     /// transport overhead with the echo pipeline in frame mode, plus the frame's 20 ms of buffering).
     pub fn frame_round_trips_us(&self) -> Vec<u64> {
-        self.frames.iter().filter(|f| f.timestamp_us > 0).map(|f| f.received_us.saturating_sub(f.timestamp_us)).collect()
+        self.frames
+            .iter()
+            .filter(|f| f.timestamp_us > 0)
+            .map(|f| f.received_us.saturating_sub(f.timestamp_us))
+            .collect()
     }
 }
 
 struct Window {
     clip: usize,
     first_event: usize,
-    first_frame: usize,
     last_voiced_sent_us: Option<u64>,
 }
 
@@ -109,13 +117,21 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
     let url = crate::endpoint_url(&options.server);
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
-        .map_err(|e| TalkError::Connect { url: url.clone(), source: Box::new(e) })?;
+        .map_err(|e| TalkError::Connect {
+            url: url.clone(),
+            source: Box::new(e),
+        })?;
     let rate = options.sample_rate;
     let frame = frame_samples(rate);
     let update = ClientEvent::SessionUpdate {
-        session: SessionUpdate { input_sample_rate: Some(rate), output_sample_rate: Some(rate) },
+        session: SessionUpdate {
+            input_sample_rate: Some(rate),
+            output_sample_rate: Some(rate),
+        },
     };
-    ws.send(Message::text(update.to_json())).await.map_err(Box::new)?;
+    ws.send(Message::text(update.to_json()))
+        .await
+        .map_err(Box::new)?;
 
     let mut encoder = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip)?;
     encoder.set_bitrate(opus::Bitrate::Bits(options.bitrate))?;
@@ -127,7 +143,10 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
     let start = Instant::now();
     let now_us = || start.elapsed().as_micros() as u64;
     let mut result = TalkResult {
-        report: Report { server: url.clone(), ..Report::default() },
+        report: Report {
+            server: url.clone(),
+            ..Report::default()
+        },
         ..TalkResult::default()
     };
     let mut windows: Vec<Window> = Vec::new();
@@ -137,16 +156,26 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
     // Position: which clip, which frame in it; then the wait/pause phase.
     let mut clip_index = 0;
     let mut frame_index = 0;
-    let mut last_voiced: Option<usize> = clips.first().and_then(|c| crate::audio::last_voiced_frame(&c.samples, rate));
+    let mut last_voiced: Option<usize> = clips
+        .first()
+        .and_then(|c| crate::audio::last_voiced_frame(&c.samples, rate));
     let mut phase_started = Instant::now();
     enum Phase {
         Speaking,
         Waiting,
         Pausing,
     }
-    let mut phase = if clips.is_empty() { Phase::Pausing } else { Phase::Speaking };
+    let mut phase = if clips.is_empty() {
+        Phase::Pausing
+    } else {
+        Phase::Speaking
+    };
     if !clips.is_empty() {
-        windows.push(Window { clip: 0, first_event: 0, first_frame: 0, last_voiced_sent_us: None });
+        windows.push(Window {
+            clip: 0,
+            first_event: 0,
+            last_voiced_sent_us: None,
+        });
     }
     let mut seq: u32 = 0;
     let mut last_reply_seq: Option<u32> = None;
@@ -200,7 +229,6 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
                             windows.push(Window {
                                 clip: clip_index,
                                 first_event: result.events.len(),
-                                first_frame: result.frames.len(),
                                 last_voiced_sent_us: None,
                             });
                             phase = Phase::Speaking;
@@ -260,30 +288,90 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
         }
     }
     let _ = ws.close(None).await;
-    result.report.turns = windows
-        .iter()
-        .enumerate()
-        .map(|(i, w)| {
-            let end_event = windows.get(i + 1).map_or(result.events.len(), |n| n.first_event);
-            let end_frame = windows.get(i + 1).map_or(result.frames.len(), |n| n.first_frame);
-            turn_report(&clips[w.clip].name, w, &result.events[w.first_event..end_event], &result.frames[w.first_frame..end_frame])
-        })
-        .collect();
+    result.report.turns = turn_reports(clips, &windows, &result.events, &result.frames);
     if let Some((code, reason)) = &result.close
         && *code != 1000
     {
-        return Err(TalkError::Closed { code: *code, reason: reason.clone() });
+        return Err(TalkError::Closed {
+            code: *code,
+            reason: reason.clone(),
+        });
     }
     Ok(result)
 }
 
-fn turn_report(name: &str, window: &Window, events: &[(u64, ServerEvent)], frames: &[ReceivedFrame]) -> TurnReport {
-    let mut report = TurnReport { input: name.to_string(), ..TurnReport::default() };
+/// The server turn an event belongs to, if it names one.
+fn event_turn(event: &ServerEvent) -> Option<u64> {
+    match event {
+        ServerEvent::SpeechStarted { turn, .. }
+        | ServerEvent::SpeechStopped { turn, .. }
+        | ServerEvent::TranscriptionDelta { turn, .. }
+        | ServerEvent::TranscriptionCompleted { turn, .. }
+        | ServerEvent::ResponseTextDelta { turn, .. }
+        | ServerEvent::ResponseTextDone { turn, .. }
+        | ServerEvent::ResponseAudioStarted { turn, .. }
+        | ServerEvent::ResponseAudioDone { turn, .. }
+        | ServerEvent::ReplyCancelled { turn, .. }
+        | ServerEvent::SafetyDecision { turn, .. }
+        | ServerEvent::TurnLatency { turn, .. } => Some(*turn),
+        _ => None,
+    }
+}
+
+/// One report per clip: a server turn belongs to the clip during whose window it first appeared
+/// (its `speech_started`), and all of that turn's events follow it, even when they arrive later
+/// (a reply cancelled by the next clip's speech).
+fn turn_reports(
+    clips: &[Clip],
+    windows: &[Window],
+    events: &[(u64, ServerEvent)],
+    frames: &[ReceivedFrame],
+) -> Vec<TurnReport> {
+    let mut owner: Vec<(u64, usize)> = Vec::new();
+    for (w, window) in windows.iter().enumerate() {
+        let end = windows.get(w + 1).map_or(events.len(), |n| n.first_event);
+        for (_, event) in &events[window.first_event..end] {
+            if let Some(turn) = event_turn(event)
+                && !owner.iter().any(|(t, _)| *t == turn)
+            {
+                owner.push((turn, w));
+            }
+        }
+    }
+    windows
+        .iter()
+        .enumerate()
+        .map(|(w, window)| {
+            let mine: Vec<(u64, ServerEvent)> = events
+                .iter()
+                .filter(|(_, e)| {
+                    event_turn(e).is_some_and(|t| owner.iter().any(|&(o, ow)| o == t && ow == w))
+                })
+                .cloned()
+                .collect();
+            turn_report(&clips[window.clip].name, window, &mine, frames)
+        })
+        .collect()
+}
+
+fn turn_report(
+    name: &str,
+    window: &Window,
+    events: &[(u64, ServerEvent)],
+    frames: &[ReceivedFrame],
+) -> TurnReport {
+    let mut report = TurnReport {
+        input: name.to_string(),
+        ..TurnReport::default()
+    };
     let mut audio_started_at = None;
     let mut latency = None;
     for (at, event) in events {
         match event {
-            ServerEvent::SpeechStarted { turn, .. } if !report.server_turns.contains(turn) => report.server_turns.push(*turn),
+            ServerEvent::SpeechStarted { turn, .. } if !report.server_turns.contains(turn) => {
+                report.server_turns.push(*turn);
+                audio_started_at = None;
+            }
             ServerEvent::TranscriptionCompleted { transcript, .. } => {
                 if !report.transcript.is_empty() {
                     report.transcript.push(' ');
@@ -293,12 +381,18 @@ fn turn_report(name: &str, window: &Window, events: &[(u64, ServerEvent)], frame
             ServerEvent::ResponseTextDone { text, .. } => report.reply_text.push_str(text),
             ServerEvent::ResponseAudioStarted { .. } => audio_started_at = Some(*at),
             ServerEvent::ResponseAudioDone { audio_ms, .. } => report.reply_audio_ms += audio_ms,
-            ServerEvent::SafetyDecision { .. } => report.safety.push(serde_json::to_value(event).unwrap_or_default()),
+            ServerEvent::SafetyDecision { .. } => report
+                .safety
+                .push(serde_json::to_value(event).unwrap_or_default()),
             ServerEvent::ReplyCancelled { sent_ms, .. } => {
                 report.reply_audio_ms += sent_ms;
-                report.cancelled.push(serde_json::to_value(event).unwrap_or_default());
+                report
+                    .cancelled
+                    .push(serde_json::to_value(event).unwrap_or_default());
             }
-            ServerEvent::TurnLatency { marks, total_ms, .. } => latency = Some((marks.clone(), *total_ms)),
+            ServerEvent::TurnLatency {
+                marks, total_ms, ..
+            } => latency = Some((marks.clone(), *total_ms)),
             _ => {}
         }
     }
@@ -310,7 +404,10 @@ fn turn_report(name: &str, window: &Window, events: &[(u64, ServerEvent)], frame
         (Some(frame), Some(sent)) => Some(frame.received_us.saturating_sub(sent) as f64 / 1000.0),
         _ => None,
     };
-    let mut out = Latency { voice_to_voice, ..Latency::default() };
+    let mut out = Latency {
+        voice_to_voice,
+        ..Latency::default()
+    };
     if let Some((marks, total)) = latency {
         out.server_total = Some(total);
         let mut previous = 0.0;

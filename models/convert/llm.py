@@ -9,8 +9,13 @@ both the tied output projection (`MatMulNBits`, 8 bits, zero point 128) and the 
 `SkipSimplifiedLayerNormalization`, the q/k/v and the MLP gate/up projections are one matrix each,
 and SiLU is `QuickGelu` with alpha 1.
 
-Graph I/O: `input_ids` i64 [1,T], `past_k`, `past_v` f32 [layers,1,kv_heads,P,head_dim] (P may be 0)
-→ `logits` f32 [1,1,vocab] (last position), `present_k`, `present_v` [layers,1,kv_heads,P+T,head_dim].
+Graph I/O (the KV cache is one tensor per layer, so that it can be updated in place):
+`input_ids` i64 [1,T], `past_len` i64 [1] (P, the cached positions), `past_k_<i>`, `past_v_<i>` f32
+[1,kv_heads,C,head_dim] for each layer i → `logits` f32 [1,1,vocab] (last position), `present_k_<i>`,
+`present_v_<i>`. Bind each `present_*` output to the same buffer as its `past_*` input, with a capacity
+C ≥ P+T, and `GroupQueryAttention` writes the T new positions in place (nothing is copied; later
+positions are ignored, so dropping cached positions is just a smaller `past_len`). Unbound, with
+C = P, the presents are new [1,kv_heads,P+T,head_dim] tensors.
 
 `check` compares the graph with a numpy forward pass of the same dequantized weights, a KV-cached
 run with a full recompute, and asks the capital of France.
@@ -19,7 +24,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from common import Graph, tensor
 
@@ -183,9 +188,8 @@ class Builder:
         g, m = self.g, self.m
         L, KV, HD = m.layers, m.kv_heads, m.head_dim
         # Positions P .. P+T-1: GroupQueryAttention derives them from the total length.
-        past = g.op("Shape", ["past_k"], start=3, end=4)
         new = g.op("Shape", ["input_ids"], start=1, end=2)
-        total = g.op("Cast", [g.op("Add", [past, new])], to=TensorProto.INT32)  # [1]
+        total = g.op("Cast", [g.op("Add", ["past_len", new])], to=TensorProto.INT32)  # [1]
         seqlens_k = g.op("Sub", [total, g.const(np.array([1], np.int32))])
         total_len = g.op("Squeeze", [total, self.i64(0)])
         inv = m.theta ** (-np.arange(0, HD, 2, dtype=np.float64) / HD)
@@ -202,19 +206,15 @@ class Builder:
         x = g.op("Reshape", [x, self.i64(1, -1, m.width)])
 
         norm = self.rms_norm(x, self.norm_weight("blk.0.attn_norm"))
-        present_k, present_v = [], []
         for i in range(L):
             b = f"blk.{i}"
             qkv = self.matmul(norm, f"{b}.attn_qkv", [f"{b}.attn_q.weight", f"{b}.attn_k.weight", f"{b}.attn_v.weight"])
-            layer = g.const(np.int64(i))
-            past_k = g.op("Gather", ["past_k", layer], axis=0)  # [1, KV, P, HD]
-            past_v = g.op("Gather", ["past_v", layer], axis=0)
-            attn, k, v = g.op_multi(
-                "GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos, sin], 3,
+            attn = g.name("attn")
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention", [qkv, "", "", f"past_k_{i}", f"past_v_{i}", seqlens_k, total_len, cos, sin],
+                [attn, f"present_k_{i}", f"present_v_{i}"],
                 domain=MS, num_heads=m.heads, kv_num_heads=KV, do_rotary=1, rotary_interleaved=1,
-            )
-            present_k.append(g.op("Unsqueeze", [k, self.i64(0)]))
-            present_v.append(g.op("Unsqueeze", [v, self.i64(0)]))
+            ))
             out = self.matmul(attn, f"{b}.attn_output", [f"{b}.attn_output.weight"])
             norm, x = self.skip_norm(out, x, self.norm_weight(f"{b}.ffn_norm"))
             gate_up = self.matmul(norm, f"{b}.ffn_gate_up", [f"{b}.ffn_gate.weight", f"{b}.ffn_up.weight"])
@@ -232,16 +232,20 @@ class Builder:
             "MatMulNBits", [norm, table, g.const(scale.reshape(-1), "token_embd.scale")], out="logits",
             domain=MS, K=m.width, N=m.vocab, bits=8, block_size=BLOCK, accuracy_level=self.accuracy,
         )
-        g.op("Concat", present_k, out="present_k", axis=0)
-        g.op("Concat", present_v, out="present_v", axis=0)
 
-        cache = lambda n, length: tensor(n, [L, 1, KV, length, HD])
+        cache = lambda kind, length: [tensor(n, [1, KV, length, HD]) for n in cache_names(kind, L)]
         return g.save(
             path, "smollm2_135m_instruct",
-            [tensor("input_ids", [1, "new"], TensorProto.INT64), cache("past_k", "past"), cache("past_v", "past")],
-            [tensor("logits", [1, 1, m.vocab]), cache("present_k", "total"), cache("present_v", "total")],
+            [tensor("input_ids", [1, "new"], TensorProto.INT64), tensor("past_len", [1], TensorProto.INT64)]
+            + cache("past", "capacity"),
+            [tensor("logits", [1, 1, m.vocab])] + cache("present", "present_capacity"),
             metadata=metadata, extra_opsets=[(MS, 1)],
         )
+
+
+def cache_names(kind, layers):
+    """`<kind>_k_<i>` for every layer, then `<kind>_v_<i>`."""
+    return [f"{kind}_{kv}_{i}" for kv in "kv" for i in range(layers)]
 
 
 def tokenizer(m: Gguf):
@@ -277,8 +281,8 @@ def build(src: Path, out: Path, linear=LINEAR, accuracy=ACCURACY) -> dict:
         "files": {
             "model": {
                 "file": "llm/model.onnx",
-                "inputs": ["input_ids", "past_k", "past_v"],
-                "outputs": ["logits", "present_k", "present_v"],
+                "inputs": ["input_ids", "past_len"] + cache_names("past", m.layers),
+                "outputs": ["logits"] + cache_names("present", m.layers),
             },
             "tokenizer": {"file": "llm/tokenizer.json"},
         },
@@ -358,31 +362,44 @@ def chat_prompt(system, user):
 
 
 class Runner:
-    """The built graph in onnxruntime, with its KV cache passed back in."""
+    """The built graph in onnxruntime with its KV cache updated in place, as the server runs it."""
 
-    def __init__(self, out: Path, threads=2):
+    def __init__(self, out: Path, threads=2, capacity=256):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         self.session = ort.InferenceSession(str(out / "llm/model.onnx"), opts, providers=["CPUExecutionProvider"])
-        shape = self.session.get_inputs()[1].shape
-        self.empty = np.zeros((shape[0], 1, shape[2], 0, shape[4]), np.float32)
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        self.layers = sum(1 for n in inputs if n.startswith("past_k_"))
+        _, kv_heads, _, head_dim = inputs["past_k_0"]
+        self.cache = {
+            n: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, capacity, head_dim), np.float32))
+            for n in cache_names("past", self.layers)
+        }
+        self.length = 0
 
-    def run(self, ids, cache=None):
-        """(logits of the last position, the new cache)."""
-        past_k, past_v = cache if cache is not None else (self.empty, self.empty)
-        feed = {"input_ids": np.array([ids], np.int64), "past_k": past_k, "past_v": past_v}
-        logits, k, v = self.session.run(None, feed)
-        return logits[0, -1], (k, v)
+    def run(self, ids, keep=None):
+        """Runs `ids` after the first `keep` cached positions (default: all); the last position's logits."""
+        self.length = self.length if keep is None else keep
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.array([ids], np.int64))
+        io.bind_cpu_input("past_len", np.array([self.length], np.int64))
+        io.bind_output("logits")
+        for name, value in self.cache.items():
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(name.replace("past", "present", 1), value)
+        self.session.run_with_iobinding(io)
+        self.length += len(ids)
+        return io.get_outputs()[0].numpy()[0, -1]
 
     def generate(self, ids, stop, max_new=40):
-        """Greedy continuation of `ids` (token ids, without the stop token)."""
-        logits, cache = self.run(ids)
+        """Greedy continuation of `ids` (token ids, without the stop token), from an empty cache."""
+        logits = self.run(ids, keep=0)
         out = []
         while len(out) < max_new and int(np.argmax(logits)) not in stop:
             out.append(int(np.argmax(logits)))
-            logits, cache = self.run(out[-1:], cache)
+            logits = self.run(out[-1:])
         return out
 
 
@@ -400,19 +417,20 @@ def check(out: Path) -> str:
     ids = tk.encode(chat_prompt(DEFAULT_SYSTEM, "Hello there!")).ids
     w = stored_weights(model)
     ref = reference_logits(w, ids, hp["rms_eps"], hp["rope_theta"], int(hp["heads"]), int(hp["kv_heads"]))[-1]
-    got, _ = runner.run(ids)
+    got = runner.run(ids, keep=0)
     diff = float(np.abs(got - ref).max())
     if diff > MAX_LOGIT_DIFF or np.argmax(ref) != np.argmax(got):
         raise RuntimeError(f"llm: logits differ from the numpy reference by {diff:.3g} (bound {MAX_LOGIT_DIFF})")
 
     # 2. KV-cached steps (a prefix, a multi-token continuation, single tokens) vs one full run.
+    # The cache is updated in place; a stale tail beyond `keep` (here 5 wrong tokens) must not matter.
     split = len(ids) // 2
-    _, cache = runner.run(ids[:split])
-    _, cache = runner.run(ids[split:-2], cache)
-    _, cache = runner.run(ids[-2:-1], cache)
-    cached, cache = runner.run(ids[-1:], cache)
+    runner.run(ids[:split] + [1, 2, 3, 4, 5], keep=0)
+    runner.run(ids[split:-2], keep=split)
+    runner.run(ids[-2:-1])
+    cached = runner.run(ids[-1:])
     step_diff = float(np.abs(cached - got).max())
-    if step_diff > MAX_STEP_DIFF or np.argmax(cached) != np.argmax(got) or cache[0].shape[3] != len(ids):
+    if step_diff > MAX_STEP_DIFF or np.argmax(cached) != np.argmax(got) or runner.length != len(ids):
         raise RuntimeError(f"llm: KV-cached logits differ from a full run by {step_diff:.3g}")
 
     # 3. A greedy answer.

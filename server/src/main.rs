@@ -7,7 +7,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "parley-server", version, about = "Parley real-time voice conversation server")]
+#[command(
+    name = "parley-server",
+    version,
+    about = "Parley real-time voice conversation server"
+)]
 struct Args {
     /// TOML configuration file (see `Config` for the keys).
     #[arg(long)]
@@ -59,7 +63,8 @@ impl Args {
 
 /// Completes on SIGINT or SIGTERM.
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -73,7 +78,9 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = Args::parse().config()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -81,10 +88,13 @@ fn main() -> anyhow::Result<()> {
         let pipeline = match config.pipeline {
             PipelineKind::Echo => parley_server::pipeline::from_config(&config)?,
             // Hook for the model pipeline: build it here and hand it to `run_with_pipeline`.
-            PipelineKind::Voice => anyhow::bail!("voice pipeline not yet wired: run with `--pipeline echo`"),
+            PipelineKind::Voice => {
+                anyhow::bail!("voice pipeline not yet wired: run with `--pipeline echo`")
+            }
         };
         let metrics = std::sync::Arc::new(parley_server::metrics::Metrics::default());
-        parley_server::run_with_pipeline(listener, config, pipeline, metrics, shutdown_signal()).await?;
+        parley_server::run_with_pipeline(listener, config, pipeline, metrics, shutdown_signal())
+            .await?;
         Ok(())
     })
 }

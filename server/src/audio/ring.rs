@@ -32,7 +32,12 @@ pub fn input_ring(capacity: usize) -> (InputFeed, AudioInput) {
     let (stamps_tx, stamps_rx) = HeapRb::<FrameStamp>::new(capacity / 40 + 8).split();
     let wake = Arc::new(Notify::new());
     (
-        InputFeed { samples: samples_tx, stamps: stamps_tx, wake: wake.clone(), pushed: 0 },
+        InputFeed {
+            samples: samples_tx,
+            stamps: stamps_tx,
+            wake: wake.clone(),
+            pushed: 0,
+        },
         AudioInput {
             samples: samples_rx,
             stamps: stamps_rx,
@@ -54,11 +59,22 @@ pub struct InputFeed {
 impl InputFeed {
     /// Pushes one frame's 16 kHz samples and its stamp, wakes the pipeline, and returns how many
     /// samples did not fit (dropped).
-    pub fn push(&mut self, samples: &[f32], seq: u32, client_ts_us: u64, arrived: Instant) -> usize {
+    pub fn push(
+        &mut self,
+        samples: &[f32],
+        seq: u32,
+        client_ts_us: u64,
+        arrived: Instant,
+    ) -> usize {
         let accepted = self.samples.push_slice(samples);
         self.pushed += accepted as u64;
         if accepted > 0 {
-            let _ = self.stamps.try_push(FrameStamp { seq, client_ts_us, arrived, end_sample: self.pushed });
+            let _ = self.stamps.try_push(FrameStamp {
+                seq,
+                client_ts_us,
+                arrived,
+                end_sample: self.pushed,
+            });
         }
         self.wake.notify_one();
         samples.len() - accepted
@@ -75,9 +91,15 @@ pub struct AudioInput {
 }
 
 impl AudioInput {
-    /// Waits until new audio may be available (returns at once if some arrived since the last wait).
+    /// Waits for the next push (returns at once if one happened since the last wait). Never
+    /// returns early just because fewer samples than a chunk are waiting: prefer [`wait_for`](Self::wait_for).
     pub async fn readable(&mut self) {
-        if self.samples.occupied_len() == 0 {
+        self.wake.notified().await;
+    }
+
+    /// Waits until at least `min` samples are ready to pop (cancel-safe: drop it any time).
+    pub async fn wait_for(&mut self, min: usize) {
+        while self.samples.occupied_len() < min {
             self.wake.notified().await;
         }
     }
@@ -128,7 +150,11 @@ mod tests {
         assert_eq!(feed.push(&[0.5; 320], 0, 100, now), 0);
         assert_eq!(feed.push(&[0.25; 320], 1, 120, now), 0);
         assert_eq!(feed.push(&[0.1; 320], 2, 140, now), 0);
-        assert_eq!(feed.push(&[0.1; 320], 3, 160, now), 280, "only 40 samples fit");
+        assert_eq!(
+            feed.push(&[0.1; 320], 3, 160, now),
+            280,
+            "only 40 samples fit"
+        );
         let mut out = [0.0; 400];
         assert_eq!(input.pop(&mut out), 400);
         assert_eq!(out[319], 0.5);

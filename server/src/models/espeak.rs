@@ -95,7 +95,7 @@ pub fn phonemize(text: &str, voice: &str) -> Result<Vec<Clause>, ModelError> {
         };
         let after = if ptr.is_null() { bytes.len() } else { (ptr as usize - start as usize).min(bytes.len()) };
         let consumed = String::from_utf8_lossy(&bytes[before.min(after)..after]);
-        let terminator = consumed.trim_end().chars().last().filter(|c| matches!(c, '.' | ',' | '?' | '!' | ';' | ':'));
+        let terminator = clause_terminator(&consumed, ptr.is_null());
         let phonemes = phonemes.trim().to_string();
         if phonemes.is_empty() && terminator.is_none() {
             continue;
@@ -105,8 +105,38 @@ pub fn phonemize(text: &str, voice: &str) -> Result<Vec<Clause>, ModelError> {
     Ok(clauses)
 }
 
+/// The punctuation that closed a clause, from the text espeak-ng consumed for it. Except at the end
+/// of the text, espeak reads one character past the whitespace after the clause (the start of the
+/// next one): `"raining? N"`. Closing quotes and brackets after the punctuation are skipped.
+fn clause_terminator(consumed: &str, at_end: bool) -> Option<char> {
+    let mut text = consumed.trim_end();
+    if !at_end
+        && let Some((i, _)) = text.char_indices().next_back()
+        && text[..i].ends_with(char::is_whitespace)
+    {
+        text = text[..i].trim_end();
+    }
+    text.trim_end_matches(['"', '\'', ')', ']', '\u{201d}', '\u{2019}', '\u{bb}'])
+        .chars()
+        .next_back()
+        .filter(|c| matches!(c, '.' | ',' | '?' | '!' | ';' | ':'))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn terminators_skip_the_lookahead_character() {
+        use super::clause_terminator as t;
+        assert_eq!(t("Is it raining? N", false), Some('?'));
+        assert_eq!(t("hat?! R", false), Some('!'));
+        assert_eq!(t("He said \"yes.\"", false), Some('.'));
+        assert_eq!(t("one.\n\n  t", false), Some('.'));
+        assert_eq!(t("té was — f", false), None);
+        assert_eq!(t("A: b", false), Some(':'));
+        assert_eq!(t("Great!", true), Some('!'));
+        assert_eq!(t("a b", true), None);
+    }
+
     use super::*;
 
     #[test]
@@ -123,9 +153,8 @@ mod tests {
     fn empty_and_concurrent() {
         assert!(phonemize("", "en-us").unwrap().is_empty());
         assert!(phonemize("   \n ", "en-us").unwrap().is_empty());
-        let threads: Vec<_> = (0..4)
-            .map(|_| std::thread::spawn(|| phonemize("testing one two three", "en-us").unwrap()))
-            .collect();
+        let threads: Vec<_> =
+            (0..4).map(|_| std::thread::spawn(|| phonemize("testing one two three", "en-us").unwrap())).collect();
         for t in threads {
             assert_eq!(t.join().unwrap()[0].phonemes, "tˈɛstɪŋ wˈʌn tˈuː θɹˈiː");
         }

@@ -7,6 +7,10 @@
 //! - **Prefix cache**: the KV cache of the previous call is kept with its tokens. A new call reuses the
 //!   longest common token prefix (at least the system prompt; after a reply, the whole previous
 //!   conversation) and prefills only the tokens after it.
+//! - **KV cache in place**: one buffer per layer for K and V, of `max_context` positions, bound as both
+//!   the graph's `past_*` input and `present_*` output; ORT's `GroupQueryAttention` writes the new
+//!   positions into it, so a step copies nothing, and dropping cached positions is only a shorter
+//!   `past_len`.
 //! - **Context bound**: prompt plus reply never exceed `max_context` tokens (default
 //!   [`DEFAULT_MAX_CONTEXT`]). When they would, the oldest turns after the system prompt are dropped
 //!   (whole turns, oldest first); a single message too long on its own keeps only its last tokens, and
@@ -16,14 +20,14 @@
 //! - **Streaming**: `on_token` receives text deltas; a character split across tokens is held back
 //!   until complete, so the deltas concatenate to exactly [`Generation::text`].
 use super::{Manifest, ModelError};
-use ort::session::Session;
-use ort::value::{DynValue, Tensor};
+use ort::session::{IoBinding, Session};
+use ort::value::Tensor;
 use serde::Deserialize;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-/// Default bound on prompt + reply tokens. The model was trained on 8192, but every decoded token
-/// copies the whole KV cache (~46 KB per cached token), so a voice conversation keeps it short.
+/// Default bound on prompt + reply tokens (the model was trained on 8192). The KV cache takes
+/// 46 KB per position (47 MB at 1024) and attention cost grows with it.
 pub const DEFAULT_MAX_CONTEXT: usize = 1024;
 /// Undecodable tokens held back at most this long before their text is emitted anyway.
 const MAX_PENDING_TOKENS: usize = 8;
@@ -118,20 +122,18 @@ struct Meta {
     chat_template: ChatTemplate,
 }
 
-/// The KV cache of `tokens` (present_k/present_v of the last run), or none yet.
-struct Cache {
-    tokens: Vec<u32>,
-    kv: Option<(DynValue, DynValue)>,
-}
-
 /// SmolLM2 with its tokenizer and the KV cache of the last conversation.
 pub struct Llm {
     session: Session,
+    /// The KV buffers bound in place (input and output), and the `logits` output.
+    binding: IoBinding,
     tokenizer: tokenizers::Tokenizer,
     meta: Meta,
+    /// Positions of the KV buffers: the bound on prompt + reply.
     max_context: usize,
-    cache: Cache,
-    /// Extra tokens to stop on: control tokens never belong in a reply.
+    /// The tokens whose keys and values fill the first positions of the KV buffers.
+    cached: Vec<u32>,
+    /// Extra token to stop on: end-of-text never belongs in a reply.
     end_of_text: Option<u32>,
 }
 
@@ -144,14 +146,9 @@ impl Llm {
         let tokenizer = manifest.tokenizer("llm")?;
         let session = manifest.session("llm", "model", threads)?;
         let end_of_text = tokenizer.token_to_id("<|endoftext|>");
-        Ok(Llm {
-            session,
-            tokenizer,
-            max_context: DEFAULT_MAX_CONTEXT.min(meta.max_context),
-            meta,
-            cache: Cache { tokens: Vec::new(), kv: None },
-            end_of_text,
-        })
+        let max_context = DEFAULT_MAX_CONTEXT.min(meta.max_context);
+        let binding = bind(&session, &meta, max_context)?;
+        Ok(Llm { session, binding, tokenizer, meta, max_context, cached: Vec::new(), end_of_text })
     }
 
     /// The bound on prompt + reply tokens.
@@ -159,15 +156,19 @@ impl Llm {
         self.max_context
     }
 
-    /// Sets the bound on prompt + reply tokens (at least 64, at most the model's own context).
-    pub fn set_max_context(&mut self, tokens: usize) {
-        self.max_context = tokens.clamp(64, self.meta.max_context.max(64));
+    /// Sets the bound on prompt + reply tokens (at least 64, at most the model's own context), and
+    /// reallocates the KV cache to that size.
+    pub fn set_max_context(&mut self, tokens: usize) -> Result<(), ModelError> {
+        let tokens = tokens.clamp(64, self.meta.max_context.max(64));
         self.reset_cache();
+        self.binding = bind(&self.session, &self.meta, tokens)?;
+        self.max_context = tokens;
+        Ok(())
     }
 
     /// Forgets the cached prefix: the next call prefills its whole prompt.
     pub fn reset_cache(&mut self) {
-        self.cache = Cache { tokens: Vec::new(), kv: None };
+        self.cached.clear();
     }
 
     /// The default system prompt, used when `history` does not start with a system message.
@@ -193,17 +194,8 @@ impl Llm {
         let (prompt, dropped_messages) = self.prompt(history, self.max_context - max_tokens)?;
 
         // Reuse the cached prefix; at least one token must run to give the next token's logits.
-        let mut reused = common_prefix(&self.cache.tokens, &prompt).min(prompt.len() - 1);
-        if reused == 0 {
-            self.cache.kv = None;
-        } else if reused < self.cache.tokens.len() {
-            let (k, v) = self.cache.kv.take().ok_or_else(|| ModelError::Invalid("llm: KV cache lost".into()))?;
-            match (truncate(&k, reused), truncate(&v, reused)) {
-                (Ok(k), Ok(v)) => self.cache.kv = Some((k, v)),
-                _ => reused = 0,
-            }
-        }
-        self.cache.tokens.truncate(reused);
+        let reused = common_prefix(&self.cached, &prompt).min(prompt.len() - 1);
+        self.cached.truncate(reused);
 
         let mut generation = Generation {
             text: String::new(),
@@ -244,7 +236,7 @@ impl Llm {
                 generation.stop = Stop::MaxTokens;
                 break;
             }
-            if self.cache.tokens.len() >= self.max_context {
+            if self.cached.len() >= self.max_context {
                 generation.stop = Stop::ContextFull;
                 break;
             }
@@ -275,29 +267,25 @@ impl Llm {
 
     fn run(&mut self, tokens: &[u32]) -> Result<u32, ModelError> {
         let m = &self.meta;
+        let past = self.cached.len();
+        if tokens.is_empty() || past + tokens.len() > self.max_context {
+            return Err(ModelError::Invalid(format!(
+                "llm: {} new tokens after {past} do not fit the context of {}",
+                tokens.len(),
+                self.max_context
+            )));
+        }
         let ids = Tensor::from_array(([1usize, tokens.len()], tokens.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()))?;
-        let (past_k, past_v) = match self.cache.kv.take() {
-            Some(kv) => kv,
-            None => {
-                let empty = || Tensor::<f32>::from_array(([m.n_layers, 1, m.n_kv_heads, 0, m.head_dim], Vec::new()));
-                (empty()?.into_dyn(), empty()?.into_dyn())
-            }
-        };
-        let mut out = self.session.run(ort::inputs! {
-            "input_ids" => ids,
-            "past_k" => past_k,
-            "past_v" => past_v,
-        })?;
+        let past_len = Tensor::from_array(([1usize], vec![past as i64]))?;
+        self.binding.bind_input("input_ids", &ids)?;
+        self.binding.bind_input("past_len", &past_len)?;
+        let out = self.session.run_binding(&self.binding)?;
         let logits = out["logits"].try_extract_tensor::<f32>()?.1;
         if logits.len() != m.vocab {
             return Err(ModelError::Invalid(format!("llm: {} logits, expected {}", logits.len(), m.vocab)));
         }
         let next = argmax(logits);
-        let missing = |name: &str| ModelError::Invalid(format!("llm: the graph gave no `{name}`"));
-        let k = out.remove("present_k").ok_or_else(|| missing("present_k"))?;
-        let v = out.remove("present_v").ok_or_else(|| missing("present_v"))?;
-        self.cache.kv = Some((k, v));
-        self.cache.tokens.extend_from_slice(tokens);
+        self.cached.extend_from_slice(tokens);
         Ok(next)
     }
 
@@ -380,19 +368,20 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// The first `keep` positions of a KV cache tensor [layers, 1, kv_heads, P, head_dim].
-fn truncate(value: &DynValue, keep: usize) -> Result<DynValue, ModelError> {
-    let (shape, data) = value.try_extract_tensor::<f32>()?;
-    let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
-    let [layers, batch, heads, past, head_dim] = dims[..] else {
-        return Err(ModelError::Invalid(format!("llm: KV cache of shape {dims:?}")));
-    };
-    let keep = keep.min(past);
-    let mut out = Vec::with_capacity(layers * batch * heads * keep * head_dim);
-    for row in data.chunks_exact((past * head_dim).max(1)).take(layers * batch * heads) {
-        out.extend_from_slice(&row[..keep * head_dim]);
+/// Allocates the KV buffers ([1, kv_heads, capacity, head_dim] per layer, zeroed) and binds each as
+/// both `past_<k|v>_<layer>` and `present_<k|v>_<layer>`, and `logits` to CPU memory.
+fn bind(session: &Session, m: &Meta, capacity: usize) -> Result<IoBinding, ModelError> {
+    let mut binding = session.create_binding()?;
+    for kind in ["k", "v"] {
+        for layer in 0..m.n_layers {
+            let mut buffer = Tensor::<f32>::new(session.allocator(), [1, m.n_kv_heads, capacity, m.head_dim])?;
+            buffer.extract_tensor_mut().1.fill(0.0);
+            binding.bind_input(format!("past_{kind}_{layer}"), &buffer)?;
+            binding.bind_output(format!("present_{kind}_{layer}"), &mut buffer)?;
+        }
     }
-    Ok(Tensor::from_array(([layers, batch, heads, keep, head_dim], out))?.into_dyn())
+    binding.bind_output_to_device("logits", session.allocator().memory_info())?;
+    Ok(binding)
 }
 
 /// Index of the largest logit (NaN never wins).

@@ -165,7 +165,8 @@ impl Tts {
             "input_lengths" => Tensor::from_array(([1], vec![n as i64]))?,
             "scales" => Tensor::from_array(([3], self.scales.to_vec()))?,
         })?;
-        let output = outputs.get("output").ok_or_else(|| ModelError::Invalid("tts graph returned no `output`".into()))?;
+        let output =
+            outputs.get("output").ok_or_else(|| ModelError::Invalid("tts graph returned no `output`".into()))?;
         let (_, audio) = output.try_extract_tensor::<f32>()?;
         Ok(audio.iter().map(|s| s.clamp(-1.0, 1.0)).collect())
     }

@@ -8,7 +8,7 @@
 //!
 //! What the worker gets and gives:
 //! - **in**: [`AudioInput`] — 16 kHz mono f32 audio through an SPSC ring, with a wakeup
-//!   (`readable().await`) and per-frame [`FrameStamp`](crate::audio::ring::FrameStamp)s (client
+//!   (`wait_for(n).await`) and per-frame [`FrameStamp`](crate::audio::ring::FrameStamp)s (client
 //!   timestamp, server arrival time) to anchor turn latency on the frame holding the last voiced
 //!   sample; and [`Command`]s (typed text, client cancel).
 //! - **out**: [`ReplyOutput`] — events (`ServerEvent`, sent in order), reply audio at any rate the
@@ -25,12 +25,12 @@
 pub mod echo;
 
 use crate::audio::ring::AudioInput;
-use parley_protocol::event::CancelReason;
 use parley_protocol::ServerEvent;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use parley_protocol::event::CancelReason;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 /// A per-server pipeline factory.
@@ -63,8 +63,15 @@ pub enum Command {
 #[derive(Debug)]
 pub enum Output {
     Event(ServerEvent),
-    Audio { turn: u64, pcm: Vec<f32>, sample_rate: u32, ref_ts_us: u64 },
-    AudioEnd { turn: u64 },
+    Audio {
+        turn: u64,
+        pcm: Vec<f32>,
+        sample_rate: u32,
+        ref_ts_us: u64,
+    },
+    AudioEnd {
+        turn: u64,
+    },
     Marks(TurnMarks),
 }
 
@@ -107,8 +114,20 @@ impl ReplyOutput {
     }
 
     /// Reply audio for `turn`; `ref_ts_us` goes into the frames' header timestamp.
-    pub async fn audio(&self, turn: u64, pcm: Vec<f32>, sample_rate: u32, ref_ts_us: u64) -> Result<(), SessionClosed> {
-        self.send(Output::Audio { turn, pcm, sample_rate, ref_ts_us }).await
+    pub async fn audio(
+        &self,
+        turn: u64,
+        pcm: Vec<f32>,
+        sample_rate: u32,
+        ref_ts_us: u64,
+    ) -> Result<(), SessionClosed> {
+        self.send(Output::Audio {
+            turn,
+            pcm,
+            sample_rate,
+            ref_ts_us,
+        })
+        .await
     }
 
     pub async fn audio_end(&self, turn: u64) -> Result<(), SessionClosed> {
@@ -189,7 +208,10 @@ impl ReplyControl {
 
     pub(crate) fn set_playing(&self, turn: u64, until: Instant) {
         self.playing_turn.store(turn, Relaxed);
-        self.playing_until_ns.store(until.saturating_duration_since(self.epoch).as_nanos() as u64, Relaxed);
+        self.playing_until_ns.store(
+            until.saturating_duration_since(self.epoch).as_nanos() as u64,
+            Relaxed,
+        );
     }
 
     fn playing(&self, now: Instant) -> Option<u64> {
@@ -202,11 +224,16 @@ impl ReplyControl {
 
 /// The pipeline named by the configuration; the voice pipeline is built by the binary (it needs
 /// the models), so here it is an error.
-pub fn from_config(config: &crate::config::Config) -> Result<Arc<dyn Pipeline>, crate::server::ServerError> {
+pub fn from_config(
+    config: &crate::config::Config,
+) -> Result<Arc<dyn Pipeline>, crate::server::ServerError> {
     match config.pipeline {
-        crate::config::PipelineKind::Echo => Ok(Arc::new(echo::EchoPipeline::new(config.echo.clone()))),
+        crate::config::PipelineKind::Echo => {
+            Ok(Arc::new(echo::EchoPipeline::new(config.echo.clone())))
+        }
         crate::config::PipelineKind::Voice => Err(crate::server::ServerError::PipelineUnavailable(
-            "the voice pipeline is not yet wired into the server: pass it to `run_with_pipeline`".into(),
+            "the voice pipeline is not yet wired into the server: pass it to `run_with_pipeline`"
+                .into(),
         )),
     }
 }

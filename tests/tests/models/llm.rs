@@ -122,9 +122,9 @@ fn odd_input_does_not_panic_and_context_stays_bounded() {
         assert!(g.prompt_tokens + g.generated_tokens <= llm.max_context(), "{g:?}");
     }
     assert_eq!(llm.generate(&cases[0], 0, |_| ControlFlow::Continue(())).unwrap().generated_tokens <= 1, true);
-    llm.set_max_context(128);
+    llm.set_max_context(128).unwrap();
     let g = llm.generate(&cases[7], 1000, |_| ControlFlow::Continue(())).unwrap();
     assert!(g.dropped_messages > 0 && g.prompt_tokens + g.generated_tokens <= 128, "{g:?}");
-    llm.set_max_context(usize::MAX);
-    llm.set_max_context(parley_server::models::llm::DEFAULT_MAX_CONTEXT);
+    llm.set_max_context(usize::MAX).unwrap();
+    llm.set_max_context(parley_server::models::llm::DEFAULT_MAX_CONTEXT).unwrap();
 }

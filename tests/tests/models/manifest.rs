@@ -53,7 +53,11 @@ fn the_real_cache_loads_every_role_it_lists() {
     assert!(!manifest.models.is_empty(), "{}: no models", manifest.dir.display());
     manifest.runtime().unwrap();
     for (role, model) in &manifest.models {
-        assert!(!model.source.licence.is_empty() && model.source.wheel_sha256.len() == 64, "{role}: {:?}", model.source);
+        assert!(
+            !model.source.licence.is_empty() && model.source.wheel_sha256.len() == 64,
+            "{role}: {:?}",
+            model.source
+        );
         for (name, entry) in &model.files {
             let path = manifest.path(role, name).unwrap_or_else(|e| panic!("{role}/{name}: {e}"));
             assert!(path.is_file());
@@ -89,7 +93,10 @@ fn a_wrong_hash_is_a_hash_mismatch_that_says_what_to_do() {
         other => panic!("expected HashMismatch, got {other:?}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains("provision.sh") && msg.contains("silero_vad.onnx") && msg.contains(FAKE_GRAPH_SHA256), "{msg}");
+    assert!(
+        msg.contains("provision.sh") && msg.contains("silero_vad.onnx") && msg.contains(FAKE_GRAPH_SHA256),
+        "{msg}"
+    );
     // The same file with the right hash is accepted.
     let dir_ok = fake_cache("hash-ok", FAKE_LIB_SHA256, FAKE_GRAPH_SHA256, true);
     assert!(Manifest::load(&dir_ok).unwrap().path("vad", "model").is_ok());

@@ -5,10 +5,7 @@ use parley_tests::{read_16k, speech_clips};
 /// Speech probability of every 512-sample chunk of `audio` (one stream, from a fresh state).
 fn probabilities(vad: &mut Vad, audio: &[f32]) -> Vec<f32> {
     let mut state = VadState::new();
-    audio
-        .chunks_exact(CHUNK_SAMPLES)
-        .map(|c| vad.push(&mut state, c.try_into().unwrap()).unwrap())
-        .collect()
+    audio.chunks_exact(CHUNK_SAMPLES).map(|c| vad.push(&mut state, c.try_into().unwrap()).unwrap()).collect()
 }
 
 #[test]
