@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -531,6 +532,10 @@ def provision(cache, key, roles, force):
         if reuse:
             print(f"      keeping the intact role(s) of the previous build: {', '.join(reuse)}", flush=True)
 
+    # Leftovers of a run that was killed (the lock says none is running now).
+    for kind in ("tmp", "src", "old"):
+        for leftover in cache.parent.glob(f"{cache.name}.{kind}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     stage = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     src_root = cache.with_name(f"{cache.name}.src-{os.getpid()}")
     try:
@@ -621,6 +626,8 @@ def main():
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like Ctrl-C, so the staging directories are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         sys.exit(main())
     except ProvisionError as e:

@@ -115,7 +115,7 @@ struct Window {
 /// Streams `clips` (one turn each) to the server and collects the replies.
 pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, TalkError> {
     let url = crate::endpoint_url(&options.server);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
         .await
         .map_err(|e| TalkError::Connect {
             url: url.clone(),

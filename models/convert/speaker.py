@@ -7,9 +7,11 @@ Network: mel power spectrogram (n_fft 400, hop 160, 40 slaney mels, not log) →
 Graph `ge2e.onnx`: `wav` f32 [B, samples] @16 kHz → `embedding` f32 [B, 256].
 The graph frames `wav` without padding (frame t covers samples [160 t, 160 t + 400)), so one partial
 utterance of 160 frames is `segment_samples` = 159 * 160 + 400 = 25 840 samples. The caller reproduces
-Resemblyzer's `embed_utterance` exactly by cutting these segments out of the utterance after
-reflect-padding it by n_fft / 2 = 200 samples at each end (librosa's `center=True`); `utterance_segments`
-below is the reference for that, and the Rust `SpeakerEmbedder` does the same using `meta`.
+Resemblyzer's `embed_utterance` by cutting these segments out of the utterance after reflect-padding it
+by n_fft / 2 = 200 samples at each end (librosa's `center=True`), so every frame sees the same samples
+as in Resemblyzer; `utterance_segments` below is the reference for that, and the Rust `SpeakerEmbedder`
+does the same using `meta`. Two differences from Resemblyzer's defaults: segments start every 80 frames
+(50 % overlap; Resemblyzer's rate 1.3/s gives 77), and its webrtcvad silence trimming is left out.
 """
 import numpy as np
 import onnx
@@ -26,7 +28,7 @@ N_MELS = 40
 HIDDEN = 256
 LAYERS = 3
 SEGMENT_FRAMES = 160  # 1.6 s partial utterances
-SEGMENT_STEP_FRAMES = 80  # 50 % overlap
+SEGMENT_STEP_FRAMES = 80  # 50 % overlap (Resemblyzer's default rate of 1.3 segments/s gives 77)
 SEGMENT_SAMPLES = (SEGMENT_FRAMES - 1) * FRAME_HOP + N_FFT
 MIN_COVERAGE = 0.75  # keep a last, zero-padded segment only if the audio covers this much of it
 TARGET_DBFS = -30.0  # volume is raised to this, never lowered

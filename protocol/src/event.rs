@@ -150,6 +150,8 @@ pub enum ErrorCode {
     IdleTimeout,
     /// The server is shutting down.
     ShuttingDown,
+    /// The server is overloaded (a model's job queue is full); the turn was dropped. Try again.
+    Busy,
     /// The server failed.
     Internal,
 }

@@ -94,6 +94,10 @@ pub struct Config {
     pub socket_send_buffer: Option<usize>,
     pub pipeline: PipelineKind,
     pub echo: EchoConfig,
+    /// The provisioned model cache (holding `manifest.json`); `None`: `$PARLEY_MODELS`, else the
+    /// cache this build expects (`~/.cache/parley/models/<key>`).
+    pub models: Option<std::path::PathBuf>,
+    pub voice: crate::pipeline::voice::VoiceConfig,
 }
 
 impl Default for Config {
@@ -113,8 +117,10 @@ impl Default for Config {
             opus_bitrate: 32_000,
             opus_complexity: 5,
             socket_send_buffer: None,
-            pipeline: PipelineKind::Echo,
+            pipeline: PipelineKind::Voice,
             echo: EchoConfig::default(),
+            models: None,
+            voice: Default::default(),
         }
     }
 }

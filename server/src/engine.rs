@@ -51,7 +51,10 @@ pub struct Engine<M> {
 
 impl<M> Clone for Engine<M> {
     fn clone(&self) -> Self {
-        Engine { name: self.name, shared: self.shared.clone() }
+        Engine {
+            name: self.name,
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -64,7 +67,11 @@ impl<M: 'static> Engine<M> {
         load: impl FnOnce() -> Result<M, ModelError> + Send + 'static,
     ) -> Result<Engine<M>, ModelError> {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { high: VecDeque::new(), low: VecDeque::new(), closed: false }),
+            queue: Mutex::new(Queue {
+                high: VecDeque::new(),
+                low: VecDeque::new(),
+                closed: false,
+            }),
             ready: Condvar::new(),
             capacity,
             refused: AtomicU64::new(0),
@@ -88,10 +95,12 @@ impl<M: 'static> Engine<M> {
                     job(&mut model);
                 }
             })
-            .map_err(|e| ModelError::Invalid(format!("cannot start the {name} engine thread: {e}")))?;
-        loaded_rx
-            .recv()
-            .map_err(|_| ModelError::Invalid(format!("the {name} engine thread died while loading")))??;
+            .map_err(|e| {
+                ModelError::Invalid(format!("cannot start the {name} engine thread: {e}"))
+            })?;
+        loaded_rx.recv().map_err(|_| {
+            ModelError::Invalid(format!("the {name} engine thread died while loading"))
+        })??;
         Ok(Engine { name, shared })
     }
 
@@ -102,9 +111,12 @@ impl<M: 'static> Engine<M> {
         f: impl FnOnce(&mut M) -> R + Send + 'static,
     ) -> Result<R, EngineError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(priority, Box::new(move |model| {
-            let _ = tx.send(f(model));
-        }))?;
+        self.submit(
+            priority,
+            Box::new(move |model| {
+                let _ = tx.send(f(model));
+            }),
+        )?;
         rx.await.map_err(|_| EngineError::Stopped(self.name))
     }
 
@@ -115,9 +127,12 @@ impl<M: 'static> Engine<M> {
         f: impl FnOnce(&mut M) -> R + Send + 'static,
     ) -> Result<R, EngineError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.submit(priority, Box::new(move |model| {
-            let _ = tx.send(f(model));
-        }))?;
+        self.submit(
+            priority,
+            Box::new(move |model| {
+                let _ = tx.send(f(model));
+            }),
+        )?;
         rx.recv().map_err(|_| EngineError::Stopped(self.name))
     }
 
@@ -146,7 +161,11 @@ impl<M: 'static> Engine<M> {
 
     /// Stops the thread after the jobs already queued.
     pub fn close(&self) {
-        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .closed = true;
         self.shared.ready.notify_all();
     }
 }
@@ -184,20 +203,33 @@ mod tests {
             })
         });
         started_rx.recv().unwrap();
-        engine.submit(Priority::Low, Box::new(|log| log.push("low"))).unwrap();
-        engine.submit(Priority::High, Box::new(|log| log.push("high"))).unwrap();
-        engine.submit(Priority::Low, Box::new(|log| log.push("low2"))).unwrap();
-        assert!(matches!(engine.submit(Priority::Low, Box::new(|_| {})), Err(EngineError::Busy("test"))));
+        engine
+            .submit(Priority::Low, Box::new(|log| log.push("low")))
+            .unwrap();
+        engine
+            .submit(Priority::High, Box::new(|log| log.push("high")))
+            .unwrap();
+        engine
+            .submit(Priority::Low, Box::new(|log| log.push("low2")))
+            .unwrap();
+        assert!(matches!(
+            engine.submit(Priority::Low, Box::new(|_| {})),
+            Err(EngineError::Busy("test"))
+        ));
         assert_eq!(engine.refused(), 1);
         release_tx.send(()).unwrap();
         blocker.join().unwrap().unwrap();
-        let order = engine.run_blocking(Priority::Low, |log| log.clone()).unwrap();
+        let order = engine
+            .run_blocking(Priority::Low, |log| log.clone())
+            .unwrap();
         assert_eq!(order, ["high", "low", "low2"]);
     }
 
     #[test]
     fn load_errors_are_returned() {
-        let err = Engine::<()>::spawn("broken", 1, || Err(ModelError::Invalid("no".into()))).err().unwrap();
+        let err = Engine::<()>::spawn("broken", 1, || Err(ModelError::Invalid("no".into())))
+            .err()
+            .unwrap();
         assert_eq!(err.to_string(), "no");
     }
 }

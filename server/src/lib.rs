@@ -10,10 +10,12 @@
 //! - [`audio`]: Opus codec, resampling, and the SPSC input ring to the pipeline.
 //! - [`pacer`]: reply audio → 20 ms Opus frames, sent with a bounded lead over real time.
 //! - [`pipeline`]: the session ↔ pipeline boundary, and the echo (transport-only) pipeline.
+//! - [`engine`]: engine threads that own the models; sessions submit jobs through bounded queues.
 //! - [`metrics`]: counters and histograms in the Prometheus text format.
 //! - [`config`]: defaults, TOML file, validation.
 pub mod audio;
 pub mod config;
+pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod models;
@@ -23,4 +25,4 @@ pub mod server;
 pub mod session;
 
 pub use config::Config;
-pub use server::{run, run_with_pipeline, ServerError};
+pub use server::{ServerError, run, run_with_pipeline};

@@ -37,6 +37,9 @@ struct Args {
     /// Pipeline: `echo` (transport only, no models) or `voice`.
     #[arg(long, value_enum)]
     pipeline: Option<PipelineKind>,
+    /// Provisioned model cache (the directory holding manifest.json).
+    #[arg(long)]
+    models: Option<PathBuf>,
     /// Echo pipeline mode: `frame` (every frame back) or `utterance` (turns with VAD).
     #[arg(long, value_enum)]
     echo_mode: Option<EchoMode>,
@@ -56,6 +59,7 @@ impl Args {
         config.max_lead_ms = self.max_lead_ms.unwrap_or(config.max_lead_ms);
         config.pipeline = self.pipeline.unwrap_or(config.pipeline);
         config.echo.mode = self.echo_mode.unwrap_or(config.echo.mode);
+        config.models = self.models.clone().or(config.models);
         config.validate()?;
         Ok(config)
     }

@@ -280,6 +280,8 @@ impl Pacer {
             sent_ms: sent.as_millis() as u64,
         };
         self.outbox.event(&event);
+        self.control
+            .record_cancel(state.turn, played.as_millis() as u64);
         self.control.set_playing(0, Instant::now());
         self.turn = None;
     }

@@ -29,6 +29,8 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(2);
 pub enum ServerError {
     #[error("pipeline unavailable: {0}")]
     PipelineUnavailable(String),
+    #[error(transparent)]
+    Models(#[from] crate::models::ModelError),
     #[error("invalid configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
 }
@@ -50,7 +52,12 @@ pub async fn run(
     config: Config,
     shutdown: impl Future,
 ) -> Result<(), ServerError> {
-    let pipeline = pipeline::from_config(&config)?;
+    let pipeline = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || pipeline::from_config(&config))
+            .await
+            .map_err(|e| ServerError::PipelineUnavailable(e.to_string()))??
+    };
     run_with_pipeline(
         listener,
         config,

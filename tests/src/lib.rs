@@ -17,18 +17,36 @@ pub struct Clip {
 /// Panics with the install hint when the package is missing: the tests cannot run without real speech.
 pub fn speech_clips() -> Vec<Clip> {
     let mut clips = Vec::new();
-    for (folder, listing) in [("librivox", "transcription"), ("cards", "cards.transcription")] {
+    for (folder, listing) in [
+        ("librivox", "transcription"),
+        ("cards", "cards.transcription"),
+    ] {
         let dir = Path::new(TESTDATA).join(folder);
-        let text = std::fs::read_to_string(dir.join(listing))
-            .unwrap_or_else(|e| panic!("{}: {e}: install the Debian package pocketsphinx-testdata", dir.display()));
+        let text = std::fs::read_to_string(dir.join(listing)).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}: install the Debian package pocketsphinx-testdata",
+                dir.display()
+            )
+        });
         for line in text.lines() {
             // "<s> words words </s> (file-id)"
-            let Some((words, id)) = line.trim().strip_prefix("<s>").and_then(|l| l.rsplit_once("</s>")) else {
+            let Some((words, id)) = line
+                .trim()
+                .strip_prefix("<s>")
+                .and_then(|l| l.rsplit_once("</s>"))
+            else {
                 continue;
             };
             let id = id.trim().trim_start_matches('(').trim_end_matches(')');
-            let name = Path::new(id).file_name().unwrap().to_string_lossy().into_owned();
-            clips.push(Clip { path: dir.join(format!("{name}.wav")), transcript: words.trim().to_string() });
+            let name = Path::new(id)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            clips.push(Clip {
+                path: dir.join(format!("{name}.wav")),
+                transcript: words.trim().to_string(),
+            });
         }
     }
     clips
@@ -36,11 +54,18 @@ pub fn speech_clips() -> Vec<Clip> {
 
 /// Reads a 16-bit PCM WAV as mono f32 samples in [-1, 1] and its sample rate.
 pub fn read_wav(path: &Path) -> (Vec<f32>, u32) {
-    let mut reader = hound::WavReader::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader =
+        hound::WavReader::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let spec = reader.spec();
     let channels = spec.channels as usize;
-    let samples: Vec<f32> = reader.samples::<i16>().map(|s| s.expect("wav sample") as f32 / 32768.0).collect();
-    let mono = samples.chunks(channels).map(|c| c.iter().sum::<f32>() / channels as f32).collect();
+    let samples: Vec<f32> = reader
+        .samples::<i16>()
+        .map(|s| s.expect("wav sample") as f32 / 32768.0)
+        .collect();
+    let mono = samples
+        .chunks(channels)
+        .map(|c| c.iter().sum::<f32>() / channels as f32)
+        .collect();
     (mono, spec.sample_rate)
 }
 
@@ -55,7 +80,13 @@ pub fn read_16k(path: &Path) -> Vec<f32> {
 pub fn normalize_words(text: &str) -> Vec<String> {
     text.to_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '\'' { c } else { ' ' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '\'' {
+                c
+            } else {
+                ' '
+            }
+        })
         .collect::<String>()
         .split_whitespace()
         .map(str::to_string)
@@ -71,7 +102,9 @@ pub fn word_errors(reference: &str, hypothesis: &str) -> (usize, usize) {
         let prev = d.clone();
         d[0] = i;
         for j in 1..=h.len() {
-            d[j] = (prev[j] + 1).min(d[j - 1] + 1).min(prev[j - 1] + usize::from(r[i - 1] != h[j - 1]));
+            d[j] = (prev[j] + 1)
+                .min(d[j - 1] + 1)
+                .min(prev[j - 1] + usize::from(r[i - 1] != h[j - 1]));
         }
     }
     (d[h.len()], r.len())

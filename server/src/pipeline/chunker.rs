@@ -39,7 +39,9 @@ impl Chunker {
     pub fn finish(&mut self) -> Option<String> {
         let rest = std::mem::take(&mut self.pending);
         let rest = rest.trim();
-        rest.chars().any(char::is_alphanumeric).then(|| rest.to_string())
+        rest.chars()
+            .any(char::is_alphanumeric)
+            .then(|| rest.to_string())
     }
 
     /// Byte index just past the next chunk boundary in `pending`, if one is complete.
@@ -61,7 +63,9 @@ impl Chunker {
                 words += 1;
             }
             // A break counts only once the next character shows it is not inside a number ("3.5").
-            let Some(&(next_i, next)) = chars.peek() else { return None };
+            let Some(&(next_i, next)) = chars.peek() else {
+                return None;
+            };
             if !next.is_whitespace() {
                 continue;
             }
@@ -88,7 +92,10 @@ mod tests {
         let mut chunker = Chunker::new();
         // Deltas of a few characters, as tokens arrive.
         let chars: Vec<char> = text.chars().collect();
-        let mut out: Vec<String> = chars.chunks(3).flat_map(|c| chunker.push(&c.iter().collect::<String>())).collect();
+        let mut out: Vec<String> = chars
+            .chunks(3)
+            .flat_map(|c| chunker.push(&c.iter().collect::<String>()))
+            .collect();
         out.extend(chunker.finish());
         out
     }
@@ -96,8 +103,15 @@ mod tests {
     #[test]
     fn first_clause_alone_then_sentences() {
         assert_eq!(
-            feed("Sure, the capital of France is Paris, a city of light. It has 2.1 million people! Anything else?"),
-            ["Sure, the capital of France is Paris,", "a city of light.", "It has 2.1 million people!", "Anything else?"]
+            feed(
+                "Sure, the capital of France is Paris, a city of light. It has 2.1 million people! Anything else?"
+            ),
+            [
+                "Sure, the capital of France is Paris,",
+                "a city of light.",
+                "It has 2.1 million people!",
+                "Anything else?"
+            ]
         );
     }
 
@@ -111,7 +125,11 @@ mod tests {
         let text = "word ".repeat(100);
         let chunks = feed(&text);
         assert!(chunks.len() >= 2);
-        assert!(chunks.iter().all(|c| c.split_whitespace().count() <= MAX_CHUNK_WORDS));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.split_whitespace().count() <= MAX_CHUNK_WORDS)
+        );
     }
 
     #[test]

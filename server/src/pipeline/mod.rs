@@ -22,7 +22,9 @@
 //!
 //! Turn numbers start at 1 and increase; turn 0 is an untracked stream (the per-frame echo): no
 //! audio events, no latency report, not cancellable.
+pub mod chunker;
 pub mod echo;
+pub mod voice;
 
 use crate::audio::ring::AudioInput;
 use parley_protocol::ServerEvent;
@@ -143,6 +145,19 @@ impl ReplyOutput {
         self.control.cancel(turn, reason);
     }
 
+    /// After [`ReplyOutput::cancel`]: how much of `turn`'s audio the user heard, in ms, once the
+    /// pacer has stopped it; `None` if the pacer never had audio of that turn (nothing was heard).
+    pub async fn played_ms_after_cancel(&self, turn: u64) -> Option<u64> {
+        // The pacer acts on a cancel within microseconds; allow it a few ms of scheduling.
+        for _ in 0..10 {
+            if let Some(ms) = self.control.cancelled_played_ms(turn) {
+                return Some(ms);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        None
+    }
+
     /// Whether reply audio of a turn ≥ 1 is still playing at the client (sent audio whose real-time
     /// end has not passed), and which turn.
     pub fn is_playing(&self) -> Option<u64> {
@@ -163,6 +178,8 @@ pub struct ReplyControl {
     playing_until_ns: AtomicU64,
     /// Reply stream sample rate; the pacer follows changes.
     pub(crate) output_rate: AtomicU32,
+    /// The last cancel the pacer carried out: (turn, ms of its audio played by then).
+    last_cancel: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 impl ReplyControl {
@@ -175,6 +192,7 @@ impl ReplyControl {
             playing_turn: AtomicU64::new(0),
             playing_until_ns: AtomicU64::new(0),
             output_rate: AtomicU32::new(output_rate),
+            last_cancel: std::sync::Mutex::new(None),
         }
     }
 
@@ -206,6 +224,19 @@ impl ReplyControl {
         (self.cancel_upto.load(Relaxed), reason)
     }
 
+    /// Called by the pacer when it has stopped `turn`'s audio after `played_ms` had played.
+    pub(crate) fn record_cancel(&self, turn: u64, played_ms: u64) {
+        *self.last_cancel.lock().unwrap_or_else(|e| e.into_inner()) = Some((turn, played_ms));
+    }
+
+    fn cancelled_played_ms(&self, turn: u64) -> Option<u64> {
+        self.last_cancel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .filter(|(t, _)| *t == turn)
+            .map(|(_, ms)| ms)
+    }
+
     pub(crate) fn set_playing(&self, turn: u64, until: Instant) {
         self.playing_turn.store(turn, Relaxed);
         self.playing_until_ns.store(
@@ -222,8 +253,8 @@ impl ReplyControl {
     }
 }
 
-/// The pipeline named by the configuration; the voice pipeline is built by the binary (it needs
-/// the models), so here it is an error.
+/// Builds the pipeline the configuration names. The voice pipeline loads every model from the
+/// provisioned cache first (seconds: call it off the async runtime, e.g. in `spawn_blocking`).
 pub fn from_config(
     config: &crate::config::Config,
 ) -> Result<Arc<dyn Pipeline>, crate::server::ServerError> {
@@ -231,9 +262,16 @@ pub fn from_config(
         crate::config::PipelineKind::Echo => {
             Ok(Arc::new(echo::EchoPipeline::new(config.echo.clone())))
         }
-        crate::config::PipelineKind::Voice => Err(crate::server::ServerError::PipelineUnavailable(
-            "the voice pipeline is not yet wired into the server: pass it to `run_with_pipeline`"
-                .into(),
-        )),
+        crate::config::PipelineKind::Voice => {
+            let dir = config
+                .models
+                .clone()
+                .unwrap_or_else(crate::models::Manifest::default_dir);
+            let manifest = crate::models::Manifest::load(&dir)?;
+            Ok(Arc::new(voice::VoicePipeline::load(
+                manifest,
+                config.voice.clone(),
+            )?))
+        }
     }
 }

@@ -75,9 +75,10 @@ impl Default for VoiceConfig {
             min_speech_ms: 96,
             endpoint_silence_ms: 480,
             max_reply_tokens: 60,
-            system_prompt: "You are Parley, a friendly voice assistant. Answer in one or two short spoken \
+            system_prompt:
+                "You are Parley, a friendly voice assistant. Answer in one or two short spoken \
                             sentences. No lists, no markdown, no emoji."
-                .into(),
+                    .into(),
             threads_vad: 1,
             threads_asr: 2,
             threads_llm: 1,
@@ -113,10 +114,30 @@ impl Engines {
         let asr = spawn(manifest, "asr", config.threads_asr, Asr::load)?;
         let llm = spawn(manifest, "llm", config.threads_llm, Llm::load)?;
         let tts = spawn(manifest, "tts", config.threads_tts, Tts::load)?;
-        let speaker = spawn(manifest, "speaker", config.threads_embed, SpeakerEmbedder::load)?;
-        let text_embed = spawn(manifest, "text-embed", config.threads_embed, TextEmbedder::load)?;
-        let tts_rate = tts.run_blocking(Priority::High, |tts| tts.sample_rate()).map_err(engine_to_model)?;
-        Ok(Engines { vad, asr, llm, tts, speaker, text_embed, tts_rate })
+        let speaker = spawn(
+            manifest,
+            "speaker",
+            config.threads_embed,
+            SpeakerEmbedder::load,
+        )?;
+        let text_embed = spawn(
+            manifest,
+            "text-embed",
+            config.threads_embed,
+            TextEmbedder::load,
+        )?;
+        let tts_rate = tts
+            .run_blocking(Priority::High, |tts| tts.sample_rate())
+            .map_err(engine_to_model)?;
+        Ok(Engines {
+            vad,
+            asr,
+            llm,
+            tts,
+            speaker,
+            text_embed,
+            tts_rate,
+        })
     }
 }
 
@@ -159,7 +180,10 @@ pub struct VoicePipeline {
 
 impl VoicePipeline {
     pub fn new(engines: Arc<Engines>, config: VoiceConfig) -> Self {
-        Self { engines, config: Arc::new(config) }
+        Self {
+            engines,
+            config: Arc::new(config),
+        }
     }
 
     /// Loads every model from `manifest` and builds the pipeline.
@@ -196,7 +220,12 @@ enum Turn {
     /// Waiting for speech; `voiced` consecutive voiced chunks so far.
     Idle { voiced: usize },
     /// The user is speaking.
-    Speech { turn: u64, last_voiced_end: u64, last_voiced_seen: Instant, silence_ms: u32 },
+    Speech {
+        turn: u64,
+        last_voiced_end: u64,
+        last_voiced_seen: Instant,
+        silence_ms: u32,
+    },
 }
 
 /// A reply in progress: its task and the flag that stops it.
@@ -250,7 +279,7 @@ impl Worker {
                 self.on_chunk().await?;
             }
             tokio::select! {
-                _ = self.io.audio.readable() => {}
+                _ = self.io.audio.wait_for(CHUNK_SAMPLES) => {}
                 command = self.io.commands.recv() => match command {
                     Some(Command::Text(text)) => {
                         self.cancel_reply(CancelReason::BargeIn);
@@ -277,7 +306,11 @@ impl Worker {
                     self.pre_roll.drain(..CHUNK_SAMPLES);
                 }
                 self.pre_roll.extend_from_slice(&self.chunk);
-                *voiced = if prob >= config.vad_on { *voiced + 1 } else { 0 };
+                *voiced = if prob >= config.vad_on {
+                    *voiced + 1
+                } else {
+                    0
+                };
                 if *voiced as u32 * CHUNK_MS >= config.min_speech_ms {
                     let start = position.saturating_sub((*voiced * CHUNK_SAMPLES) as u64);
                     // Barge-in: the user talks over the reply; it stops now.
@@ -287,13 +320,28 @@ impl Worker {
                     self.utterance.clear();
                     self.utterance.extend_from_slice(&self.pre_roll);
                     self.pre_roll.clear();
-                    self.state =
-                        Turn::Speech { turn, last_voiced_end: position, last_voiced_seen: Instant::now(), silence_ms: 0 };
+                    self.state = Turn::Speech {
+                        turn,
+                        last_voiced_end: position,
+                        last_voiced_seen: Instant::now(),
+                        silence_ms: 0,
+                    };
                     let audio_start_ms = start * 1000 / PIPELINE_RATE as u64;
-                    self.io.output.event(ServerEvent::SpeechStarted { turn, audio_start_ms }).await?;
+                    self.io
+                        .output
+                        .event(ServerEvent::SpeechStarted {
+                            turn,
+                            audio_start_ms,
+                        })
+                        .await?;
                 }
             }
-            Turn::Speech { turn, last_voiced_end, last_voiced_seen, silence_ms } => {
+            Turn::Speech {
+                turn,
+                last_voiced_end,
+                last_voiced_seen,
+                silence_ms,
+            } => {
                 self.utterance.extend_from_slice(&self.chunk);
                 if prob >= config.vad_off {
                     *last_voiced_end = position;
@@ -304,9 +352,11 @@ impl Worker {
                 }
                 let full = self.utterance.len() + CHUNK_SAMPLES > MAX_UTTERANCE;
                 if *silence_ms >= config.endpoint_silence_ms || full {
-                    let (turn, last_voiced_end, last_voiced_seen) = (*turn, *last_voiced_end, *last_voiced_seen);
+                    let (turn, last_voiced_end, last_voiced_seen) =
+                        (*turn, *last_voiced_end, *last_voiced_seen);
                     self.state = Turn::Idle { voiced: 0 };
-                    self.end_turn(turn, last_voiced_end, last_voiced_seen, position).await?;
+                    self.end_turn(turn, last_voiced_end, last_voiced_seen, position)
+                        .await?;
                 }
             }
         }
@@ -332,19 +382,18 @@ impl Worker {
             }
             Ok((state, Err(e))) => {
                 self.vad_state = Some(state);
-                self.report(format!("voice activity detection failed: {e}")).await?;
+                report(
+                    &self.io.output,
+                    format!("voice activity detection failed: {e}"),
+                )
+                .await?;
                 Ok(0.0)
             }
             Err(e) => {
-                self.report(e.to_string()).await?;
+                report(&self.io.output, e.to_string()).await?;
                 Ok(0.0)
             }
         }
-    }
-
-    async fn report(&self, message: String) -> Result<(), SessionClosed> {
-        tracing::warn!(%message, "pipeline error");
-        self.io.output.event(ServerEvent::error(ErrorCode::Internal, message)).await
     }
 
     /// The user stopped speaking: announce it and start the reply.
@@ -359,17 +408,39 @@ impl Worker {
         let stamp = self.io.audio.stamp_at(last_voiced_end.saturating_sub(1));
         let anchor = stamp.map_or(last_voiced_seen, |s| s.arrived);
         let audio_end_ms = last_voiced_end * 1000 / PIPELINE_RATE as u64;
-        self.io.output.event(ServerEvent::SpeechStopped { turn, audio_end_ms }).await?;
+        self.io
+            .output
+            .event(ServerEvent::SpeechStopped { turn, audio_end_ms })
+            .await?;
         // Keep the speech and ~100 ms after it; the trailing silence only costs encoder time.
         let trailing = (position - last_voiced_end) as usize;
-        let keep = self.utterance.len().saturating_sub(trailing.saturating_sub(PIPELINE_RATE as usize / 10));
+        let keep = self
+            .utterance
+            .len()
+            .saturating_sub(trailing.saturating_sub(PIPELINE_RATE as usize / 10));
         let audio = self.utterance[..keep].to_vec();
-        let marks = vec![(mark::SPEECH_END, last_voiced_seen), (mark::ENDPOINT, endpoint)];
-        self.start_reply(turn, Input::Speech(audio), anchor, marks, stamp.map_or(0, |s| s.client_ts_us));
+        let marks = vec![
+            (mark::SPEECH_END, last_voiced_seen),
+            (mark::ENDPOINT, endpoint),
+        ];
+        self.start_reply(
+            turn,
+            Input::Speech(audio),
+            anchor,
+            marks,
+            stamp.map_or(0, |s| s.client_ts_us),
+        );
         Ok(())
     }
 
-    fn start_reply(&mut self, turn: u64, input: Input, anchor: Instant, marks: Vec<(&'static str, Instant)>, ref_ts_us: u64) {
+    fn start_reply(
+        &mut self,
+        turn: u64,
+        input: Input,
+        anchor: Instant,
+        marks: Vec<(&'static str, Instant)>,
+        ref_ts_us: u64,
+    ) {
         let cancel = Arc::new(AtomicBool::new(false));
         let previous = self.reply.take().map(|r| r.task);
         let ctx = ReplyContext {
@@ -410,6 +481,14 @@ impl Worker {
     }
 }
 
+/// Tells the client about a failure that ends nothing but this step.
+async fn report(output: &super::ReplyOutput, message: String) -> Result<(), SessionClosed> {
+    tracing::warn!(%message, "pipeline error");
+    output
+        .event(ServerEvent::error(ErrorCode::Internal, message))
+        .await
+}
+
 /// What the user said: recorded speech, or typed text.
 enum Input {
     Speech(Vec<f32>),
@@ -441,9 +520,15 @@ impl ReplyContext {
     }
 
     async fn fail(&self, what: &str, e: impl std::fmt::Display) -> Result<(), SessionClosed> {
-        let code = if what == "busy" { ErrorCode::Busy } else { ErrorCode::Internal };
+        let code = if what == "busy" {
+            ErrorCode::Busy
+        } else {
+            ErrorCode::Internal
+        };
         tracing::warn!(error = %e, "{what}");
-        self.output.event(ServerEvent::error(code, format!("{what}: {e}"))).await?;
+        self.output
+            .event(ServerEvent::error(code, format!("{what}: {e}")))
+            .await?;
         self.output.audio_end(self.turn).await
     }
 
@@ -452,7 +537,11 @@ impl ReplyContext {
         let user_text = match input {
             Input::Text(text) => text,
             Input::Speech(audio) => {
-                let result = self.engines.asr.run(Priority::High, move |asr| asr.transcribe(&audio)).await;
+                let result = self
+                    .engines
+                    .asr
+                    .run(Priority::High, move |asr| asr.transcribe(&audio))
+                    .await;
                 let transcript = match result {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => return self.fail("speech recognition failed", e).await,
@@ -461,7 +550,12 @@ impl ReplyContext {
                 };
                 self.marks.push((mark::ASR_FINAL, Instant::now()));
                 let text = transcript.text.trim().to_string();
-                self.output.event(ServerEvent::TranscriptionCompleted { turn, transcript: text.clone() }).await?;
+                self.output
+                    .event(ServerEvent::TranscriptionCompleted {
+                        turn,
+                        transcript: text.clone(),
+                    })
+                    .await?;
                 text
             }
         };
@@ -498,7 +592,9 @@ impl ReplyContext {
         let generation = tokio::spawn(async move {
             llm.run(Priority::High, move |llm| {
                 llm.generate(&messages, max_tokens, |delta| {
-                    if cancel.load(Ordering::Relaxed) || delta_tx.blocking_send(delta.to_string()).is_err() {
+                    if cancel.load(Ordering::Relaxed)
+                        || delta_tx.blocking_send(delta.to_string()).is_err()
+                    {
                         ControlFlow::Break(())
                     } else {
                         ControlFlow::Continue(())
@@ -516,7 +612,11 @@ impl ReplyContext {
             turn,
             self.ref_ts_us,
             clause_rx,
-            TurnMarks { turn, anchor: self.anchor, marks: std::mem::take(&mut self.marks) },
+            TurnMarks {
+                turn,
+                anchor: self.anchor,
+                marks: std::mem::take(&mut self.marks),
+            },
         ));
 
         let mut chunker = Chunker::new();
@@ -529,7 +629,12 @@ impl ReplyContext {
                 let _ = clause_tx.send(Piece::FirstToken(now)).await;
             }
             text.push_str(&delta);
-            self.output.event(ServerEvent::ResponseTextDelta { turn, delta: delta.clone() }).await?;
+            self.output
+                .event(ServerEvent::ResponseTextDelta {
+                    turn,
+                    delta: delta.clone(),
+                })
+                .await?;
             for clause in chunker.push(&delta) {
                 if clause_tx.send(Piece::Clause(clause)).await.is_err() {
                     break;
@@ -542,14 +647,56 @@ impl ReplyContext {
         drop(clause_tx);
         match generation.await {
             Ok(Ok(Ok(_))) => {}
-            Ok(Ok(Err(e))) => self.output.event(ServerEvent::error(ErrorCode::Internal, format!("reply generation failed: {e}"))).await?,
-            Ok(Err(e)) => self.output.event(ServerEvent::error(ErrorCode::Busy, e.to_string())).await?,
-            Err(e) => self.output.event(ServerEvent::error(ErrorCode::Internal, format!("reply generation failed: {e}"))).await?,
+            Ok(Ok(Err(e))) => {
+                self.output
+                    .event(ServerEvent::error(
+                        ErrorCode::Internal,
+                        format!("reply generation failed: {e}"),
+                    ))
+                    .await?
+            }
+            Ok(Err(e)) => {
+                self.output
+                    .event(ServerEvent::error(ErrorCode::Busy, e.to_string()))
+                    .await?
+            }
+            Err(e) => {
+                self.output
+                    .event(ServerEvent::error(
+                        ErrorCode::Internal,
+                        format!("reply generation failed: {e}"),
+                    ))
+                    .await?
+            }
         }
-        self.output.event(ServerEvent::ResponseTextDone { turn, text: text.trim().to_string() }).await?;
+        self.output
+            .event(ServerEvent::ResponseTextDone {
+                turn,
+                text: text.trim().to_string(),
+            })
+            .await?;
         let spoken = tts_stage.await.unwrap_or_default();
         self.output.audio_end(turn).await?;
-        Ok(heard_text(&spoken, self.cancelled().then(|| self.output.clone())))
+        if !self.cancelled() {
+            return Ok(join_text(&spoken));
+        }
+        match self.output.played_ms_after_cancel(turn).await {
+            Some(played_ms) => Ok(heard_text(&spoken, played_ms as f64)),
+            None => {
+                // No audio of this turn reached the pacer: nothing was heard, and the pacer has
+                // not reported the cancel, so it is reported here.
+                let reason = CancelReason::BargeIn;
+                self.output
+                    .event(ServerEvent::ReplyCancelled {
+                        turn,
+                        reason,
+                        played_ms: 0,
+                        sent_ms: 0,
+                    })
+                    .await?;
+                Ok(String::new())
+            }
+        }
     }
 }
 
@@ -590,14 +737,25 @@ async fn tts_stage(
         }
         let priority = if first { Priority::High } else { Priority::Low };
         let text = clause.clone();
-        let audio = match engines.tts.run(priority, move |tts| tts.synthesize(&text)).await {
+        let audio = match engines
+            .tts
+            .run(priority, move |tts| tts.synthesize(&text))
+            .await
+        {
             Ok(Ok(audio)) => audio,
             Ok(Err(e)) => {
-                let _ = output.event(ServerEvent::error(ErrorCode::Internal, format!("speech synthesis failed: {e}"))).await;
+                let _ = output
+                    .event(ServerEvent::error(
+                        ErrorCode::Internal,
+                        format!("speech synthesis failed: {e}"),
+                    ))
+                    .await;
                 break;
             }
             Err(e) => {
-                let _ = output.event(ServerEvent::error(ErrorCode::Busy, e.to_string())).await;
+                let _ = output
+                    .event(ServerEvent::error(ErrorCode::Busy, e.to_string()))
+                    .await;
                 break;
             }
         };
@@ -611,7 +769,10 @@ async fn tts_stage(
             }
         }
         let audio_ms = audio.len() as f64 * 1000.0 / rate as f64;
-        spoken.push(Spoken { text: clause, audio_ms });
+        spoken.push(Spoken {
+            text: clause,
+            audio_ms,
+        });
         if output.audio(turn, audio, rate, ref_ts_us).await.is_err() {
             break;
         }
@@ -619,12 +780,17 @@ async fn tts_stage(
     spoken
 }
 
-/// The reply text the user heard: all of it, or — after a cancel — the chunks whose audio had
-/// played by then, the last one cut in proportion to how much of it played.
-fn heard_text(spoken: &[Spoken], cancelled: Option<super::ReplyOutput>) -> String {
-    let all = || spoken.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ");
-    let Some(output) = cancelled else { return all() };
-    let Some(played_ms) = output.played_ms() else { return all() };
+fn join_text(spoken: &[Spoken]) -> String {
+    spoken
+        .iter()
+        .map(|s| s.text.as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The reply text the user heard after a cancel: the chunks whose audio had played by then, the
+/// last one cut in proportion to how much of it played.
+fn heard_text(spoken: &[Spoken], played_ms: f64) -> String {
     let mut heard = Vec::new();
     let mut start = 0.0;
     for chunk in spoken {
