@@ -39,6 +39,9 @@ struct TalkArgs {
     /// Silence between a turn's reply and the next file, in ms.
     #[arg(long, default_value_t = 1000)]
     pause_ms: u32,
+    /// Barge in: start the next input this many ms after the reply's audio starts.
+    #[arg(long)]
+    barge_in_ms: Option<u32>,
     /// Give up on a reply after this many ms.
     #[arg(long, default_value_t = 20_000)]
     reply_timeout_ms: u32,
@@ -75,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         sample_rate: args.rate,
         pause_ms: args.pause_ms,
         reply_timeout_ms: args.reply_timeout_ms,
+        barge_in_ms: args.barge_in_ms,
         ..TalkOptions::default()
     };
     let result = runtime.block_on(parley_client::talk(&options, &clips))?;

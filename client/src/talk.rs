@@ -27,6 +27,9 @@ pub struct TalkOptions {
     pub turn_start_timeout_ms: u32,
     /// Opus bitrate of the uploaded frames, bit/s.
     pub bitrate: i32,
+    /// Barge in: start the next clip this long after the reply's audio starts, without waiting
+    /// for the reply to end or pausing (needs `wait_for_reply`), ms.
+    pub barge_in_ms: Option<u32>,
 }
 
 impl Default for TalkOptions {
@@ -39,6 +42,7 @@ impl Default for TalkOptions {
             reply_timeout_ms: 20_000,
             turn_start_timeout_ms: 3_000,
             bitrate: 32_000,
+            barge_in_ms: None,
         }
     }
 }
@@ -209,12 +213,20 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
                             ServerEvent::SpeechStarted { .. } => Some(false),
                             _ => None,
                         }) == Some(true);
+                        let audio_started_us = events.iter().find_map(|(at, e)| matches!(e, ServerEvent::ResponseAudioStarted { .. }).then_some(*at));
+                        let barge_in = options.barge_in_ms.zip(audio_started_us).is_some_and(|(ms, at)| now_us() >= at + ms as u64 * 1000);
                         if finished
+                            || barge_in
                             || waited > Duration::from_millis(options.reply_timeout_ms as u64)
                             || (!started && waited > Duration::from_millis(options.turn_start_timeout_ms as u64))
                         {
                             phase = Phase::Pausing;
                             phase_started = Instant::now();
+                            if barge_in {
+                                // No pause: the next clip starts over the reply.
+                                let pause = Duration::from_millis(options.pause_ms as u64);
+                                phase_started = Instant::now().checked_sub(pause).unwrap_or(phase_started);
+                            }
                         }
                         &silence
                     }

@@ -1,6 +1,9 @@
 //! Shared fixtures for the end-to-end tests and benchmarks: real speech clips with their
 //! transcripts (Debian's `pocketsphinx-testdata`: LibriVox and "cards" recordings), WAV reading,
-//! and word error rate.
+//! word error rate, and a real server on a loopback port ([`TestServer`]).
+pub mod server;
+
+pub use server::TestServer;
 use std::path::{Path, PathBuf};
 
 /// Where Debian's `pocketsphinx-testdata` puts its recordings.

@@ -6,14 +6,14 @@ use parley_client::talk::{Clip, TalkOptions};
 use parley_protocol::event::CancelReason;
 use parley_protocol::{ClientEvent, CloseCode, ErrorCode, FrameHeader, ServerEvent};
 use parley_server::config::{Config, EchoMode};
-use parley_server::metrics::{CloseReason, InputError, Metrics};
+use parley_server::metrics::{CloseReason, InputError};
 use parley_server::pipeline::echo::EchoPipeline;
+use parley_tests::TestServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -24,47 +24,10 @@ const FRAME: usize = 960;
 /// Longest a test waits for one expected message.
 const WAIT: Duration = Duration::from_secs(15);
 
-struct TestServer {
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl TestServer {
-    async fn start(config: Config) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let (tx, rx) = oneshot::channel::<()>();
-        let pipeline = Arc::new(EchoPipeline::new(config.echo.clone()));
-        let m = metrics.clone();
-        let task = tokio::spawn(async move {
-            parley_server::run_with_pipeline(listener, config, pipeline, m, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        TestServer {
-            addr,
-            metrics,
-            shutdown: Some(tx),
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/v1/voice", self.addr)
-    }
-
-    async fn stop(mut self) {
-        let _ = self.shutdown.take().unwrap().send(());
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("server drains in time")
-            .unwrap();
-    }
+/// A server with the echo pipeline.
+async fn start(config: Config) -> TestServer {
+    let pipeline = Arc::new(EchoPipeline::new(config.echo.clone()));
+    TestServer::start(config, pipeline).await
 }
 
 fn utterance_config() -> Config {
@@ -259,7 +222,7 @@ async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_echo_returns_the_speech_with_sequence_and_timestamps() {
-    let server = TestServer::start(Config::default()).await;
+    let server = start(Config::default()).await;
     let clips = speech(1);
     let options = TalkOptions {
         server: server.url(),
@@ -311,7 +274,7 @@ async fn frame_echo_returns_the_speech_with_sequence_and_timestamps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn utterance_echo_reports_turns_with_latency() {
-    let server = TestServer::start(utterance_config()).await;
+    let server = start(utterance_config()).await;
     let clips = speech(2);
     let options = TalkOptions {
         server: server.url(),
@@ -356,7 +319,7 @@ async fn utterance_echo_reports_turns_with_latency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speech_during_a_reply_cancels_it() {
-    let server = TestServer::start(utterance_config()).await;
+    let server = start(utterance_config()).await;
     let mut clips = speech(3);
     clips.remove(1);
     // The second clip starts while the first one's echo is playing.
@@ -396,7 +359,7 @@ async fn speech_during_a_reply_cancels_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_answer_on_the_same_port() {
-    let server = TestServer::start(Config::default()).await;
+    let server = start(Config::default()).await;
     let (status, body) = http_get(server.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(body.contains("\"status\":\"ok\""), "{body}");
@@ -436,7 +399,7 @@ async fn sessions_over_the_limit_are_refused_with_1013() {
         max_sessions: 1,
         ..Config::default()
     };
-    let server = TestServer::start(config).await;
+    let server = start(config).await;
     let mut first = connect(&server).await;
     assert!(matches!(
         next_event(&mut first).await,
@@ -472,7 +435,7 @@ async fn sessions_over_the_limit_are_refused_with_1013() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_error_events_and_the_session_goes_on() {
-    let server = TestServer::start(Config::default()).await;
+    let server = start(Config::default()).await;
     let healthy = healthy_session(server.url(), 100);
     let mut ws = connect(&server).await;
     assert!(matches!(
@@ -552,7 +515,7 @@ async fn too_many_bad_messages_close_with_1008() {
         max_consecutive_errors: 5,
         ..Config::default()
     };
-    let server = TestServer::start(config).await;
+    let server = start(config).await;
     let mut ws = connect(&server).await;
     for _ in 0..5 {
         ws.send(Message::Binary(Bytes::from_static(b"junk")))
@@ -575,7 +538,7 @@ async fn oversize_message_closes_with_1009() {
         max_message_bytes: 4096,
         ..Config::default()
     };
-    let server = TestServer::start(config).await;
+    let server = start(config).await;
     let healthy = healthy_session(server.url(), 75);
     let mut ws = connect(&server).await;
     ws.send(Message::text(format!(
@@ -601,7 +564,7 @@ async fn a_client_that_stops_reading_is_closed_and_others_go_on() {
         opus_bitrate: 256_000,
         ..Config::default()
     };
-    let server = TestServer::start(config).await;
+    let server = start(config).await;
     let healthy = healthy_session(server.url(), 150);
 
     // A client with a tiny receive window that sends loud noise in real time and never reads.
@@ -652,7 +615,7 @@ async fn a_client_that_stops_reading_is_closed_and_others_go_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_mid_reply_is_counted_and_harmless() {
-    let server = TestServer::start(utterance_config()).await;
+    let server = start(utterance_config()).await;
     let healthy = healthy_session(server.url(), 150);
     let clip = speech(1).remove(0);
     let mut ws = connect(&server).await;
@@ -703,7 +666,7 @@ async fn disconnect_mid_reply_is_counted_and_harmless() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_tells_sessions_and_drains_them() {
-    let server = TestServer::start(Config::default()).await;
+    let server = start(Config::default()).await;
     let mut a = connect(&server).await;
     let mut b = connect(&server).await;
     assert!(matches!(
@@ -715,18 +678,15 @@ async fn shutdown_tells_sessions_and_drains_them() {
         ServerEvent::SessionCreated { .. }
     ));
     let metrics = server.metrics.clone();
-    let TestServer { shutdown, task, .. } = server;
-    shutdown.unwrap().send(()).unwrap();
+    let mut server = server;
+    server.signal_shutdown();
     for ws in [&mut a, &mut b] {
         let (code, _, errors) = expect_close(ws).await;
         assert_eq!(code, CloseCode::GoingAway.code());
         assert_eq!(errors, [ErrorCode::ShuttingDown]);
         let _ = ws.close(None).await;
     }
-    tokio::time::timeout(WAIT, task)
-        .await
-        .expect("run returns after the drain")
-        .unwrap();
+    server.drained().await;
     assert_eq!(metrics.sessions_closed(CloseReason::Shutdown), 2);
     assert_eq!(
         metrics

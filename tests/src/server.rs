@@ -1,0 +1,60 @@
+//! A real Parley server on 127.0.0.1:0 for one test, with the pipeline the test chooses.
+use parley_server::config::Config;
+use parley_server::metrics::Metrics;
+use parley_server::pipeline::Pipeline;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Longest a server may take to drain after its shutdown signal.
+const DRAIN_WAIT: Duration = Duration::from_secs(15);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl TestServer {
+    /// Starts `run_with_pipeline` on an ephemeral loopback port in the current runtime.
+    pub async fn start(config: Config, pipeline: Arc<dyn Pipeline>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = oneshot::channel::<()>();
+        let m = metrics.clone();
+        let task = tokio::spawn(async move {
+            parley_server::run_with_pipeline(listener, config, pipeline, m, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        TestServer { addr, metrics, shutdown: Some(tx), task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/v1/voice", self.addr)
+    }
+
+    /// Signals shutdown and waits for the sessions to drain.
+    pub async fn stop(mut self) {
+        self.signal_shutdown();
+        self.drained().await;
+    }
+
+    /// Signals shutdown (as SIGTERM would) without waiting.
+    pub fn signal_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for `run` to return after a shutdown signal.
+    pub async fn drained(self) {
+        tokio::time::timeout(DRAIN_WAIT, self.task).await.expect("run returns after the drain").unwrap();
+    }
+}
