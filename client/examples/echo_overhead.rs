@@ -19,26 +19,15 @@ async fn main() -> anyhow::Result<()> {
     let samples: Vec<f32> = (0..rate * seconds)
         .map(|i| {
             let t = i as f32 / rate as f32;
-            (t * 440.0 * std::f32::consts::TAU).sin()
-                * if (t * 2.0).fract() < 0.6 { 0.3 } else { 0.01 }
+            (t * 440.0 * std::f32::consts::TAU).sin() * if (t * 2.0).fract() < 0.6 { 0.3 } else { 0.01 }
         })
         .collect();
-    let clip = Clip {
-        name: "tone".into(),
-        samples,
-    };
-    let options = TalkOptions {
-        server,
-        pause_ms: 200,
-        wait_for_reply: false,
-        ..TalkOptions::default()
-    };
+    let clip = Clip { name: "tone".into(), samples };
+    let options = TalkOptions { server, pause_ms: 200, wait_for_reply: false, ..TalkOptions::default() };
     let mut tasks = Vec::new();
     for _ in 0..streams {
         let (options, clip) = (options.clone(), clip.clone());
-        tasks.push(tokio::spawn(async move {
-            parley_client::talk(&options, &[clip]).await
-        }));
+        tasks.push(tokio::spawn(async move { parley_client::talk(&options, &[clip]).await }));
         tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     }
     let mut rtts = Vec::new();
@@ -51,12 +40,7 @@ async fn main() -> anyhow::Result<()> {
         rtts.extend(result.frame_round_trips_us());
     }
     rtts.sort_unstable();
-    let pct = |p: f64| {
-        rtts.get(((rtts.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
+    let pct = |p: f64| rtts.get(((rtts.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0) as f64 / 1000.0;
     println!(
         "streams {streams}: frames sent {sent}, echoed {received}, seq gaps {gaps}; round trip ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
         pct(0.5),

@@ -14,51 +14,29 @@ pub enum AudioError {
 
 /// Reads a WAV file (any sample format, any channel count) as mono f32 and its rate.
 pub fn read_wav(path: &Path) -> Result<(Vec<f32>, u32), AudioError> {
-    let err = |source| AudioError::Wav {
-        path: path.display().to_string(),
-        source,
-    };
+    let err = |source| AudioError::Wav { path: path.display().to_string(), source };
     let mut reader = hound::WavReader::open(path).map_err(err)?;
     let spec = reader.spec();
     let samples: Vec<f32> = match spec.sample_format {
-        hound::SampleFormat::Float => reader
-            .samples::<f32>()
-            .collect::<Result<_, _>>()
-            .map_err(err)?,
+        hound::SampleFormat::Float => reader.samples::<f32>().collect::<Result<_, _>>().map_err(err)?,
         hound::SampleFormat::Int => {
             let scale = 1.0 / (1u64 << (spec.bits_per_sample - 1)) as f32;
-            reader
-                .samples::<i32>()
-                .map(|s| s.map(|s| s as f32 * scale))
-                .collect::<Result<_, _>>()
-                .map_err(err)?
+            reader.samples::<i32>().map(|s| s.map(|s| s as f32 * scale)).collect::<Result<_, _>>().map_err(err)?
         }
     };
     let channels = spec.channels.max(1) as usize;
-    let mono = samples
-        .chunks(channels)
-        .map(|c| c.iter().sum::<f32>() / channels as f32)
-        .collect();
+    let mono = samples.chunks(channels).map(|c| c.iter().sum::<f32>() / channels as f32).collect();
     Ok((mono, spec.sample_rate))
 }
 
 /// Writes mono f32 audio as a 16-bit PCM WAV.
 pub fn write_wav(path: &Path, samples: &[f32], rate: u32) -> Result<(), AudioError> {
-    let err = |source| AudioError::Wav {
-        path: path.display().to_string(),
-        source,
-    };
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: rate,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
+    let err = |source| AudioError::Wav { path: path.display().to_string(), source };
+    let spec =
+        hound::WavSpec { channels: 1, sample_rate: rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
     let mut writer = hound::WavWriter::create(path, spec).map_err(err)?;
     for s in samples {
-        writer
-            .write_sample((s.clamp(-1.0, 1.0) * 32767.0) as i16)
-            .map_err(err)?;
+        writer.write_sample((s.clamp(-1.0, 1.0) * 32767.0) as i16).map_err(err)?;
     }
     writer.finalize().map_err(err)
 }
@@ -68,17 +46,10 @@ pub fn resample(samples: &[f32], from: u32, to: u32) -> Result<Vec<f32>, AudioEr
     if from == to || samples.is_empty() {
         return Ok(samples.to_vec());
     }
-    let err = |e: &dyn std::fmt::Display| AudioError::Resample {
-        from,
-        to,
-        message: e.to_string(),
-    };
-    let mut resampler = Fft::<f32>::new(from as usize, to as usize, 1024, 1, FixedSync::Input)
-        .map_err(|e| err(&e))?;
+    let err = |e: &dyn std::fmt::Display| AudioError::Resample { from, to, message: e.to_string() };
+    let mut resampler = Fft::<f32>::new(from as usize, to as usize, 1024, 1, FixedSync::Input).map_err(|e| err(&e))?;
     let input = InterleavedSlice::new(samples, 1, samples.len()).map_err(|e| err(&e))?;
-    let out = resampler
-        .process_all(&input, samples.len(), None)
-        .map_err(|e| err(&e))?;
+    let out = resampler.process_all(&input, samples.len(), None).map_err(|e| err(&e))?;
     Ok(out.take_data())
 }
 
@@ -97,22 +68,12 @@ impl StreamResampler {
             None
         } else {
             Some(
-                Fft::<f32>::new(from as usize, to as usize, chunk, 1, FixedSync::Input).map_err(
-                    |e| AudioError::Resample {
-                        from,
-                        to,
-                        message: e.to_string(),
-                    },
-                )?,
+                Fft::<f32>::new(from as usize, to as usize, chunk, 1, FixedSync::Input)
+                    .map_err(|e| AudioError::Resample { from, to, message: e.to_string() })?,
             )
         };
         let out_len = inner.as_ref().map_or(chunk, |r| r.output_frames_max());
-        Ok(Self {
-            inner,
-            chunk,
-            pending: Vec::with_capacity(chunk),
-            out: vec![0.0; out_len],
-        })
+        Ok(Self { inner, chunk, pending: Vec::with_capacity(chunk), out: vec![0.0; out_len] })
     }
 
     /// Appends resampled whole chunks of `input` to `out`.
@@ -145,9 +106,7 @@ pub fn frame_levels_db(samples: &[f32], rate: u32) -> Vec<f32> {
     let frame = (rate / 50) as usize;
     samples
         .chunks(frame)
-        .map(|c| {
-            10.0 * ((c.iter().map(|s| s * s).sum::<f32>() / c.len() as f32).max(1e-12)).log10()
-        })
+        .map(|c| 10.0 * ((c.iter().map(|s| s * s).sum::<f32>() / c.len() as f32).max(1e-12)).log10())
         .collect()
 }
 
@@ -167,17 +126,11 @@ mod tests {
     #[test]
     fn last_voiced_frame_ignores_trailing_silence() {
         let rate = 16_000;
-        let mut clip: Vec<f32> = (0..rate / 2)
-            .map(|i| (i as f32 * 0.1).sin() * 0.3)
-            .collect();
+        let mut clip: Vec<f32> = (0..rate / 2).map(|i| (i as f32 * 0.1).sin() * 0.3).collect();
         clip.extend(std::iter::repeat_n(0.0005, rate as usize / 2));
         assert_eq!(last_voiced_frame(&clip, rate), Some(24));
         assert_eq!(last_voiced_frame(&[0.0; 3200], rate), None);
         let up = resample(&clip, 16_000, 48_000).unwrap();
-        assert!(
-            (up.len() as i64 - 3 * clip.len() as i64).abs() <= 3,
-            "{}",
-            up.len()
-        );
+        assert!((up.len() as i64 - 3 * clip.len() as i64).abs() <= 3, "{}", up.len());
     }
 }

@@ -49,18 +49,11 @@ struct TalkArgs {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
     let Command::Talk(args) = Cli::parse().command;
-    anyhow::ensure!(
-        parley_protocol::is_supported_rate(args.rate),
-        "--rate must be 16000, 24000 or 48000"
-    );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    anyhow::ensure!(parley_protocol::is_supported_rate(args.rate), "--rate must be 16000, 24000 or 48000");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if args.input.is_empty() {
         return runtime.block_on(mic(&args));
     }
@@ -68,10 +61,7 @@ fn main() -> anyhow::Result<()> {
     for path in &args.input {
         let (samples, rate) = parley_client::audio::read_wav(path)?;
         let samples = parley_client::audio::resample(&samples, rate, args.rate)?;
-        clips.push(Clip {
-            name: path.display().to_string(),
-            samples,
-        });
+        clips.push(Clip { name: path.display().to_string(), samples });
     }
     let options = TalkOptions {
         server: args.server.clone(),
@@ -87,8 +77,7 @@ fn main() -> anyhow::Result<()> {
     }
     let json = serde_json::to_string_pretty(&result.report)?;
     match &args.report {
-        Some(path) => std::fs::write(path, json + "\n")
-            .with_context(|| format!("writing {}", path.display()))?,
+        Some(path) => std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?,
         None => println!("{json}"),
     }
     Ok(())
@@ -101,7 +90,5 @@ async fn mic(args: &TalkArgs) -> anyhow::Result<()> {
 
 #[cfg(not(feature = "mic"))]
 async fn mic(_args: &TalkArgs) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "no --input given and this build has no microphone support: rebuild with `--features mic`"
-    )
+    anyhow::bail!("no --input given and this build has no microphone support: rebuild with `--features mic`")
 }

@@ -6,9 +6,7 @@ use crate::audio::StreamResampler;
 use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 use futures_util::{SinkExt, StreamExt};
 use parley_protocol::event::SessionUpdate;
-use parley_protocol::{
-    ClientEvent, FRAME_MS, FrameHeader, MAX_OPUS_PACKET_BYTES, ServerEvent, frame_samples,
-};
+use parley_protocol::{ClientEvent, FRAME_MS, FrameHeader, MAX_OPUS_PACKET_BYTES, ServerEvent, frame_samples};
 use ringbuf::HeapRb;
 use ringbuf::traits::{Consumer, Observer, Producer, Split};
 use std::sync::Arc;
@@ -51,20 +49,14 @@ pub async fn talk_live(server: &str, rate: u32) -> anyhow::Result<()> {
 
 async fn run(server: &str, rate: u32) -> Result<(), MicError> {
     let host = cpal::default_host();
-    let input = host
-        .default_input_device()
-        .ok_or_else(|| device_err("no input device"))?;
-    let output = host
-        .default_output_device()
-        .ok_or_else(|| device_err("no output device"))?;
+    let input = host.default_input_device().ok_or_else(|| device_err("no input device"))?;
+    let output = host.default_output_device().ok_or_else(|| device_err("no output device"))?;
     let in_config: cpal::StreamConfig = input.default_input_config().map_err(device_err)?.into();
     let out_config: cpal::StreamConfig = output.default_output_config().map_err(device_err)?.into();
     let xruns = Arc::new(Xruns::default());
 
-    let (mut mic_tx, mut mic_rx) =
-        HeapRb::<f32>::new(in_config.sample_rate as usize * RING_SECONDS).split();
-    let (mut spk_tx, mut spk_rx) =
-        HeapRb::<f32>::new(out_config.sample_rate as usize * RING_SECONDS).split();
+    let (mut mic_tx, mut mic_rx) = HeapRb::<f32>::new(in_config.sample_rate as usize * RING_SECONDS).split();
+    let (mut spk_tx, mut spk_rx) = HeapRb::<f32>::new(out_config.sample_rate as usize * RING_SECONDS).split();
     let in_channels = in_config.channels as usize;
     let out_channels = out_config.channels as usize;
     let x = xruns.clone();
@@ -107,18 +99,11 @@ async fn run(server: &str, rate: u32) -> Result<(), MicError> {
     spk_stream.play().map_err(device_err)?;
 
     let url = crate::endpoint_url(server);
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
-        .await
-        .map_err(Box::new)?;
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await.map_err(Box::new)?;
     let update = ClientEvent::SessionUpdate {
-        session: SessionUpdate {
-            input_sample_rate: Some(rate),
-            output_sample_rate: Some(rate),
-        },
+        session: SessionUpdate { input_sample_rate: Some(rate), output_sample_rate: Some(rate) },
     };
-    ws.send(Message::text(update.to_json()))
-        .await
-        .map_err(Box::new)?;
+    ws.send(Message::text(update.to_json())).await.map_err(Box::new)?;
     let frame = frame_samples(rate);
     let mut up = StreamResampler::new(in_config.sample_rate, rate)?;
     let mut down = StreamResampler::new(rate, out_config.sample_rate)?;

@@ -3,9 +3,7 @@
 use crate::report::{Latency, Report, TurnReport};
 use futures_util::{SinkExt, StreamExt};
 use parley_protocol::event::SessionUpdate;
-use parley_protocol::{
-    ClientEvent, FRAME_MS, FrameHeader, MAX_OPUS_PACKET_BYTES, ServerEvent, frame_samples,
-};
+use parley_protocol::{ClientEvent, FRAME_MS, FrameHeader, MAX_OPUS_PACKET_BYTES, ServerEvent, frame_samples};
 use std::time::{Duration, Instant};
 use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -57,10 +55,7 @@ pub struct Clip {
 #[derive(Debug, thiserror::Error)]
 pub enum TalkError {
     #[error("connecting to {url}: {source}")]
-    Connect {
-        url: String,
-        source: Box<tokio_tungstenite::tungstenite::Error>,
-    },
+    Connect { url: String, source: Box<tokio_tungstenite::tungstenite::Error> },
     #[error("WebSocket: {0}")]
     Ws(#[from] Box<tokio_tungstenite::tungstenite::Error>),
     #[error("Opus: {0}")]
@@ -121,21 +116,13 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
     let url = crate::endpoint_url(&options.server);
     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
         .await
-        .map_err(|e| TalkError::Connect {
-            url: url.clone(),
-            source: Box::new(e),
-        })?;
+        .map_err(|e| TalkError::Connect { url: url.clone(), source: Box::new(e) })?;
     let rate = options.sample_rate;
     let frame = frame_samples(rate);
     let update = ClientEvent::SessionUpdate {
-        session: SessionUpdate {
-            input_sample_rate: Some(rate),
-            output_sample_rate: Some(rate),
-        },
+        session: SessionUpdate { input_sample_rate: Some(rate), output_sample_rate: Some(rate) },
     };
-    ws.send(Message::text(update.to_json()))
-        .await
-        .map_err(Box::new)?;
+    ws.send(Message::text(update.to_json())).await.map_err(Box::new)?;
 
     let mut encoder = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip)?;
     encoder.set_bitrate(opus::Bitrate::Bits(options.bitrate))?;
@@ -146,13 +133,8 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
 
     let start = Instant::now();
     let now_us = || start.elapsed().as_micros() as u64;
-    let mut result = TalkResult {
-        report: Report {
-            server: url.clone(),
-            ..Report::default()
-        },
-        ..TalkResult::default()
-    };
+    let mut result =
+        TalkResult { report: Report { server: url.clone(), ..Report::default() }, ..TalkResult::default() };
     let mut windows: Vec<Window> = Vec::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(FRAME_MS as u64));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
@@ -160,26 +142,16 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
     // Position: which clip, which frame in it; then the wait/pause phase.
     let mut clip_index = 0;
     let mut frame_index = 0;
-    let mut last_voiced: Option<usize> = clips
-        .first()
-        .and_then(|c| crate::audio::last_voiced_frame(&c.samples, rate));
+    let mut last_voiced: Option<usize> = clips.first().and_then(|c| crate::audio::last_voiced_frame(&c.samples, rate));
     let mut phase_started = Instant::now();
     enum Phase {
         Speaking,
         Waiting,
         Pausing,
     }
-    let mut phase = if clips.is_empty() {
-        Phase::Pausing
-    } else {
-        Phase::Speaking
-    };
+    let mut phase = if clips.is_empty() { Phase::Pausing } else { Phase::Speaking };
     if !clips.is_empty() {
-        windows.push(Window {
-            clip: 0,
-            first_event: 0,
-            last_voiced_sent_us: None,
-        });
+        windows.push(Window { clip: 0, first_event: 0, last_voiced_sent_us: None });
     }
     let mut seq: u32 = 0;
     let mut last_reply_seq: Option<u32> = None;
@@ -304,10 +276,7 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
     if let Some((code, reason)) = &result.close
         && *code != 1000
     {
-        return Err(TalkError::Closed {
-            code: *code,
-            reason: reason.clone(),
-        });
+        return Err(TalkError::Closed { code: *code, reason: reason.clone() });
     }
     Ok(result)
 }
@@ -356,9 +325,7 @@ fn turn_reports(
         .map(|(w, window)| {
             let mine: Vec<(u64, ServerEvent)> = events
                 .iter()
-                .filter(|(_, e)| {
-                    event_turn(e).is_some_and(|t| owner.iter().any(|&(o, ow)| o == t && ow == w))
-                })
+                .filter(|(_, e)| event_turn(e).is_some_and(|t| owner.iter().any(|&(o, ow)| o == t && ow == w)))
                 .cloned()
                 .collect();
             turn_report(&clips[window.clip].name, window, &mine, frames)
@@ -366,16 +333,8 @@ fn turn_reports(
         .collect()
 }
 
-fn turn_report(
-    name: &str,
-    window: &Window,
-    events: &[(u64, ServerEvent)],
-    frames: &[ReceivedFrame],
-) -> TurnReport {
-    let mut report = TurnReport {
-        input: name.to_string(),
-        ..TurnReport::default()
-    };
+fn turn_report(name: &str, window: &Window, events: &[(u64, ServerEvent)], frames: &[ReceivedFrame]) -> TurnReport {
+    let mut report = TurnReport { input: name.to_string(), ..TurnReport::default() };
     let mut audio_started_at = None;
     let mut latency = None;
     for (at, event) in events {
@@ -393,18 +352,12 @@ fn turn_report(
             ServerEvent::ResponseTextDone { text, .. } => report.reply_text.push_str(text),
             ServerEvent::ResponseAudioStarted { .. } => audio_started_at = Some(*at),
             ServerEvent::ResponseAudioDone { audio_ms, .. } => report.reply_audio_ms += audio_ms,
-            ServerEvent::SafetyDecision { .. } => report
-                .safety
-                .push(serde_json::to_value(event).unwrap_or_default()),
+            ServerEvent::SafetyDecision { .. } => report.safety.push(serde_json::to_value(event).unwrap_or_default()),
             ServerEvent::ReplyCancelled { sent_ms, .. } => {
                 report.reply_audio_ms += sent_ms;
-                report
-                    .cancelled
-                    .push(serde_json::to_value(event).unwrap_or_default());
+                report.cancelled.push(serde_json::to_value(event).unwrap_or_default());
             }
-            ServerEvent::TurnLatency {
-                marks, total_ms, ..
-            } => latency = Some((marks.clone(), *total_ms)),
+            ServerEvent::TurnLatency { marks, total_ms, .. } => latency = Some((marks.clone(), *total_ms)),
             _ => {}
         }
     }
@@ -416,10 +369,7 @@ fn turn_report(
         (Some(frame), Some(sent)) => Some(frame.received_us.saturating_sub(sent) as f64 / 1000.0),
         _ => None,
     };
-    let mut out = Latency {
-        voice_to_voice,
-        ..Latency::default()
-    };
+    let mut out = Latency { voice_to_voice, ..Latency::default() };
     if let Some((marks, total)) = latency {
         out.server_total = Some(total);
         let mut previous = 0.0;

@@ -172,12 +172,7 @@ pub struct ErrorInfo {
 pub enum ServerEvent {
     /// First message of every session.
     #[serde(rename = "session.created")]
-    SessionCreated {
-        session_id: String,
-        protocol_version: u8,
-        session: SessionInfo,
-        limits: SessionLimits,
-    },
+    SessionCreated { session_id: String, protocol_version: u8, session: SessionInfo, limits: SessionLimits },
     /// Answer to `session.update`.
     #[serde(rename = "session.updated")]
     SessionUpdated { session: SessionInfo },
@@ -204,20 +199,11 @@ pub enum ServerEvent {
     ResponseAudioStarted { turn: u64, first_seq: u32 },
     /// The reply's audio is complete: `frames` frames, `audio_ms` of audio.
     #[serde(rename = "response.audio.done")]
-    ResponseAudioDone {
-        turn: u64,
-        frames: u32,
-        audio_ms: u64,
-    },
+    ResponseAudioDone { turn: u64, frames: u32, audio_ms: u64 },
     /// The reply stopped early. `played_ms`: audio a real-time player has played by now;
     /// `sent_ms`: audio sent (≥ played, by at most the pacing lead); unsent audio was dropped.
     #[serde(rename = "reply.cancelled")]
-    ReplyCancelled {
-        turn: u64,
-        reason: CancelReason,
-        played_ms: u64,
-        sent_ms: u64,
-    },
+    ReplyCancelled { turn: u64, reason: CancelReason, played_ms: u64, sent_ms: u64 },
     /// A safety gate's decision, citing the rule it applied.
     #[serde(rename = "safety.decision")]
     SafetyDecision {
@@ -233,11 +219,7 @@ pub enum ServerEvent {
     },
     /// Stage boundaries of a finished turn and the server-side total (anchor → first frame sent).
     #[serde(rename = "turn.latency")]
-    TurnLatency {
-        turn: u64,
-        marks: Vec<LatencyMark>,
-        total_ms: f64,
-    },
+    TurnLatency { turn: u64, marks: Vec<LatencyMark>, total_ms: f64 },
     /// Something the client sent, or the server, went wrong. Fatal errors are followed by a close.
     #[serde(rename = "error")]
     Error { error: ErrorInfo },
@@ -246,24 +228,12 @@ pub enum ServerEvent {
 impl ServerEvent {
     /// An `error` event.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
-        ServerEvent::Error {
-            error: ErrorInfo {
-                code,
-                message: message.into(),
-                seq: None,
-            },
-        }
+        ServerEvent::Error { error: ErrorInfo { code, message: message.into(), seq: None } }
     }
 
     /// An `error` event about the binary frame `seq`.
     pub fn frame_error(code: ErrorCode, seq: u32, message: impl Into<String>) -> Self {
-        ServerEvent::Error {
-            error: ErrorInfo {
-                code,
-                message: message.into(),
-                seq: Some(seq),
-            },
-        }
+        ServerEvent::Error { error: ErrorInfo { code, message: message.into(), seq: Some(seq) } }
     }
 
     /// The `type` string of this event.
@@ -273,12 +243,8 @@ impl ServerEvent {
             ServerEvent::SessionUpdated { .. } => "session.updated",
             ServerEvent::SpeechStarted { .. } => "input_audio_buffer.speech_started",
             ServerEvent::SpeechStopped { .. } => "input_audio_buffer.speech_stopped",
-            ServerEvent::TranscriptionDelta { .. } => {
-                "conversation.item.input_audio_transcription.delta"
-            }
-            ServerEvent::TranscriptionCompleted { .. } => {
-                "conversation.item.input_audio_transcription.completed"
-            }
+            ServerEvent::TranscriptionDelta { .. } => "conversation.item.input_audio_transcription.delta",
+            ServerEvent::TranscriptionCompleted { .. } => "conversation.item.input_audio_transcription.completed",
             ServerEvent::ResponseTextDelta { .. } => "response.text.delta",
             ServerEvent::ResponseTextDone { .. } => "response.text.done",
             ServerEvent::ResponseAudioStarted { .. } => "response.audio.started",
@@ -326,11 +292,7 @@ impl EventError {
 }
 
 /// Client event `type` strings of this protocol version.
-pub const CLIENT_EVENT_TYPES: &[&str] = &[
-    "session.update",
-    "conversation.item.create",
-    "response.cancel",
-];
+pub const CLIENT_EVENT_TYPES: &[&str] = &["session.update", "conversation.item.create", "response.cancel"];
 
 const SERVER_EVENT_TYPES: &[&str] = &[
     "session.created",
@@ -361,12 +323,8 @@ impl ClientEvent {
     }
 }
 
-fn parse_tagged<T: serde::de::DeserializeOwned>(
-    text: &str,
-    known: &[&str],
-) -> Result<T, EventError> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| EventError::InvalidJson(e.to_string()))?;
+fn parse_tagged<T: serde::de::DeserializeOwned>(text: &str, known: &[&str]) -> Result<T, EventError> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| EventError::InvalidJson(e.to_string()))?;
     let Some(event_type) = value.get("type").and_then(|t| t.as_str()) else {
         return Err(if value.is_object() {
             EventError::MissingType
@@ -375,15 +333,10 @@ fn parse_tagged<T: serde::de::DeserializeOwned>(
         });
     };
     if !known.contains(&event_type) {
-        return Err(EventError::UnknownType(
-            event_type.chars().take(64).collect(),
-        ));
+        return Err(EventError::UnknownType(event_type.chars().take(64).collect()));
     }
     let event_type = event_type.to_string();
-    serde_json::from_value(value).map_err(|e| EventError::InvalidFields {
-        event_type,
-        message: e.to_string(),
-    })
+    serde_json::from_value(value).map_err(|e| EventError::InvalidFields { event_type, message: e.to_string() })
 }
 
 #[cfg(test)]
@@ -394,14 +347,9 @@ mod tests {
     fn client_events_round_trip_with_realtime_names() {
         let events = [
             ClientEvent::SessionUpdate {
-                session: SessionUpdate {
-                    input_sample_rate: Some(16_000),
-                    output_sample_rate: None,
-                },
+                session: SessionUpdate { input_sample_rate: Some(16_000), output_sample_rate: None },
             },
-            ClientEvent::ConversationItemCreate {
-                text: "hello".into(),
-            },
+            ClientEvent::ConversationItemCreate { text: "hello".into() },
             ClientEvent::ResponseCancel,
         ];
         for event in events {
@@ -409,21 +357,12 @@ mod tests {
             assert_eq!(ClientEvent::parse(&json).unwrap(), event, "{json}");
         }
         assert_eq!(
-            ClientEvent::parse(
-                r#"{"type":"session.update","session":{"input_sample_rate":24000}}"#
-            )
-            .unwrap(),
+            ClientEvent::parse(r#"{"type":"session.update","session":{"input_sample_rate":24000}}"#).unwrap(),
             ClientEvent::SessionUpdate {
-                session: SessionUpdate {
-                    input_sample_rate: Some(24_000),
-                    output_sample_rate: None
-                }
+                session: SessionUpdate { input_sample_rate: Some(24_000), output_sample_rate: None }
             }
         );
-        assert_eq!(
-            ClientEvent::ResponseCancel.to_json(),
-            r#"{"type":"response.cancel"}"#
-        );
+        assert_eq!(ClientEvent::ResponseCancel.to_json(), r#"{"type":"response.cancel"}"#);
     }
 
     #[test]
@@ -438,26 +377,11 @@ mod tests {
                     frame_ms: 20,
                     pipeline: "echo".into(),
                 },
-                limits: SessionLimits {
-                    max_message_bytes: 4096,
-                    max_consecutive_errors: 50,
-                    idle_timeout_s: 30,
-                },
+                limits: SessionLimits { max_message_bytes: 4096, max_consecutive_errors: 50, idle_timeout_s: 30 },
             },
-            ServerEvent::SpeechStarted {
-                turn: 1,
-                audio_start_ms: 120,
-            },
-            ServerEvent::TranscriptionCompleted {
-                turn: 1,
-                transcript: "hi".into(),
-            },
-            ServerEvent::ReplyCancelled {
-                turn: 2,
-                reason: CancelReason::BargeIn,
-                played_ms: 340,
-                sent_ms: 420,
-            },
+            ServerEvent::SpeechStarted { turn: 1, audio_start_ms: 120 },
+            ServerEvent::TranscriptionCompleted { turn: 1, transcript: "hi".into() },
+            ServerEvent::ReplyCancelled { turn: 2, reason: CancelReason::BargeIn, played_ms: 340, sent_ms: 420 },
             ServerEvent::SafetyDecision {
                 turn: 1,
                 stage: SafetyStage::Input,
@@ -468,10 +392,7 @@ mod tests {
             },
             ServerEvent::TurnLatency {
                 turn: 1,
-                marks: vec![LatencyMark {
-                    stage: mark::SPEECH_END.into(),
-                    at_ms: 0.0,
-                }],
+                marks: vec![LatencyMark { stage: mark::SPEECH_END.into(), at_ms: 0.0 }],
                 total_ms: 12.5,
             },
             ServerEvent::frame_error(ErrorCode::BadAudio, 7, "not opus"),
@@ -483,46 +404,24 @@ mod tests {
             assert_eq!(ServerEvent::parse(&json).unwrap(), event, "{json}");
         }
         let json = ServerEvent::error(ErrorCode::UnknownEvent, "x").to_json();
-        assert_eq!(
-            json,
-            r#"{"type":"error","error":{"code":"unknown_event","message":"x"}}"#
-        );
+        assert_eq!(json, r#"{"type":"error","error":{"code":"unknown_event","message":"x"}}"#);
     }
 
     #[test]
     fn malformed_events_are_told_apart() {
-        assert!(matches!(
-            ClientEvent::parse("{not json"),
-            Err(EventError::InvalidJson(_))
-        ));
-        assert!(matches!(
-            ClientEvent::parse("[1,2]"),
-            Err(EventError::InvalidJson(_))
-        ));
-        assert_eq!(
-            ClientEvent::parse(r#"{"text":"hi"}"#),
-            Err(EventError::MissingType)
-        );
-        assert_eq!(
-            ClientEvent::parse(r#"{"type":7}"#),
-            Err(EventError::MissingType)
-        );
+        assert!(matches!(ClientEvent::parse("{not json"), Err(EventError::InvalidJson(_))));
+        assert!(matches!(ClientEvent::parse("[1,2]"), Err(EventError::InvalidJson(_))));
+        assert_eq!(ClientEvent::parse(r#"{"text":"hi"}"#), Err(EventError::MissingType));
+        assert_eq!(ClientEvent::parse(r#"{"type":7}"#), Err(EventError::MissingType));
         assert_eq!(
             ClientEvent::parse(r#"{"type":"input_audio_buffer.append"}"#),
             Err(EventError::UnknownType("input_audio_buffer.append".into()))
         );
         let err = ClientEvent::parse(r#"{"type":"conversation.item.create"}"#).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidEvent);
-        let err = ClientEvent::parse(
-            r#"{"type":"session.update","session":{"input_sample_rate":"fast"}}"#,
-        );
+        let err = ClientEvent::parse(r#"{"type":"session.update","session":{"input_sample_rate":"fast"}}"#);
         assert!(matches!(err, Err(EventError::InvalidFields { .. })));
         // A server event is not a client event.
-        assert_eq!(
-            ClientEvent::parse(r#"{"type":"error"}"#)
-                .unwrap_err()
-                .code(),
-            ErrorCode::UnknownEvent
-        );
+        assert_eq!(ClientEvent::parse(r#"{"type":"error"}"#).unwrap_err().code(), ErrorCode::UnknownEvent);
     }
 }

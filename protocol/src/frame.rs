@@ -51,11 +51,7 @@ pub enum FrameError {
 impl FrameHeader {
     /// An audio frame header.
     pub fn audio(seq: u32, timestamp_us: u64) -> Self {
-        Self {
-            kind: FrameKind::Audio,
-            seq,
-            timestamp_us,
-        }
+        Self { kind: FrameKind::Audio, seq, timestamp_us }
     }
 
     /// Writes the header into the first [`HEADER_LEN`] bytes of `out`.
@@ -98,14 +94,7 @@ impl FrameHeader {
         if payload.len() > MAX_OPUS_PACKET_BYTES {
             return Err(FrameError::PayloadTooLarge(payload.len()));
         }
-        Ok((
-            FrameHeader {
-                kind,
-                seq,
-                timestamp_us,
-            },
-            payload,
-        ))
+        Ok((FrameHeader { kind, seq, timestamp_us }, payload))
     }
 }
 
@@ -118,10 +107,7 @@ mod tests {
         let header = FrameHeader::audio(0xDEAD_BEEF, 0x0102_0304_0506_0708);
         let message = header.encode(&[9, 8, 7]);
         assert_eq!(message.len(), HEADER_LEN + 3);
-        assert_eq!(
-            &message[..6],
-            &[PROTOCOL_VERSION, 1, 0xDE, 0xAD, 0xBE, 0xEF]
-        );
+        assert_eq!(&message[..6], &[PROTOCOL_VERSION, 1, 0xDE, 0xAD, 0xBE, 0xEF]);
         let (decoded, payload) = FrameHeader::decode(&message).unwrap();
         assert_eq!(decoded, header);
         assert_eq!(payload, &[9, 8, 7]);
@@ -129,28 +115,16 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_rejected_with_the_reason() {
-        assert_eq!(
-            FrameHeader::decode(&[1, 1, 0]),
-            Err(FrameError::TooShort(3))
-        );
+        assert_eq!(FrameHeader::decode(&[1, 1, 0]), Err(FrameError::TooShort(3)));
         let mut message = FrameHeader::audio(1, 2).encode(&[0xFC]);
         message[0] = 7;
-        assert_eq!(
-            FrameHeader::decode(&message),
-            Err(FrameError::UnsupportedVersion(7))
-        );
+        assert_eq!(FrameHeader::decode(&message), Err(FrameError::UnsupportedVersion(7)));
         message[0] = PROTOCOL_VERSION;
         message[1] = 0x42;
-        assert_eq!(
-            FrameHeader::decode(&message),
-            Err(FrameError::UnknownKind(0x42))
-        );
+        assert_eq!(FrameHeader::decode(&message), Err(FrameError::UnknownKind(0x42)));
         let empty = FrameHeader::audio(1, 2).encode(&[]);
         assert_eq!(FrameHeader::decode(&empty), Err(FrameError::EmptyPayload));
         let big = FrameHeader::audio(1, 2).encode(&[0; MAX_OPUS_PACKET_BYTES + 1]);
-        assert_eq!(
-            FrameHeader::decode(&big),
-            Err(FrameError::PayloadTooLarge(MAX_OPUS_PACKET_BYTES + 1))
-        );
+        assert_eq!(FrameHeader::decode(&big), Err(FrameError::PayloadTooLarge(MAX_OPUS_PACKET_BYTES + 1)));
     }
 }

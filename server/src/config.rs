@@ -50,12 +50,7 @@ pub struct EchoConfig {
 
 impl Default for EchoConfig {
     fn default() -> Self {
-        Self {
-            mode: EchoMode::Frame,
-            vad_threshold_dbfs: -40.0,
-            endpoint_silence_ms: 400,
-            min_speech_ms: 60,
-        }
+        Self { mode: EchoMode::Frame, vad_threshold_dbfs: -40.0, endpoint_silence_ms: 400, min_speech_ms: 60 }
     }
 }
 
@@ -129,15 +124,9 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("parsing {path}: {source}")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    Parse { path: String, source: toml::de::Error },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -145,25 +134,18 @@ pub enum ConfigError {
 impl Config {
     /// Reads a TOML file; absent keys keep their defaults, unknown keys are an error.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
-                path: path.display().to_string(),
-                source,
-            },
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.display().to_string(), source },
             other => other,
         })
     }
 
     /// Parses TOML text and validates it.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: "<config>".into(),
-            source,
-        })?;
+        let config: Config =
+            toml::from_str(text).map_err(|source| ConfigError::Parse { path: "<config>".into(), source })?;
         config.validate()?;
         Ok(config)
     }
@@ -177,17 +159,10 @@ impl Config {
         if self.max_message_bytes < parley_protocol::MAX_AUDIO_MESSAGE_BYTES {
             return invalid("max_message_bytes must hold one audio frame (1289 bytes)");
         }
-        if self.send_queue < 2
-            || self.input_buffer_ms < 100
-            || self.max_lead_ms < parley_protocol::FRAME_MS
-        {
-            return invalid(
-                "send_queue >= 2, input_buffer_ms >= 100 and max_lead_ms >= 20 are required",
-            );
+        if self.send_queue < 2 || self.input_buffer_ms < 100 || self.max_lead_ms < parley_protocol::FRAME_MS {
+            return invalid("send_queue >= 2, input_buffer_ms >= 100 and max_lead_ms >= 20 are required");
         }
-        if !(0..=10).contains(&self.opus_complexity)
-            || !(6_000..=510_000).contains(&self.opus_bitrate)
-        {
+        if !(0..=10).contains(&self.opus_complexity) || !(6_000..=510_000).contains(&self.opus_bitrate) {
             return invalid("opus_complexity must be 0..=10 and opus_bitrate 6000..=510000");
         }
         Ok(())
@@ -216,13 +191,7 @@ mod tests {
         assert_eq!(config.max_sessions, 3);
         assert_eq!(config.echo.mode, EchoMode::Utterance);
         assert_eq!(config.max_lead_ms, 100);
-        assert!(matches!(
-            Config::from_toml("max_sesions = 3"),
-            Err(ConfigError::Parse { .. })
-        ));
-        assert!(matches!(
-            Config::from_toml("max_sessions = 0"),
-            Err(ConfigError::Invalid(_))
-        ));
+        assert!(matches!(Config::from_toml("max_sesions = 3"), Err(ConfigError::Parse { .. })));
+        assert!(matches!(Config::from_toml("max_sessions = 0"), Err(ConfigError::Invalid(_))));
     }
 }

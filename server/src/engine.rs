@@ -51,10 +51,7 @@ pub struct Engine<M> {
 
 impl<M> Clone for Engine<M> {
     fn clone(&self) -> Self {
-        Engine {
-            name: self.name,
-            shared: self.shared.clone(),
-        }
+        Engine { name: self.name, shared: self.shared.clone() }
     }
 }
 
@@ -67,11 +64,7 @@ impl<M: 'static> Engine<M> {
         load: impl FnOnce() -> Result<M, ModelError> + Send + 'static,
     ) -> Result<Engine<M>, ModelError> {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue {
-                high: VecDeque::new(),
-                low: VecDeque::new(),
-                closed: false,
-            }),
+            queue: Mutex::new(Queue { high: VecDeque::new(), low: VecDeque::new(), closed: false }),
             ready: Condvar::new(),
             capacity,
             refused: AtomicU64::new(0),
@@ -95,12 +88,8 @@ impl<M: 'static> Engine<M> {
                     job(&mut model);
                 }
             })
-            .map_err(|e| {
-                ModelError::Invalid(format!("cannot start the {name} engine thread: {e}"))
-            })?;
-        loaded_rx.recv().map_err(|_| {
-            ModelError::Invalid(format!("the {name} engine thread died while loading"))
-        })??;
+            .map_err(|e| ModelError::Invalid(format!("cannot start the {name} engine thread: {e}")))?;
+        loaded_rx.recv().map_err(|_| ModelError::Invalid(format!("the {name} engine thread died while loading")))??;
         Ok(Engine { name, shared })
     }
 
@@ -161,11 +150,7 @@ impl<M: 'static> Engine<M> {
 
     /// Stops the thread after the jobs already queued.
     pub fn close(&self) {
-        self.shared
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .closed = true;
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         self.shared.ready.notify_all();
     }
 }
@@ -203,33 +188,20 @@ mod tests {
             })
         });
         started_rx.recv().unwrap();
-        engine
-            .submit(Priority::Low, Box::new(|log| log.push("low")))
-            .unwrap();
-        engine
-            .submit(Priority::High, Box::new(|log| log.push("high")))
-            .unwrap();
-        engine
-            .submit(Priority::Low, Box::new(|log| log.push("low2")))
-            .unwrap();
-        assert!(matches!(
-            engine.submit(Priority::Low, Box::new(|_| {})),
-            Err(EngineError::Busy("test"))
-        ));
+        engine.submit(Priority::Low, Box::new(|log| log.push("low"))).unwrap();
+        engine.submit(Priority::High, Box::new(|log| log.push("high"))).unwrap();
+        engine.submit(Priority::Low, Box::new(|log| log.push("low2"))).unwrap();
+        assert!(matches!(engine.submit(Priority::Low, Box::new(|_| {})), Err(EngineError::Busy("test"))));
         assert_eq!(engine.refused(), 1);
         release_tx.send(()).unwrap();
         blocker.join().unwrap().unwrap();
-        let order = engine
-            .run_blocking(Priority::Low, |log| log.clone())
-            .unwrap();
+        let order = engine.run_blocking(Priority::Low, |log| log.clone()).unwrap();
         assert_eq!(order, ["high", "low", "low2"]);
     }
 
     #[test]
     fn load_errors_are_returned() {
-        let err = Engine::<()>::spawn("broken", 1, || Err(ModelError::Invalid("no".into())))
-            .err()
-            .unwrap();
+        let err = Engine::<()>::spawn("broken", 1, || Err(ModelError::Invalid("no".into()))).err().unwrap();
         assert_eq!(err.to_string(), "no");
     }
 }

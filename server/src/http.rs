@@ -22,17 +22,13 @@ pub struct Request {
 impl Request {
     /// A header value by case-insensitive name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// Whether the request asks for a WebSocket upgrade.
     pub fn is_websocket_upgrade(&self) -> bool {
         let has_token = |name: &str, token: &str| {
-            self.header(name)
-                .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            self.header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         };
         has_token("upgrade", "websocket") && has_token("connection", "upgrade")
     }
@@ -70,12 +66,7 @@ pub async fn read_request(stream: &mut TcpStream) -> Result<Request, HttpError> 
                     headers: request
                         .headers
                         .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_string(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
+                        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
                         .collect(),
                     rest: buf[len..].to_vec(),
                 });
@@ -88,12 +79,7 @@ pub async fn read_request(stream: &mut TcpStream) -> Result<Request, HttpError> 
 }
 
 /// Writes a complete response and closes the write side.
-pub async fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
+pub async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -108,11 +94,8 @@ pub fn upgrade_response(request: &Request) -> Result<String, &'static str> {
     if request.header("sec-websocket-version") != Some("13") {
         return Err("426 Upgrade Required");
     }
-    let key = request
-        .header("sec-websocket-key")
-        .ok_or("400 Bad Request")?;
-    let accept =
-        tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+    let key = request.header("sec-websocket-key").ok_or("400 Bad Request")?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
     Ok(format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
     ))

@@ -7,11 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "parley-server",
-    version,
-    about = "Parley real-time voice conversation server"
-)]
+#[command(name = "parley-server", version, about = "Parley real-time voice conversation server")]
 struct Args {
     /// TOML configuration file (see `Config` for the keys).
     #[arg(long)]
@@ -67,8 +63,7 @@ impl Args {
 
 /// Completes on SIGINT or SIGTERM.
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -77,18 +72,13 @@ async fn shutdown_signal() {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let config = Args::parse().config()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
+        let listener =
+            tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         let pipeline = match config.pipeline {
             PipelineKind::Echo => parley_server::pipeline::from_config(&config)?,
             // Hook for the model pipeline: build it here and hand it to `run_with_pipeline`.
@@ -97,8 +87,7 @@ fn main() -> anyhow::Result<()> {
             }
         };
         let metrics = std::sync::Arc::new(parley_server::metrics::Metrics::default());
-        parley_server::run_with_pipeline(listener, config, pipeline, metrics, shutdown_signal())
-            .await?;
+        parley_server::run_with_pipeline(listener, config, pipeline, metrics, shutdown_signal()).await?;
         Ok(())
     })
 }

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 /// Histogram bucket upper bounds in seconds, dense around the 20 ms frame budget and the
 /// 200–800 ms range of a voice turn.
-const BUCKETS_S: [f64; 16] = [
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.5, 0.8, 1.5, 3.0,
-];
+const BUCKETS_S: [f64; 16] =
+    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.5, 0.8, 1.5, 3.0];
 
 /// A cumulative histogram with fixed buckets.
 #[derive(Default)]
@@ -38,26 +37,11 @@ impl Histogram {
         let mut cumulative = 0;
         for (i, bound) in BUCKETS_S.iter().enumerate() {
             cumulative += self.counts[i].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
-            );
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
         }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-            self.count()
-        );
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(
-            out,
-            "{name}_sum{braces} {}",
-            self.sum_ns.load(Relaxed) as f64 / 1e9
-        );
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count());
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
         let _ = writeln!(out, "{name}_count{braces} {}", self.count());
     }
 }
@@ -208,10 +192,7 @@ impl Metrics {
 
     /// Records one stage's duration under its mark name.
     pub fn observe_stage(&self, stage: &str, duration: Duration) {
-        let index = STAGES
-            .iter()
-            .position(|s| *s == stage)
-            .unwrap_or(STAGES.len() - 1);
+        let index = STAGES.iter().position(|s| *s == stage).unwrap_or(STAGES.len() - 1);
         self.stage_seconds[index].observe(duration);
     }
 
@@ -219,10 +200,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8192);
         let counter = |out: &mut String, name: &str, help: &str, kind: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
         counter(
             &mut out,
@@ -262,29 +240,12 @@ impl Metrics {
             "# HELP parley_input_errors_total Rejected client messages, by kind.\n# TYPE parley_input_errors_total counter"
         );
         for kind in InputError::ALL {
-            let _ = writeln!(
-                out,
-                "parley_input_errors_total{{kind=\"{}\"}} {}",
-                kind.label(),
-                self.input_errors(kind)
-            );
+            let _ = writeln!(out, "parley_input_errors_total{{kind=\"{}\"}} {}", kind.label(), self.input_errors(kind));
         }
         for (name, help, value) in [
-            (
-                "parley_frames_received_total",
-                "Audio frames received and decoded.",
-                &self.frames_received,
-            ),
-            (
-                "parley_frames_sent_total",
-                "Audio frames sent.",
-                &self.frames_sent,
-            ),
-            (
-                "parley_frames_lost_total",
-                "Input frames missing from the sequence (concealed).",
-                &self.frames_lost,
-            ),
+            ("parley_frames_received_total", "Audio frames received and decoded.", &self.frames_received),
+            ("parley_frames_sent_total", "Audio frames sent.", &self.frames_sent),
+            ("parley_frames_lost_total", "Input frames missing from the sequence (concealed).", &self.frames_lost),
             (
                 "parley_input_overflow_samples_total",
                 "16 kHz input samples dropped: input ring full (drop newest).",
@@ -300,16 +261,8 @@ impl Metrics {
                 "Reply frames dropped unsent by a cancel.",
                 &self.reply_frames_dropped,
             ),
-            (
-                "parley_replies_cancelled_total",
-                "Replies cancelled (barge-in or client).",
-                &self.replies_cancelled,
-            ),
-            (
-                "parley_http_requests_total",
-                "Plain HTTP requests served.",
-                &self.http_requests,
-            ),
+            ("parley_replies_cancelled_total", "Replies cancelled (barge-in or client).", &self.replies_cancelled),
+            ("parley_http_requests_total", "Plain HTTP requests served.", &self.http_requests),
         ] {
             counter(&mut out, name, help, "counter", value.load(Relaxed));
         }
@@ -324,20 +277,14 @@ impl Metrics {
                 "Per output frame: resample, Opus encode, enqueue.",
                 &self.output_frame_seconds,
             ),
-            (
-                "parley_turn_seconds",
-                "Turn on the server: speech end to first reply frame sent.",
-                &self.turn_seconds,
-            ),
+            ("parley_turn_seconds", "Turn on the server: speech end to first reply frame sent.", &self.turn_seconds),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
             histogram.render(&mut out, name, "");
         }
         let name = "parley_stage_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Turn stage durations (previous mark to this one).\n# TYPE {name} histogram"
-        );
+        let _ =
+            writeln!(out, "# HELP {name} Turn stage durations (previous mark to this one).\n# TYPE {name} histogram");
         for (stage, histogram) in STAGES.iter().zip(&self.stage_seconds) {
             histogram.render(&mut out, name, &format!("stage=\"{stage}\""));
         }
@@ -358,10 +305,7 @@ mod tests {
         metrics.turn_seconds.observe(Duration::from_millis(15));
         metrics.observe_stage(mark::ENDPOINT, Duration::from_millis(300));
         let text = metrics.render();
-        assert!(
-            text.contains("parley_sessions_closed_total{reason=\"slow_consumer\"} 1"),
-            "{text}"
-        );
+        assert!(text.contains("parley_sessions_closed_total{reason=\"slow_consumer\"} 1"), "{text}");
         assert!(text.contains("parley_input_errors_total{kind=\"bad_audio\"} 1"));
         assert!(text.contains("parley_turn_seconds_bucket{le=\"0.02\"} 1"));
         assert!(text.contains("parley_turn_seconds_bucket{le=\"0.16\"} 2"));

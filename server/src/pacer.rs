@@ -8,9 +8,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Output, ReplyControl, TurnMarks};
 use crate::session::Outbox;
 use parley_protocol::event::{LatencyMark, mark};
-use parley_protocol::{
-    FRAME_MS, FrameHeader, MAX_OPUS_PACKET_BYTES, ServerEvent, frame::HEADER_LEN, frame_samples,
-};
+use parley_protocol::{FRAME_MS, FrameHeader, MAX_OPUS_PACKET_BYTES, ServerEvent, frame::HEADER_LEN, frame_samples};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -110,9 +108,7 @@ impl Pacer {
                 self.run_start = now;
                 self.run_sent = Duration::ZERO;
             }
-            let due = (self.run_start + self.run_sent)
-                .checked_sub(self.max_lead)
-                .unwrap_or(self.run_start);
+            let due = (self.run_start + self.run_sent).checked_sub(self.max_lead).unwrap_or(self.run_start);
             tokio::select! {
                 biased;
                 _ = self.control.cancelled.notified() => self.cancel(),
@@ -138,33 +134,18 @@ impl Pacer {
                 }
                 self.marks.push(marks);
             }
-            Output::Audio {
-                turn,
-                pcm,
-                sample_rate,
-                ref_ts_us,
-            } => {
+            Output::Audio { turn, pcm, sample_rate, ref_ts_us } => {
                 if self.is_cancelled(turn) {
-                    self.metrics.reply_frames_dropped.fetch_add(
-                        (pcm.len() / frame_samples(sample_rate).max(1)) as u64,
-                        Relaxed,
-                    );
+                    self.metrics
+                        .reply_frames_dropped
+                        .fetch_add((pcm.len() / frame_samples(sample_rate).max(1)) as u64, Relaxed);
                     return Ok(());
                 }
                 self.follow_rate_change()?;
                 if self.turn.as_ref().is_none_or(|t| t.turn != turn || t.ended) {
-                    self.turn = Some(TurnState {
-                        turn,
-                        frames: 0,
-                        first_sent: None,
-                        ended: false,
-                    });
+                    self.turn = Some(TurnState { turn, frames: 0, first_sent: None, ended: false });
                 }
-                if self
-                    .resampler
-                    .as_ref()
-                    .is_none_or(|r| r.rates() != (sample_rate, self.rate))
-                {
+                if self.resampler.as_ref().is_none_or(|r| r.rates() != (sample_rate, self.rate)) {
                     self.resampler = Some(Resampler::new(sample_rate, self.rate)?);
                 }
                 let resampler = self.resampler.as_mut().expect("set above");
@@ -207,15 +188,10 @@ impl Pacer {
         let started = Instant::now();
         let frame = self.frame_len();
         if let Some(state) = self.turn.as_ref().filter(|t| t.turn > 0 && t.frames == 0) {
-            let event = ServerEvent::ResponseAudioStarted {
-                turn: state.turn,
-                first_seq: self.seq,
-            };
+            let event = ServerEvent::ResponseAudioStarted { turn: state.turn, first_seq: self.seq };
             self.outbox.event(&event);
         }
-        let n = self
-            .encoder
-            .encode(&self.pcm[..frame], &mut self.packet[HEADER_LEN..])?;
+        let n = self.encoder.encode(&self.pcm[..frame], &mut self.packet[HEADER_LEN..])?;
         FrameHeader::audio(self.seq, self.ref_ts_us).write(&mut self.packet);
         self.outbox.audio(&self.packet[..HEADER_LEN + n]);
         self.pcm.drain(..frame);
@@ -233,8 +209,7 @@ impl Pacer {
                     self.send_latency(turn, Some(sent_at));
                 }
             }
-            self.control
-                .set_playing(turn, self.run_start + self.run_sent);
+            self.control.set_playing(turn, self.run_start + self.run_sent);
         }
         Ok(())
     }
@@ -262,17 +237,12 @@ impl Pacer {
             return;
         };
         let frame = self.frame_len();
-        self.metrics
-            .reply_frames_dropped
-            .fetch_add((self.pcm.len() / frame) as u64, Relaxed);
+        self.metrics.reply_frames_dropped.fetch_add((self.pcm.len() / frame) as u64, Relaxed);
         self.metrics.replies_cancelled.fetch_add(1, Relaxed);
         self.pcm.clear();
         self.resampler = None;
         let sent = Duration::from_millis(state.frames as u64 * FRAME_MS as u64);
-        let played = state
-            .first_sent
-            .map_or(Duration::ZERO, |t| t.elapsed())
-            .min(sent);
+        let played = state.first_sent.map_or(Duration::ZERO, |t| t.elapsed()).min(sent);
         let event = ServerEvent::ReplyCancelled {
             turn: state.turn,
             reason,
@@ -280,8 +250,7 @@ impl Pacer {
             sent_ms: sent.as_millis() as u64,
         };
         self.outbox.event(&event);
-        self.control
-            .record_cancel(state.turn, played.as_millis() as u64);
+        self.control.record_cancel(state.turn, played.as_millis() as u64);
         self.control.set_playing(0, Instant::now());
         self.turn = None;
     }
@@ -295,29 +264,17 @@ impl Pacer {
         let ms = |t: Instant| t.saturating_duration_since(marks.anchor).as_secs_f64() * 1000.0;
         let mut out: Vec<LatencyMark> = Vec::with_capacity(marks.marks.len() + 1);
         let mut previous = marks.anchor;
-        for &(stage, at) in marks
-            .marks
-            .iter()
-            .chain(first_frame.map(|t| (mark::FIRST_FRAME_SENT, t)).iter())
-        {
+        for &(stage, at) in marks.marks.iter().chain(first_frame.map(|t| (mark::FIRST_FRAME_SENT, t)).iter()) {
             if stage != mark::SPEECH_END {
-                self.metrics
-                    .observe_stage(stage, at.saturating_duration_since(previous));
+                self.metrics.observe_stage(stage, at.saturating_duration_since(previous));
             }
             previous = at;
-            out.push(LatencyMark {
-                stage: stage.to_string(),
-                at_ms: ms(at),
-            });
+            out.push(LatencyMark { stage: stage.to_string(), at_ms: ms(at) });
         }
         let total = previous.saturating_duration_since(marks.anchor);
         if first_frame.is_some() {
             self.metrics.turn_seconds.observe(total);
         }
-        self.outbox.event(&ServerEvent::TurnLatency {
-            turn,
-            marks: out,
-            total_ms: total.as_secs_f64() * 1000.0,
-        });
+        self.outbox.event(&ServerEvent::TurnLatency { turn, marks: out, total_ms: total.as_secs_f64() * 1000.0 });
     }
 }

@@ -47,25 +47,14 @@ struct Shared {
 }
 
 /// Runs the server with the pipeline the configuration names until `shutdown` completes.
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future,
-) -> Result<(), ServerError> {
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future) -> Result<(), ServerError> {
     let pipeline = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || pipeline::from_config(&config))
             .await
             .map_err(|e| ServerError::PipelineUnavailable(e.to_string()))??
     };
-    run_with_pipeline(
-        listener,
-        config,
-        pipeline,
-        Arc::new(Metrics::default()),
-        shutdown,
-    )
-    .await
+    run_with_pipeline(listener, config, pipeline, Arc::new(Metrics::default()), shutdown).await
 }
 
 /// Runs the server with a given pipeline and metrics registry until `shutdown` completes, then
@@ -90,9 +79,7 @@ pub async fn run_with_pipeline(
         shutdown: shutdown_tx,
         _drain: drain_tx,
     });
-    let connections = Arc::new(Semaphore::new(
-        shared.config.max_sessions + EXTRA_CONNECTIONS,
-    ));
+    let connections = Arc::new(Semaphore::new(shared.config.max_sessions + EXTRA_CONNECTIONS));
     tracing::info!(addr = ?listener.local_addr().ok(), pipeline = shared.pipeline.name(), "listening");
     tokio::select! {
         _ = accept_loop(&listener, &shared, &connections) => {}
@@ -101,10 +88,7 @@ pub async fn run_with_pipeline(
     drop(listener);
     let _ = shared.shutdown.send(());
     drop(shared);
-    if tokio::time::timeout(drain_timeout, drain_rx.recv())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(drain_timeout, drain_rx.recv()).await.is_err() {
         tracing::warn!("sessions still open after the drain timeout");
     }
     Ok(())
@@ -113,11 +97,7 @@ pub async fn run_with_pipeline(
 async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, connections: &Arc<Semaphore>) {
     let mut backoff = Duration::from_millis(10);
     loop {
-        let permit = connections
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let permit = connections.clone().acquire_owned().await.expect("semaphore never closed");
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
@@ -151,32 +131,15 @@ async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
         Ok(Ok(request)) => request,
         Ok(Err(http::HttpError::Eof)) | Ok(Err(http::HttpError::Io(_))) => return,
         Ok(Err(e)) => {
-            let _ = http::respond(
-                &mut stream,
-                "400 Bad Request",
-                "text/plain",
-                &format!("{e}\n"),
-            )
-            .await;
+            let _ = http::respond(&mut stream, "400 Bad Request", "text/plain", &format!("{e}\n")).await;
             return;
         }
         Err(_) => {
-            let _ = http::respond(
-                &mut stream,
-                "408 Request Timeout",
-                "text/plain",
-                "request head timed out\n",
-            )
-            .await;
+            let _ = http::respond(&mut stream, "408 Request Timeout", "text/plain", "request head timed out\n").await;
             return;
         }
     };
-    let path = request
-        .path
-        .split('?')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let path = request.path.split('?').next().unwrap_or_default().to_string();
     let metrics = &shared.metrics;
     let result = match (request.method.as_str(), path.as_str()) {
         ("GET", "/healthz") => {
@@ -190,38 +153,16 @@ async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
         }
         ("GET", "/metrics") => {
             metrics.http_requests.fetch_add(1, Relaxed);
-            http::respond(
-                &mut stream,
-                "200 OK",
-                "text/plain; version=0.0.4",
-                &metrics.render(),
-            )
-            .await
+            http::respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &metrics.render()).await
         }
         ("GET", WS_PATH) if request.is_websocket_upgrade() => {
             return upgrade(stream, request, shared).await;
         }
         ("GET", WS_PATH) => {
-            http::respond(
-                &mut stream,
-                "426 Upgrade Required",
-                "text/plain",
-                "use a WebSocket client\n",
-            )
-            .await
+            http::respond(&mut stream, "426 Upgrade Required", "text/plain", "use a WebSocket client\n").await
         }
-        ("GET", _) => {
-            http::respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await
-        }
-        _ => {
-            http::respond(
-                &mut stream,
-                "405 Method Not Allowed",
-                "text/plain",
-                "only GET\n",
-            )
-            .await
-        }
+        ("GET", _) => http::respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
+        _ => http::respond(&mut stream, "405 Method Not Allowed", "text/plain", "only GET\n").await,
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "response failed");
@@ -233,41 +174,26 @@ async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>) 
     let response = match http::upgrade_response(&request) {
         Ok(response) => response,
         Err(status) => {
-            let _ = http::respond(
-                &mut stream,
-                status,
-                "text/plain",
-                "bad WebSocket upgrade request\n",
-            )
-            .await;
+            let _ = http::respond(&mut stream, status, "text/plain", "bad WebSocket upgrade request\n").await;
             return;
         }
     };
     // Take the session slot before answering, so a refusal is a clean close and not a timeout.
     let permit = shared.sessions.clone().try_acquire_owned().ok();
-    if tokio::io::AsyncWriteExt::write_all(&mut stream, response.as_bytes())
-        .await
-        .is_err()
-    {
+    if tokio::io::AsyncWriteExt::write_all(&mut stream, response.as_bytes()).await.is_err() {
         return;
     }
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(config.max_message_bytes))
         .max_frame_size(Some(config.max_message_bytes));
-    let ws =
-        WebSocketStream::from_partially_read(stream, request.rest, Role::Server, Some(ws_config))
-            .await;
+    let ws = WebSocketStream::from_partially_read(stream, request.rest, Role::Server, Some(ws_config)).await;
     match permit {
         Some(permit) => run_session(ws, shared, permit).await,
         None => refuse(ws, shared).await,
     }
 }
 
-async fn run_session(
-    ws: WebSocketStream<TcpStream>,
-    shared: &Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
-) {
+async fn run_session(ws: WebSocketStream<TcpStream>, shared: &Arc<Shared>, _permit: OwnedSemaphorePermit) {
     let ctx = SessionContext {
         id: shared.next_id.fetch_add(1, Relaxed),
         config: shared.config.clone(),
@@ -286,12 +212,8 @@ async fn refuse(mut ws: WebSocketStream<TcpStream>, shared: &Arc<Shared>) {
     tracing::info!("refusing a session: {reason}");
     let event = ServerEvent::error(ErrorCode::ServerFull, reason.clone());
     let goodbye = async {
-        ws.send(tokio_tungstenite::tungstenite::Message::text(
-            event.to_json(),
-        ))
-        .await?;
-        ws.send(close_message(CloseCode::TryAgainLater, &reason))
-            .await?;
+        ws.send(tokio_tungstenite::tungstenite::Message::text(event.to_json())).await?;
+        ws.send(close_message(CloseCode::TryAgainLater, &reason)).await?;
         // Wait for the client's close answer.
         while let Some(Ok(_)) = futures_util::StreamExt::next(&mut ws).await {}
         Ok::<_, tokio_tungstenite::tungstenite::Error>(())

@@ -13,8 +13,8 @@ use crate::pipeline::{Command, Pipeline, ReplyControl, ReplyOutput, SessionIo};
 use futures_util::{SinkExt, StreamExt};
 use parley_protocol::event::{CancelReason, SessionInfo, SessionLimits};
 use parley_protocol::{
-    ClientEvent, CloseCode, DEFAULT_SAMPLE_RATE, ErrorCode, FRAME_MS, FrameHeader,
-    PROTOCOL_VERSION, ServerEvent, frame_samples, is_supported_rate,
+    ClientEvent, CloseCode, DEFAULT_SAMPLE_RATE, ErrorCode, FRAME_MS, FrameHeader, PROTOCOL_VERSION, ServerEvent,
+    frame_samples, is_supported_rate,
 };
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -65,10 +65,7 @@ impl Outbox {
 }
 
 pub fn close_message(code: CloseCode, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code: WsCloseCode::from(code.code()),
-        reason: reason.into(),
-    }))
+    Message::Close(Some(CloseFrame { code: WsCloseCode::from(code.code()), reason: reason.into() }))
 }
 
 /// How the writer task ended.
@@ -86,11 +83,7 @@ enum WriterEnd {
 
 type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
 
-async fn write_loop(
-    mut sink: Sink,
-    mut rx: mpsc::Receiver<Message>,
-    deadline: Duration,
-) -> WriterEnd {
+async fn write_loop(mut sink: Sink, mut rx: mpsc::Receiver<Message>, deadline: Duration) -> WriterEnd {
     while let Some(message) = rx.recv().await {
         let mut closing = matches!(message, Message::Close(_));
         let batch = async {
@@ -157,12 +150,8 @@ impl Session {
         let config = ctx.config.clone();
         let (sink, mut stream) = ws.split();
         let (out_tx, out_rx) = mpsc::channel(config.send_queue);
-        let mut writer =
-            tokio::spawn(write_loop(sink, out_rx, config.write_timeout()).in_current_span());
-        let outbox = Outbox {
-            tx: out_tx,
-            metrics: ctx.metrics.clone(),
-        };
+        let mut writer = tokio::spawn(write_loop(sink, out_rx, config.write_timeout()).in_current_span());
+        let outbox = Outbox { tx: out_tx, metrics: ctx.metrics.clone() };
 
         let control = Arc::new(ReplyControl::new(DEFAULT_SAMPLE_RATE));
         let capacity = (PIPELINE_RATE * config.input_buffer_ms / 1000) as usize;
@@ -170,13 +159,7 @@ impl Session {
         let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
         let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
         let session_id = format!("sess_{}", ctx.id);
-        let pacer = match Pacer::new(
-            reply_rx,
-            control.clone(),
-            outbox.clone(),
-            ctx.metrics.clone(),
-            &config,
-        ) {
+        let pacer = match Pacer::new(reply_rx, control.clone(), outbox.clone(), ctx.metrics.clone(), &config) {
             Ok(pacer) => pacer,
             Err(e) => {
                 tracing::error!(error = %e, "pacer set-up failed");
@@ -209,8 +192,7 @@ impl Session {
             session_id,
             input_rate: DEFAULT_SAMPLE_RATE,
             decoder: OpusDecoder::new(DEFAULT_SAMPLE_RATE).expect("default rate is supported"),
-            resampler: Resampler::new(DEFAULT_SAMPLE_RATE, PIPELINE_RATE)
-                .expect("default rates resample"),
+            resampler: Resampler::new(DEFAULT_SAMPLE_RATE, PIPELINE_RATE).expect("default rates resample"),
             pcm: vec![0.0; frame_samples(48_000)],
             pcm16: Vec::with_capacity(frame_samples(48_000)),
             last_seq: None,
@@ -289,10 +271,7 @@ impl Session {
                 Err(_) => writer.abort(),
             }
             // Read until the client answers the close (or the grace period ends).
-            let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                while let Some(Ok(_)) = stream.next().await {}
-            })
-            .await;
+            let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
         } else {
             writer.abort();
         }
@@ -340,10 +319,7 @@ impl Session {
                 self.consecutive_errors += 1;
                 (self.consecutive_errors >= self.config.max_consecutive_errors).then(|| {
                     let reason = format!("{} malformed messages in a row", self.consecutive_errors);
-                    (
-                        CloseReason::TooManyErrors,
-                        Some((CloseCode::PolicyViolation, reason)),
-                    )
+                    (CloseReason::TooManyErrors, Some((CloseCode::PolicyViolation, reason)))
                 })
             }
         }
@@ -351,12 +327,8 @@ impl Session {
 
     fn audio_frame(&mut self, data: &[u8]) -> Result<(), (InputError, ServerEvent)> {
         let arrived = Instant::now();
-        let (header, payload) = FrameHeader::decode(data).map_err(|e| {
-            (
-                InputError::BadFrame,
-                ServerEvent::error(ErrorCode::BadFrame, e.to_string()),
-            )
-        })?;
+        let (header, payload) = FrameHeader::decode(data)
+            .map_err(|e| (InputError::BadFrame, ServerEvent::error(ErrorCode::BadFrame, e.to_string())))?;
         let seq = header.seq;
         let mut lost = 0;
         if let Some(last) = self.last_seq {
@@ -373,11 +345,7 @@ impl Session {
         if lost > 0 {
             self.metrics.frames_lost.fetch_add(lost as u64, Relaxed);
             let message = format!("{lost} frame(s) before {seq} missing; concealed");
-            self.outbox.event(&ServerEvent::frame_error(
-                ErrorCode::FramesLost,
-                seq,
-                message,
-            ));
+            self.outbox.event(&ServerEvent::frame_error(ErrorCode::FramesLost, seq, message));
             // Decoder packet-loss concealment keeps the stream's timing across short gaps.
             let mut plc = [0.0f32; 960];
             for _ in 0..lost.min(MAX_CONCEALED_FRAMES) {
@@ -386,12 +354,10 @@ impl Session {
                 }
             }
         }
-        let n = self.decoder.decode(payload, &mut self.pcm).map_err(|e| {
-            (
-                InputError::BadAudio,
-                ServerEvent::frame_error(ErrorCode::BadAudio, seq, e.to_string()),
-            )
-        })?;
+        let n = self
+            .decoder
+            .decode(payload, &mut self.pcm)
+            .map_err(|e| (InputError::BadAudio, ServerEvent::frame_error(ErrorCode::BadAudio, seq, e.to_string())))?;
         self.last_seq = Some(seq);
         let mut pcm = std::mem::take(&mut self.pcm);
         self.push_pcm_slice(&pcm[..n], seq, header.timestamp_us, arrived);
@@ -408,17 +374,10 @@ impl Session {
         }
         let dropped = self.feed.push(&self.pcm16, seq, ts, arrived);
         if dropped > 0 {
-            self.metrics
-                .input_overflow_samples
-                .fetch_add(dropped as u64, Relaxed);
+            self.metrics.input_overflow_samples.fetch_add(dropped as u64, Relaxed);
             if !self.overflowing {
-                let message =
-                    "input buffer full (audio faster than real time?); newest audio dropped";
-                self.outbox.event(&ServerEvent::frame_error(
-                    ErrorCode::InputOverflow,
-                    seq,
-                    message,
-                ));
+                let message = "input buffer full (audio faster than real time?); newest audio dropped";
+                self.outbox.event(&ServerEvent::frame_error(ErrorCode::InputOverflow, seq, message));
             }
         }
         self.overflowing = dropped > 0;
@@ -433,33 +392,21 @@ impl Session {
             };
             (kind, ServerEvent::error(e.code(), e.to_string()))
         })?;
-        let invalid = |message: String| {
-            (
-                InputError::InvalidEvent,
-                ServerEvent::error(ErrorCode::InvalidEvent, message),
-            )
-        };
+        let invalid =
+            |message: String| (InputError::InvalidEvent, ServerEvent::error(ErrorCode::InvalidEvent, message));
         match event {
             ClientEvent::SessionUpdate { session } => {
-                for rate in [session.input_sample_rate, session.output_sample_rate]
-                    .into_iter()
-                    .flatten()
-                {
+                for rate in [session.input_sample_rate, session.output_sample_rate].into_iter().flatten() {
                     if !is_supported_rate(rate) {
-                        return Err(invalid(format!(
-                            "unsupported sample rate {rate} Hz (16000, 24000 or 48000)"
-                        )));
+                        return Err(invalid(format!("unsupported sample rate {rate} Hz (16000, 24000 or 48000)")));
                     }
                 }
                 if let Some(rate) = session.input_sample_rate.filter(|&r| r != self.input_rate) {
                     if self.last_seq.is_some() {
-                        return Err(invalid(
-                            "the input rate can change only before the first audio frame".into(),
-                        ));
+                        return Err(invalid("the input rate can change only before the first audio frame".into()));
                     }
                     let decoder = OpusDecoder::new(rate).map_err(|e| invalid(e.to_string()))?;
-                    let resampler =
-                        Resampler::new(rate, PIPELINE_RATE).map_err(|e| invalid(e.to_string()))?;
+                    let resampler = Resampler::new(rate, PIPELINE_RATE).map_err(|e| invalid(e.to_string()))?;
                     self.decoder = decoder;
                     self.resampler = resampler;
                     self.input_rate = rate;
@@ -467,9 +414,7 @@ impl Session {
                 if let Some(rate) = session.output_sample_rate {
                     self.control.output_rate.store(rate, Relaxed);
                 }
-                self.outbox.event(&ServerEvent::SessionUpdated {
-                    session: self.info(),
-                });
+                self.outbox.event(&ServerEvent::SessionUpdated { session: self.info() });
             }
             ClientEvent::ConversationItemCreate { text } => {
                 if self.commands.try_send(Command::Text(text)).is_err() {

@@ -20,36 +20,18 @@ pub struct Clip {
 /// Panics with the install hint when the package is missing: the tests cannot run without real speech.
 pub fn speech_clips() -> Vec<Clip> {
     let mut clips = Vec::new();
-    for (folder, listing) in [
-        ("librivox", "transcription"),
-        ("cards", "cards.transcription"),
-    ] {
+    for (folder, listing) in [("librivox", "transcription"), ("cards", "cards.transcription")] {
         let dir = Path::new(TESTDATA).join(folder);
-        let text = std::fs::read_to_string(dir.join(listing)).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}: install the Debian package pocketsphinx-testdata",
-                dir.display()
-            )
-        });
+        let text = std::fs::read_to_string(dir.join(listing))
+            .unwrap_or_else(|e| panic!("{}: {e}: install the Debian package pocketsphinx-testdata", dir.display()));
         for line in text.lines() {
             // "<s> words words </s> (file-id)"
-            let Some((words, id)) = line
-                .trim()
-                .strip_prefix("<s>")
-                .and_then(|l| l.rsplit_once("</s>"))
-            else {
+            let Some((words, id)) = line.trim().strip_prefix("<s>").and_then(|l| l.rsplit_once("</s>")) else {
                 continue;
             };
             let id = id.trim().trim_start_matches('(').trim_end_matches(')');
-            let name = Path::new(id)
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            clips.push(Clip {
-                path: dir.join(format!("{name}.wav")),
-                transcript: words.trim().to_string(),
-            });
+            let name = Path::new(id).file_name().unwrap().to_string_lossy().into_owned();
+            clips.push(Clip { path: dir.join(format!("{name}.wav")), transcript: words.trim().to_string() });
         }
     }
     clips
@@ -57,18 +39,11 @@ pub fn speech_clips() -> Vec<Clip> {
 
 /// Reads a 16-bit PCM WAV as mono f32 samples in [-1, 1] and its sample rate.
 pub fn read_wav(path: &Path) -> (Vec<f32>, u32) {
-    let mut reader =
-        hound::WavReader::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = hound::WavReader::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let spec = reader.spec();
     let channels = spec.channels as usize;
-    let samples: Vec<f32> = reader
-        .samples::<i16>()
-        .map(|s| s.expect("wav sample") as f32 / 32768.0)
-        .collect();
-    let mono = samples
-        .chunks(channels)
-        .map(|c| c.iter().sum::<f32>() / channels as f32)
-        .collect();
+    let samples: Vec<f32> = reader.samples::<i16>().map(|s| s.expect("wav sample") as f32 / 32768.0).collect();
+    let mono = samples.chunks(channels).map(|c| c.iter().sum::<f32>() / channels as f32).collect();
     (mono, spec.sample_rate)
 }
 
@@ -83,13 +58,7 @@ pub fn read_16k(path: &Path) -> Vec<f32> {
 pub fn normalize_words(text: &str) -> Vec<String> {
     text.to_lowercase()
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '\'' {
-                c
-            } else {
-                ' '
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '\'' { c } else { ' ' })
         .collect::<String>()
         .split_whitespace()
         .map(str::to_string)
@@ -105,9 +74,7 @@ pub fn word_errors(reference: &str, hypothesis: &str) -> (usize, usize) {
         let prev = d.clone();
         d[0] = i;
         for j in 1..=h.len() {
-            d[j] = (prev[j] + 1)
-                .min(d[j - 1] + 1)
-                .min(prev[j - 1] + usize::from(r[i - 1] != h[j - 1]));
+            d[j] = (prev[j] + 1).min(d[j - 1] + 1).min(prev[j - 1] + usize::from(r[i - 1] != h[j - 1]));
         }
     }
     (d[h.len()], r.len())
@@ -123,4 +90,16 @@ mod tests {
         assert_eq!(word_errors("ten of clubs", "ten clubs"), (1, 3));
         assert_eq!(word_errors("ten of clubs", "two of clubs now"), (2, 3));
     }
+}
+
+/// `text` spoken by the espeak-ng voice `voice` (a different synthetic voice than the server's):
+/// mono samples and their rate (22 050 Hz).
+pub fn espeak(voice: &str, text: &str) -> (Vec<f32>, u32) {
+    let dir = std::env::temp_dir().join(format!("parley-espeak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path =
+        dir.join(format!("{:x}.wav", text.len() * 31 + voice.len() + text.bytes().map(usize::from).sum::<usize>()));
+    let status = std::process::Command::new("espeak-ng").args(["-v", voice, "-w"]).arg(&path).arg(text).status();
+    assert!(status.is_ok_and(|s| s.success()), "espeak-ng failed: install the Debian package espeak-ng");
+    read_wav(&path)
 }

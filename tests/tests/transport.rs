@@ -45,28 +45,20 @@ fn speech(n: usize) -> Vec<Clip> {
         .map(|clip| {
             let (samples, rate) = parley_tests::read_wav(&clip.path);
             let samples = parley_client::audio::resample(&samples, rate, RATE).unwrap();
-            Clip {
-                name: clip.path.display().to_string(),
-                samples,
-            }
+            Clip { name: clip.path.display().to_string(), samples }
         })
         .collect()
 }
 
 async fn connect(server: &TestServer) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(server.url())
-        .await
-        .unwrap();
+    let (ws, _) = tokio_tungstenite::connect_async(server.url()).await.unwrap();
     ws
 }
 
 /// Next text event, skipping audio; panics on close or timeout.
 async fn next_event(ws: &mut Ws) -> ServerEvent {
     loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("event in time")
-        {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("event in time") {
             Some(Ok(Message::Text(text))) => return ServerEvent::parse(text.as_str()).unwrap(),
             Some(Ok(Message::Binary(_) | Message::Ping(_) | Message::Pong(_))) => {}
             other => panic!("expected an event, got {other:?}"),
@@ -87,10 +79,7 @@ async fn next_error(ws: &mut Ws) -> ErrorCode {
 async fn expect_close(ws: &mut Ws) -> (u16, String, Vec<ErrorCode>) {
     let mut errors = Vec::new();
     loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("close in time")
-        {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("close in time") {
             Some(Ok(Message::Close(Some(frame)))) => {
                 return (u16::from(frame.code), frame.reason.to_string(), errors);
             }
@@ -111,22 +100,15 @@ fn encoder() -> opus::Encoder {
 
 fn tone_frame(encoder: &mut opus::Encoder, seq: u32) -> Message {
     let pcm: Vec<f32> = (0..FRAME)
-        .map(|i| {
-            ((seq as usize * FRAME + i) as f32 * 440.0 / RATE as f32 * std::f32::consts::TAU).sin()
-                * 0.3
-        })
+        .map(|i| ((seq as usize * FRAME + i) as f32 * 440.0 / RATE as f32 * std::f32::consts::TAU).sin() * 0.3)
         .collect();
     let packet = encoder.encode_vec_float(&pcm, 1275).unwrap();
-    Message::Binary(Bytes::from(
-        FrameHeader::audio(seq, seq as u64 * 20_000).encode(&packet),
-    ))
+    Message::Binary(Bytes::from(FrameHeader::audio(seq, seq as u64 * 20_000).encode(&packet)))
 }
 
 fn silence_frame(encoder: &mut opus::Encoder, seq: u32) -> Message {
     let packet = encoder.encode_vec_float(&[0.0; FRAME], 1275).unwrap();
-    Message::Binary(Bytes::from(
-        FrameHeader::audio(seq, seq as u64 * 20_000).encode(&packet),
-    ))
+    Message::Binary(Bytes::from(FrameHeader::audio(seq, seq as u64 * 20_000).encode(&packet)))
 }
 
 /// A well-behaved session beside the misbehaving ones: streams `frames` tone frames in real time
@@ -166,18 +148,12 @@ fn healthy_session(url: String, frames: u32) -> JoinHandle<u32> {
 
 async fn assert_healthy(session: JoinHandle<u32>, frames: u32) {
     let received = session.await.unwrap();
-    assert!(
-        received + 5 >= frames,
-        "healthy session got {received} of {frames} frames back"
-    );
+    assert!(received + 5 >= frames, "healthy session got {received} of {frames} frames back");
 }
 
 /// 20 ms RMS envelope.
 fn envelope(samples: &[f32]) -> Vec<f32> {
-    samples
-        .chunks(FRAME)
-        .map(|c| (c.iter().map(|s| s * s).sum::<f32>() / c.len() as f32).sqrt())
-        .collect()
+    samples.chunks(FRAME).map(|c| (c.iter().map(|s| s * s).sum::<f32>() / c.len() as f32).sqrt()).collect()
 }
 
 /// Best Pearson correlation of two envelopes over lags 0..max_lag (b delayed against a).
@@ -186,10 +162,7 @@ fn best_correlation(a: &[f32], b: &[f32], max_lag: usize) -> f32 {
         .map(|lag| {
             let n = a.len().min(b.len().saturating_sub(lag));
             let (x, y) = (&a[..n], &b[lag..lag + n]);
-            let (mx, my) = (
-                x.iter().sum::<f32>() / n as f32,
-                y.iter().sum::<f32>() / n as f32,
-            );
+            let (mx, my) = (x.iter().sum::<f32>() / n as f32, y.iter().sum::<f32>() / n as f32);
             let cov: f32 = x.iter().zip(y).map(|(p, q)| (p - mx) * (q - my)).sum();
             let vx: f32 = x.iter().map(|p| (p - mx).powi(2)).sum();
             let vy: f32 = y.iter().map(|q| (q - my).powi(2)).sum();
@@ -204,10 +177,7 @@ async fn http_get(addr: SocketAddr, request: &str) -> (String, String) {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    (
-        head.lines().next().unwrap_or_default().to_string(),
-        body.to_string(),
-    )
+    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
 }
 
 async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
@@ -224,12 +194,7 @@ async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
 async fn frame_echo_returns_the_speech_with_sequence_and_timestamps() {
     let server = start(Config::default()).await;
     let clips = speech(1);
-    let options = TalkOptions {
-        server: server.url(),
-        pause_ms: 600,
-        wait_for_reply: false,
-        ..TalkOptions::default()
-    };
+    let options = TalkOptions { server: server.url(), pause_ms: 600, wait_for_reply: false, ..TalkOptions::default() };
     let result = parley_client::talk(&options, &clips).await.unwrap();
 
     assert_eq!(result.report.pipeline, "echo");
@@ -245,29 +210,17 @@ async fn frame_echo_returns_the_speech_with_sequence_and_timestamps() {
     }
     // Each echoed frame carries the timestamp of a frame the client sent, in order, and arrives after it.
     let sent: std::collections::HashSet<u64> = result.sent_us.iter().copied().collect();
-    let stamped: Vec<_> = result
-        .frames
-        .iter()
-        .filter(|f| f.timestamp_us > 0)
-        .collect();
+    let stamped: Vec<_> = result.frames.iter().filter(|f| f.timestamp_us > 0).collect();
     assert!(stamped.len() + 10 >= result.frames.len());
     for pair in stamped.windows(2) {
         assert!(pair[0].timestamp_us <= pair[1].timestamp_us);
     }
     for frame in &stamped {
-        assert!(
-            sent.contains(&frame.timestamp_us),
-            "timestamp {} was never sent",
-            frame.timestamp_us
-        );
+        assert!(sent.contains(&frame.timestamp_us), "timestamp {} was never sent", frame.timestamp_us);
         assert!(frame.received_us > frame.timestamp_us);
     }
     // The reply is the speech: its energy envelope follows the input's.
-    let correlation = best_correlation(
-        &envelope(&clips[0].samples),
-        &envelope(&result.reply_audio),
-        25,
-    );
+    let correlation = best_correlation(&envelope(&clips[0].samples), &envelope(&result.reply_audio), 25);
     assert!(correlation > 0.8, "envelope correlation {correlation}");
     server.stop().await;
 }
@@ -276,42 +229,23 @@ async fn frame_echo_returns_the_speech_with_sequence_and_timestamps() {
 async fn utterance_echo_reports_turns_with_latency() {
     let server = start(utterance_config()).await;
     let clips = speech(2);
-    let options = TalkOptions {
-        server: server.url(),
-        pause_ms: 300,
-        ..TalkOptions::default()
-    };
+    let options = TalkOptions { server: server.url(), pause_ms: 300, ..TalkOptions::default() };
     let result = parley_client::talk(&options, &clips).await.unwrap();
     let report = &result.report;
     assert_eq!(report.turns.len(), 2);
     for (turn, clip) in report.turns.iter().zip(&clips) {
         assert!(!turn.server_turns.is_empty(), "{turn:?}");
         let clip_ms = clip.samples.len() as u64 * 1000 / RATE as u64;
-        assert!(
-            turn.reply_audio_ms > clip_ms / 3,
-            "reply {} ms for a {clip_ms} ms clip",
-            turn.reply_audio_ms
-        );
+        assert!(turn.reply_audio_ms > clip_ms / 3, "reply {} ms for a {clip_ms} ms clip", turn.reply_audio_ms);
         let latency = &turn.latency_ms;
-        assert!(
-            latency.voice_to_voice.is_some_and(|v| v > 0.0),
-            "{latency:?}"
-        );
-        let stages: Vec<&str> = latency
-            .server_marks
-            .iter()
-            .map(|(s, _)| s.as_str())
-            .collect();
-        assert_eq!(
-            stages,
-            ["speech_end", "endpoint", "first_audio", "first_frame_sent"]
-        );
+        assert!(latency.voice_to_voice.is_some_and(|v| v > 0.0), "{latency:?}");
+        let stages: Vec<&str> = latency.server_marks.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(stages, ["speech_end", "endpoint", "first_audio", "first_frame_sent"]);
         assert!(latency.server_total.is_some_and(|t| t > 0.0));
     }
     let metrics = server.metrics.render();
     assert!(
-        metrics.contains("parley_turn_seconds_count 2")
-            || metrics.contains("parley_turn_seconds_count 3"),
+        metrics.contains("parley_turn_seconds_count 2") || metrics.contains("parley_turn_seconds_count 3"),
         "{metrics}"
     );
     server.stop().await;
@@ -323,37 +257,20 @@ async fn speech_during_a_reply_cancels_it() {
     let mut clips = speech(3);
     clips.remove(1);
     // The second clip starts while the first one's echo is playing.
-    let options = TalkOptions {
-        server: server.url(),
-        pause_ms: 1200,
-        wait_for_reply: false,
-        ..TalkOptions::default()
-    };
+    let options = TalkOptions { server: server.url(), pause_ms: 1200, wait_for_reply: false, ..TalkOptions::default() };
     let result = parley_client::talk(&options, &clips).await.unwrap();
     let cancelled = result.events.iter().find_map(|(_, e)| match e {
-        ServerEvent::ReplyCancelled {
-            turn,
-            reason,
-            played_ms,
-            sent_ms,
-        } => Some((*turn, *reason, *played_ms, *sent_ms)),
+        ServerEvent::ReplyCancelled { turn, reason, played_ms, sent_ms } => {
+            Some((*turn, *reason, *played_ms, *sent_ms))
+        }
         _ => None,
     });
     let (turn, reason, played, sent) = cancelled.expect("a reply.cancelled event");
     assert_eq!(turn, 1);
     assert_eq!(reason, CancelReason::BargeIn);
-    assert!(
-        played <= sent && sent > 0,
-        "played {played} ms, sent {sent} ms"
-    );
+    assert!(played <= sent && sent > 0, "played {played} ms, sent {sent} ms");
     assert!(!result.report.turns[0].cancelled.is_empty());
-    assert!(
-        server
-            .metrics
-            .replies_cancelled
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 1
-    );
+    assert!(server.metrics.replies_cancelled.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     server.stop().await;
 }
 
@@ -365,46 +282,21 @@ async fn health_and_metrics_answer_on_the_same_port() {
     assert!(body.contains("\"status\":\"ok\""), "{body}");
     let (status, body) = http_get(server.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status, "HTTP/1.1 200 OK");
-    assert!(
-        body.contains("# TYPE parley_sessions_active gauge"),
-        "{body}"
-    );
+    assert!(body.contains("# TYPE parley_sessions_active gauge"), "{body}");
     assert!(body.contains("parley_stage_seconds_bucket{stage=\"endpoint\",le=\"+Inf\"} 0"));
-    assert_eq!(
-        http_get(server.addr, "GET /nope HTTP/1.1\r\n\r\n").await.0,
-        "HTTP/1.1 404 Not Found"
-    );
-    assert_eq!(
-        http_get(server.addr, "POST /healthz HTTP/1.1\r\n\r\n")
-            .await
-            .0,
-        "HTTP/1.1 405 Method Not Allowed"
-    );
-    assert_eq!(
-        http_get(server.addr, "GET /v1/voice HTTP/1.1\r\n\r\n")
-            .await
-            .0,
-        "HTTP/1.1 426 Upgrade Required"
-    );
-    assert_eq!(
-        http_get(server.addr, "BLAH\r\n\r\n").await.0,
-        "HTTP/1.1 400 Bad Request"
-    );
+    assert_eq!(http_get(server.addr, "GET /nope HTTP/1.1\r\n\r\n").await.0, "HTTP/1.1 404 Not Found");
+    assert_eq!(http_get(server.addr, "POST /healthz HTTP/1.1\r\n\r\n").await.0, "HTTP/1.1 405 Method Not Allowed");
+    assert_eq!(http_get(server.addr, "GET /v1/voice HTTP/1.1\r\n\r\n").await.0, "HTTP/1.1 426 Upgrade Required");
+    assert_eq!(http_get(server.addr, "BLAH\r\n\r\n").await.0, "HTTP/1.1 400 Bad Request");
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_over_the_limit_are_refused_with_1013() {
-    let config = Config {
-        max_sessions: 1,
-        ..Config::default()
-    };
+    let config = Config { max_sessions: 1, ..Config::default() };
     let server = start(config).await;
     let mut first = connect(&server).await;
-    assert!(matches!(
-        next_event(&mut first).await,
-        ServerEvent::SessionCreated { .. }
-    ));
+    assert!(matches!(next_event(&mut first).await, ServerEvent::SessionCreated { .. }));
     let mut second = connect(&server).await;
     let (code, reason, errors) = expect_close(&mut second).await;
     assert_eq!(code, CloseCode::TryAgainLater.code());
@@ -423,13 +315,7 @@ async fn sessions_over_the_limit_are_refused_with_1013() {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(
-        server
-            .metrics
-            .sessions_refused
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(server.metrics.sessions_refused.load(std::sync::atomic::Ordering::Relaxed), 1);
     server.stop().await;
 }
 
@@ -438,44 +324,21 @@ async fn bad_input_gets_error_events_and_the_session_goes_on() {
     let server = start(Config::default()).await;
     let healthy = healthy_session(server.url(), 100);
     let mut ws = connect(&server).await;
-    assert!(matches!(
-        next_event(&mut ws).await,
-        ServerEvent::SessionCreated { .. }
-    ));
+    assert!(matches!(next_event(&mut ws).await, ServerEvent::SessionCreated { .. }));
     let mut encoder = encoder();
 
-    ws.send(Message::Binary(Bytes::from_static(
-        b"\x09garbage, not a frame",
-    )))
-    .await
-    .unwrap();
+    ws.send(Message::Binary(Bytes::from_static(b"\x09garbage, not a frame"))).await.unwrap();
     assert_eq!(next_error(&mut ws).await, ErrorCode::BadFrame);
-    ws.send(Message::Binary(Bytes::from_static(b"\x01\x01")))
-        .await
-        .unwrap();
+    ws.send(Message::Binary(Bytes::from_static(b"\x01\x01"))).await.unwrap();
     assert_eq!(next_error(&mut ws).await, ErrorCode::BadFrame);
     // A valid header carrying a packet that is not one 20 ms Opus frame (a 10 ms TOC byte).
-    ws.send(Message::Binary(Bytes::from(
-        FrameHeader::audio(0, 0).encode(&[18 << 3, 1, 2, 3]),
-    )))
-    .await
-    .unwrap();
+    ws.send(Message::Binary(Bytes::from(FrameHeader::audio(0, 0).encode(&[18 << 3, 1, 2, 3])))).await.unwrap();
     assert_eq!(next_error(&mut ws).await, ErrorCode::BadAudio);
-    ws.send(Message::text(
-        r#"{"type":"input_audio_buffer.append","audio":"..."}"#,
-    ))
-    .await
-    .unwrap();
+    ws.send(Message::text(r#"{"type":"input_audio_buffer.append","audio":"..."}"#)).await.unwrap();
     assert_eq!(next_error(&mut ws).await, ErrorCode::UnknownEvent);
-    ws.send(Message::text("{definitely not json"))
-        .await
-        .unwrap();
+    ws.send(Message::text("{definitely not json")).await.unwrap();
     assert_eq!(next_error(&mut ws).await, ErrorCode::InvalidJson);
-    ws.send(Message::text(
-        r#"{"type":"session.update","session":{"input_sample_rate":44100}}"#,
-    ))
-    .await
-    .unwrap();
+    ws.send(Message::text(r#"{"type":"session.update","session":{"input_sample_rate":44100}}"#)).await.unwrap();
     assert_eq!(next_error(&mut ws).await, ErrorCode::InvalidEvent);
     // Frames out of order: 5 is accepted, 3 is dropped, a gap to 8 is concealed.
     ws.send(tone_frame(&mut encoder, 5)).await.unwrap();
@@ -484,14 +347,9 @@ async fn bad_input_gets_error_events_and_the_session_goes_on() {
     ws.send(tone_frame(&mut encoder, 8)).await.unwrap();
     assert_eq!(next_error(&mut ws).await, ErrorCode::FramesLost);
     // Still served: typed text is echoed, audio comes back.
-    ws.send(Message::text(
-        ClientEvent::ConversationItemCreate {
-            text: "still there?".into(),
-        }
-        .to_json(),
-    ))
-    .await
-    .unwrap();
+    ws.send(Message::text(ClientEvent::ConversationItemCreate { text: "still there?".into() }.to_json()))
+        .await
+        .unwrap();
     loop {
         if let ServerEvent::ResponseTextDone { text, .. } = next_event(&mut ws).await {
             assert_eq!(text, "still there?");
@@ -511,42 +369,28 @@ async fn bad_input_gets_error_events_and_the_session_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_bad_messages_close_with_1008() {
-    let config = Config {
-        max_consecutive_errors: 5,
-        ..Config::default()
-    };
+    let config = Config { max_consecutive_errors: 5, ..Config::default() };
     let server = start(config).await;
     let mut ws = connect(&server).await;
     for _ in 0..5 {
-        ws.send(Message::Binary(Bytes::from_static(b"junk")))
-            .await
-            .unwrap();
+        ws.send(Message::Binary(Bytes::from_static(b"junk"))).await.unwrap();
     }
     let (code, _, errors) = expect_close(&mut ws).await;
     assert_eq!(code, CloseCode::PolicyViolation.code());
     assert_eq!(errors.len(), 5);
-    wait_for("the session to end", || {
-        server.metrics.sessions_closed(CloseReason::TooManyErrors) == 1
-    })
-    .await;
+    wait_for("the session to end", || server.metrics.sessions_closed(CloseReason::TooManyErrors) == 1).await;
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_message_closes_with_1009() {
-    let config = Config {
-        max_message_bytes: 4096,
-        ..Config::default()
-    };
+    let config = Config { max_message_bytes: 4096, ..Config::default() };
     let server = start(config).await;
     let healthy = healthy_session(server.url(), 75);
     let mut ws = connect(&server).await;
-    ws.send(Message::text(format!(
-        r#"{{"type":"conversation.item.create","text":"{}"}}"#,
-        "a".repeat(10_000)
-    )))
-    .await
-    .unwrap();
+    ws.send(Message::text(format!(r#"{{"type":"conversation.item.create","text":"{}"}}"#, "a".repeat(10_000))))
+        .await
+        .unwrap();
     let (code, reason, errors) = expect_close(&mut ws).await;
     assert_eq!(code, CloseCode::MessageTooBig.code());
     assert!(reason.contains("4096"), "{reason}");
@@ -558,12 +402,8 @@ async fn oversize_message_closes_with_1009() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_and_others_go_on() {
-    let config = Config {
-        write_timeout_ms: 500,
-        socket_send_buffer: Some(4096),
-        opus_bitrate: 256_000,
-        ..Config::default()
-    };
+    let config =
+        Config { write_timeout_ms: 500, socket_send_buffer: Some(4096), opus_bitrate: 256_000, ..Config::default() };
     let server = start(config).await;
     let healthy = healthy_session(server.url(), 150);
 
@@ -571,9 +411,7 @@ async fn a_client_that_stops_reading_is_closed_and_others_go_on() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(server.addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(server.url(), stream)
-        .await
-        .unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(server.url(), stream).await.unwrap();
     let (mut sink, stream) = ws.split();
     let mut encoder = encoder();
     encoder.set_bitrate(opus::Bitrate::Bits(256_000)).unwrap();
@@ -589,27 +427,15 @@ async fn a_client_that_stops_reading_is_closed_and_others_go_on() {
             .collect();
         let packet = encoder.encode_vec_float(&pcm, 1275).unwrap();
         let message = Message::Binary(Bytes::from(FrameHeader::audio(seq, 0).encode(&packet)));
-        if sink.send(message).await.is_err()
-            || server.metrics.sessions_closed(CloseReason::SlowConsumer) == 1
-        {
+        if sink.send(message).await.is_err() || server.metrics.sessions_closed(CloseReason::SlowConsumer) == 1 {
             break;
         }
     }
     drop(stream);
-    assert_eq!(
-        server.metrics.sessions_closed(CloseReason::SlowConsumer),
-        1,
-        "the slow reader was closed"
-    );
+    assert_eq!(server.metrics.sessions_closed(CloseReason::SlowConsumer), 1, "the slow reader was closed");
     assert_healthy(healthy, 150).await;
-    wait_for("sessions to end", || {
-        server
-            .metrics
-            .sessions_active
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 0
-    })
-    .await;
+    wait_for("sessions to end", || server.metrics.sessions_active.load(std::sync::atomic::Ordering::Relaxed) == 0)
+        .await;
     server.stop().await;
 }
 
@@ -629,38 +455,22 @@ async fn disconnect_mid_reply_is_counted_and_harmless() {
         let begin = seq as usize * FRAME;
         let pcm = clip.samples.get(begin..begin + FRAME).unwrap_or(&silence);
         let packet = encoder.encode_vec_float(pcm, 1275).unwrap();
-        ws.send(Message::Binary(Bytes::from(
-            FrameHeader::audio(seq, 0).encode(&packet),
-        )))
-        .await
-        .unwrap();
+        ws.send(Message::Binary(Bytes::from(FrameHeader::audio(seq, 0).encode(&packet)))).await.unwrap();
         seq += 1;
         assert!(seq < 2000, "no reply started");
-        while let Ok(Some(Ok(message))) =
-            tokio::time::timeout(Duration::from_millis(1), ws.next()).await
-        {
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_millis(1), ws.next()).await {
             if let Message::Text(text) = message
-                && let Ok(ServerEvent::ResponseAudioStarted { .. }) =
-                    ServerEvent::parse(text.as_str())
+                && let Ok(ServerEvent::ResponseAudioStarted { .. }) = ServerEvent::parse(text.as_str())
             {
                 break 'outer;
             }
         }
     }
     drop(ws);
-    wait_for("the session to end", || {
-        server.metrics.sessions_closed(CloseReason::ClientGone) == 1
-    })
-    .await;
+    wait_for("the session to end", || server.metrics.sessions_closed(CloseReason::ClientGone) == 1).await;
     assert_healthy(healthy, 150).await;
-    wait_for("sessions to end", || {
-        server
-            .metrics
-            .sessions_active
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 0
-    })
-    .await;
+    wait_for("sessions to end", || server.metrics.sessions_active.load(std::sync::atomic::Ordering::Relaxed) == 0)
+        .await;
     server.stop().await;
 }
 
@@ -669,14 +479,8 @@ async fn shutdown_tells_sessions_and_drains_them() {
     let server = start(Config::default()).await;
     let mut a = connect(&server).await;
     let mut b = connect(&server).await;
-    assert!(matches!(
-        next_event(&mut a).await,
-        ServerEvent::SessionCreated { .. }
-    ));
-    assert!(matches!(
-        next_event(&mut b).await,
-        ServerEvent::SessionCreated { .. }
-    ));
+    assert!(matches!(next_event(&mut a).await, ServerEvent::SessionCreated { .. }));
+    assert!(matches!(next_event(&mut b).await, ServerEvent::SessionCreated { .. }));
     let metrics = server.metrics.clone();
     let mut server = server;
     server.signal_shutdown();
@@ -688,10 +492,5 @@ async fn shutdown_tells_sessions_and_drains_them() {
     }
     server.drained().await;
     assert_eq!(metrics.sessions_closed(CloseReason::Shutdown), 2);
-    assert_eq!(
-        metrics
-            .sessions_active
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(metrics.sessions_active.load(std::sync::atomic::Ordering::Relaxed), 0);
 }

@@ -14,15 +14,9 @@ pub fn bench(c: &mut criterion::Criterion) {
         asr.mode = mode;
         for clip in picked {
             let audio = read_16k(&clip.path);
-            let name = clip
-                .path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = clip.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let id = format!("{mode:?}/{name}/{:.1}s", audio.len() as f64 / 16000.0);
-            group.bench_function(id, |b| {
-                b.iter(|| asr.transcribe(black_box(&audio)).expect("transcribe"))
-            });
+            group.bench_function(id, |b| b.iter(|| asr.transcribe(black_box(&audio)).expect("transcribe")));
         }
     }
     group.finish();

@@ -11,10 +11,7 @@ const DECODE_TOKENS: usize = 16;
 
 pub fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("llm");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(10));
+    group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(10));
     for threads in [1, 2] {
         let mut llm = Llm::load(manifest(), threads).unwrap_or_else(|e| panic!("{e}"));
         let history = [Message::system(SYSTEM), Message::user(QUESTION)];
@@ -22,8 +19,7 @@ pub fn bench(c: &mut Criterion) {
         group.bench_function(format!("prefill_40_tokens/{threads}t"), |b| {
             b.iter(|| {
                 llm.reset_cache();
-                llm.generate(&history, 1, |_| ControlFlow::Continue(()))
-                    .unwrap()
+                llm.generate(&history, 1, |_| ControlFlow::Continue(())).unwrap()
             })
         });
         // Per-token decoding: the mean step time of a reply, after a prefill that is not counted.
@@ -33,27 +29,16 @@ pub fn bench(c: &mut Criterion) {
                 for _ in 0..iters {
                     llm.reset_cache();
                     let t = Instant::now();
-                    let g = llm
-                        .generate(&history, DECODE_TOKENS + 1, |_| ControlFlow::Continue(()))
-                        .unwrap();
+                    let g = llm.generate(&history, DECODE_TOKENS + 1, |_| ControlFlow::Continue(())).unwrap();
                     let steps = g.generated_tokens.saturating_sub(1).max(1) as u32;
-                    total += t
-                        .elapsed()
-                        .saturating_sub(Duration::from_secs_f64(g.prefill_ms / 1000.0))
-                        / steps;
+                    total += t.elapsed().saturating_sub(Duration::from_secs_f64(g.prefill_ms / 1000.0)) / steps;
                 }
                 total
             })
         });
         // A follow-up turn whose conversation so far is cached: only the new turn is prefilled.
-        let first = llm
-            .generate(&history, 40, |_| ControlFlow::Continue(()))
-            .unwrap();
-        let so_far = [
-            Message::system(SYSTEM),
-            Message::user(QUESTION),
-            Message::assistant(first.text),
-        ];
+        let first = llm.generate(&history, 40, |_| ControlFlow::Continue(())).unwrap();
+        let so_far = [Message::system(SYSTEM), Message::user(QUESTION), Message::assistant(first.text)];
         let mut follow_up = so_far.to_vec();
         follow_up.push(Message::user("Tell me another one."));
         group.bench_function(format!("cached_turn_prefill/{threads}t"), |b| {
@@ -61,12 +46,9 @@ pub fn bench(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     llm.reset_cache();
-                    llm.generate(&so_far, 1, |_| ControlFlow::Continue(()))
-                        .unwrap();
+                    llm.generate(&so_far, 1, |_| ControlFlow::Continue(())).unwrap();
                     let t = Instant::now();
-                    let g = llm
-                        .generate(&follow_up, 1, |_| ControlFlow::Continue(()))
-                        .unwrap();
+                    let g = llm.generate(&follow_up, 1, |_| ControlFlow::Continue(())).unwrap();
                     total += t.elapsed();
                     assert!(g.reused_tokens > g.prefilled_tokens, "{g:?}");
                 }

@@ -14,13 +14,5 @@ pub fn manifest() -> &'static Manifest {
     MANIFEST.get_or_init(|| Manifest::load_default().unwrap_or_else(|e| panic!("{e}")))
 }
 
-criterion::criterion_group!(
-    benches,
-    vad::bench,
-    asr::bench,
-    llm::bench,
-    tts::bench,
-    speaker::bench,
-    text_embed::bench
-);
+criterion::criterion_group!(benches, vad::bench, asr::bench, llm::bench, tts::bench, speaker::bench, text_embed::bench);
 criterion::criterion_main!(benches);

@@ -9,12 +9,8 @@ pub fn bench(c: &mut criterion::Criterion) {
     let mut embedder = TextEmbedder::load(manifest(), 2).unwrap_or_else(|e| panic!("{e}"));
     let mut group = c.benchmark_group("text_embed");
     group.sample_size(20);
-    group.bench_function("sentence", |b| {
-        b.iter(|| embedder.embed(black_box(SENTENCE)).unwrap())
-    });
+    group.bench_function("sentence", |b| b.iter(|| embedder.embed(black_box(SENTENCE)).unwrap()));
     let batch = [SENTENCE; 8];
-    group.bench_function("batch_8", |b| {
-        b.iter(|| embedder.embed_batch(black_box(&batch)).unwrap())
-    });
+    group.bench_function("batch_8", |b| b.iter(|| embedder.embed_batch(black_box(&batch)).unwrap()));
     group.finish();
 }

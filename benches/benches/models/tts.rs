@@ -17,24 +17,13 @@ pub fn bench(c: &mut Criterion) {
         let audio = tts.synthesize(text).unwrap();
         let dt = t.elapsed().as_secs_f64();
         let seconds = audio.len() as f64 / f64::from(tts.sample_rate());
-        eprintln!(
-            "tts: {text:?}: {seconds:.2} s of audio in {:.0} ms, RTF {:.3}",
-            dt * 1e3,
-            dt / seconds
-        );
+        eprintln!("tts: {text:?}: {seconds:.2} s of audio in {:.0} ms, RTF {:.3}", dt * 1e3, dt / seconds);
     }
 
     let mut group = c.benchmark_group("tts");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(5))
-        .warm_up_time(Duration::from_secs(1));
-    group.bench_function("phonemize_sentence", |b| {
-        b.iter(|| tts.sentences(SENTENCE).unwrap())
-    });
-    group.bench_function("time_to_audio_short_clause", |b| {
-        b.iter(|| tts.synthesize(CLAUSE).unwrap())
-    });
+    group.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
+    group.bench_function("phonemize_sentence", |b| b.iter(|| tts.sentences(SENTENCE).unwrap()));
+    group.bench_function("time_to_audio_short_clause", |b| b.iter(|| tts.synthesize(CLAUSE).unwrap()));
     group.bench_function("sentence", |b| b.iter(|| tts.synthesize(SENTENCE).unwrap()));
     group.finish();
 }

@@ -30,11 +30,7 @@ impl OpusDecoder {
         if !is_supported_rate(rate) {
             return Err(CodecError::Rate(rate));
         }
-        Ok(Self {
-            decoder: opus::Decoder::new(rate, opus::Channels::Mono)?,
-            rate,
-            frame: frame_samples(rate),
-        })
+        Ok(Self { decoder: opus::Decoder::new(rate, opus::Channels::Mono)?, rate, frame: frame_samples(rate) })
     }
 
     /// Samples per frame at the stream rate.
@@ -44,28 +40,20 @@ impl OpusDecoder {
 
     /// Decodes one packet into `out` (at least one frame long); returns the samples written.
     pub fn decode(&mut self, packet: &[u8], out: &mut [f32]) -> Result<usize, CodecError> {
-        let samples =
-            opus::packet::get_nb_samples(packet, self.rate).map_err(CodecError::NotOpus)?;
+        let samples = opus::packet::get_nb_samples(packet, self.rate).map_err(CodecError::NotOpus)?;
         if samples != self.frame {
             return Err(CodecError::WrongDuration(samples, self.frame));
         }
-        if opus::packet::get_nb_channels(packet).map_err(CodecError::NotOpus)?
-            != opus::Channels::Mono
-        {
+        if opus::packet::get_nb_channels(packet).map_err(CodecError::NotOpus)? != opus::Channels::Mono {
             return Err(CodecError::NotMono);
         }
-        let n = self
-            .decoder
-            .decode_float(packet, &mut out[..self.frame], false)
-            .map_err(CodecError::NotOpus)?;
+        let n = self.decoder.decode_float(packet, &mut out[..self.frame], false).map_err(CodecError::NotOpus)?;
         Ok(n)
     }
 
     /// Packet-loss concealment: synthesizes one frame in place of a lost one.
     pub fn conceal(&mut self, out: &mut [f32]) -> Result<usize, CodecError> {
-        Ok(self
-            .decoder
-            .decode_float(&[], &mut out[..self.frame], false)?)
+        Ok(self.decoder.decode_float(&[], &mut out[..self.frame], false)?)
     }
 }
 
@@ -83,10 +71,7 @@ impl OpusEncoder {
         let mut encoder = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip)?;
         encoder.set_bitrate(opus::Bitrate::Bits(bitrate))?;
         encoder.set_complexity(complexity)?;
-        Ok(Self {
-            encoder,
-            frame: frame_samples(rate),
-        })
+        Ok(Self { encoder, frame: frame_samples(rate) })
     }
 
     pub fn frame_len(&self) -> usize {
@@ -96,9 +81,7 @@ impl OpusEncoder {
     /// Encodes exactly one frame of `pcm` into `out`; returns the packet length.
     pub fn encode(&mut self, pcm: &[f32], out: &mut [u8]) -> Result<usize, CodecError> {
         let limit = out.len().min(MAX_OPUS_PACKET_BYTES);
-        Ok(self
-            .encoder
-            .encode_float(&pcm[..self.frame], &mut out[..limit])?)
+        Ok(self.encoder.encode_float(&pcm[..self.frame], &mut out[..limit])?)
     }
 }
 
@@ -117,21 +100,12 @@ mod tests {
             let n = encoder.encode(&tone, &mut packet).unwrap();
             assert_eq!(decoder.decode(&packet[..n], &mut pcm).unwrap(), 960);
         }
-        assert!(
-            pcm.iter().map(|s| s * s).sum::<f32>() > 10.0,
-            "decoded audio has the tone's energy"
-        );
+        assert!(pcm.iter().map(|s| s * s).sum::<f32>() > 10.0, "decoded audio has the tone's energy");
         assert_eq!(decoder.conceal(&mut pcm).unwrap(), 960);
         // TOC byte of a 10 ms CELT frame (config 18): valid Opus, wrong duration.
-        assert!(matches!(
-            decoder.decode(&[18 << 3, 0, 0], &mut pcm),
-            Err(CodecError::WrongDuration(480, 960))
-        ));
+        assert!(matches!(decoder.decode(&[18 << 3, 0, 0], &mut pcm), Err(CodecError::WrongDuration(480, 960))));
         // Code-3 packet with an impossible frame count.
         assert!(decoder.decode(&[0xFF, 0xFF], &mut pcm).is_err());
-        assert!(matches!(
-            OpusDecoder::new(44_100),
-            Err(CodecError::Rate(44_100))
-        ));
+        assert!(matches!(OpusDecoder::new(44_100), Err(CodecError::Rate(44_100))));
     }
 }

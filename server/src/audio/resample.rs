@@ -28,33 +28,18 @@ impl Resampler {
     pub fn new(from: u32, to: u32) -> Result<Self, ResampleError> {
         let chunk_in = (from / 50) as usize; // 20 ms
         if !from.is_multiple_of(50) || !to.is_multiple_of(50) {
-            return Err(ResampleError::Setup {
-                from,
-                to,
-                message: "20 ms is not a whole number of samples".into(),
-            });
+            return Err(ResampleError::Setup { from, to, message: "20 ms is not a whole number of samples".into() });
         }
         let inner = if from == to {
             None
         } else {
             Some(
                 Fft::<f32>::new(from as usize, to as usize, chunk_in, 1, FixedSync::Input)
-                    .map_err(|e| ResampleError::Setup {
-                        from,
-                        to,
-                        message: e.to_string(),
-                    })?,
+                    .map_err(|e| ResampleError::Setup { from, to, message: e.to_string() })?,
             )
         };
         let out_max = inner.as_ref().map_or(chunk_in, |r| r.output_frames_max());
-        Ok(Self {
-            from,
-            to,
-            inner,
-            chunk_in,
-            pending: Vec::with_capacity(chunk_in),
-            out_chunk: vec![0.0; out_max],
-        })
+        Ok(Self { from, to, inner, chunk_in, pending: Vec::with_capacity(chunk_in), out_chunk: vec![0.0; out_max] })
     }
 
     pub fn rates(&self) -> (u32, u32) {
@@ -103,13 +88,11 @@ impl Resampler {
 fn run_chunk(inner: &mut Fft<f32>, input: &[f32], out: &mut [f32]) -> Result<usize, ResampleError> {
     let frames_in = input.len();
     let frames_out = out.len();
-    let input = InterleavedSlice::new(input, 1, frames_in)
-        .map_err(|e| ResampleError::Process(e.to_string()))?;
-    let mut output = InterleavedSlice::new_mut(out, 1, frames_out)
-        .map_err(|e| ResampleError::Process(e.to_string()))?;
-    let (_, n) = inner
-        .process_into_buffer(&input, &mut output, None)
-        .map_err(|e| ResampleError::Process(e.to_string()))?;
+    let input = InterleavedSlice::new(input, 1, frames_in).map_err(|e| ResampleError::Process(e.to_string()))?;
+    let mut output =
+        InterleavedSlice::new_mut(out, 1, frames_out).map_err(|e| ResampleError::Process(e.to_string()))?;
+    let (_, n) =
+        inner.process_into_buffer(&input, &mut output, None).map_err(|e| ResampleError::Process(e.to_string()))?;
     Ok(n)
 }
 
@@ -118,20 +101,12 @@ mod tests {
     use super::*;
 
     fn tone(rate: u32, hz: f32, ms: u32) -> Vec<f32> {
-        (0..rate * ms / 1000)
-            .map(|i| (i as f32 / rate as f32 * hz * std::f32::consts::TAU).sin() * 0.5)
-            .collect()
+        (0..rate * ms / 1000).map(|i| (i as f32 / rate as f32 * hz * std::f32::consts::TAU).sin() * 0.5).collect()
     }
 
     #[test]
     fn ratios_give_whole_frames_and_keep_the_tone() {
-        for (from, to) in [
-            (48_000, 16_000),
-            (24_000, 16_000),
-            (16_000, 48_000),
-            (22_050, 48_000),
-            (16_000, 16_000),
-        ] {
+        for (from, to) in [(48_000, 16_000), (24_000, 16_000), (16_000, 48_000), (22_050, 48_000), (16_000, 16_000)] {
             let mut resampler = Resampler::new(from, to).unwrap();
             let mut out = Vec::new();
             let input = tone(from, 440.0, 1000);
@@ -142,19 +117,11 @@ mod tests {
             resampler.flush(&mut out).unwrap();
             // Whole 20 ms chunks out, give or take the part still inside the FFT's overlap.
             let expected = to as usize;
-            assert!(
-                out.len() <= expected && out.len() + expected / 50 >= expected,
-                "{from} → {to}: {}",
-                out.len()
-            );
+            assert!(out.len() <= expected && out.len() + expected / 50 >= expected, "{from} → {to}: {}", out.len());
             let delay = resampler.delay();
             let rms = |s: &[f32]| (s.iter().map(|x| x * x).sum::<f32>() / s.len() as f32).sqrt();
             let steady = &out[delay + 100..out.len() - 100];
-            assert!(
-                (rms(steady) - 0.5 / 2f32.sqrt()).abs() < 0.02,
-                "{from} → {to}: rms {}",
-                rms(steady)
-            );
+            assert!((rms(steady) - 0.5 / 2f32.sqrt()).abs() < 0.02, "{from} → {to}: rms {}", rms(steady));
         }
     }
 }

@@ -32,12 +32,7 @@ pub fn input_ring(capacity: usize) -> (InputFeed, AudioInput) {
     let (stamps_tx, stamps_rx) = HeapRb::<FrameStamp>::new(capacity / 40 + 8).split();
     let wake = Arc::new(Notify::new());
     (
-        InputFeed {
-            samples: samples_tx,
-            stamps: stamps_tx,
-            wake: wake.clone(),
-            pushed: 0,
-        },
+        InputFeed { samples: samples_tx, stamps: stamps_tx, wake: wake.clone(), pushed: 0 },
         AudioInput {
             samples: samples_rx,
             stamps: stamps_rx,
@@ -59,22 +54,11 @@ pub struct InputFeed {
 impl InputFeed {
     /// Pushes one frame's 16 kHz samples and its stamp, wakes the pipeline, and returns how many
     /// samples did not fit (dropped).
-    pub fn push(
-        &mut self,
-        samples: &[f32],
-        seq: u32,
-        client_ts_us: u64,
-        arrived: Instant,
-    ) -> usize {
+    pub fn push(&mut self, samples: &[f32], seq: u32, client_ts_us: u64, arrived: Instant) -> usize {
         let accepted = self.samples.push_slice(samples);
         self.pushed += accepted as u64;
         if accepted > 0 {
-            let _ = self.stamps.try_push(FrameStamp {
-                seq,
-                client_ts_us,
-                arrived,
-                end_sample: self.pushed,
-            });
+            let _ = self.stamps.try_push(FrameStamp { seq, client_ts_us, arrived, end_sample: self.pushed });
         }
         self.wake.notify_one();
         samples.len() - accepted
@@ -150,11 +134,7 @@ mod tests {
         assert_eq!(feed.push(&[0.5; 320], 0, 100, now), 0);
         assert_eq!(feed.push(&[0.25; 320], 1, 120, now), 0);
         assert_eq!(feed.push(&[0.1; 320], 2, 140, now), 0);
-        assert_eq!(
-            feed.push(&[0.1; 320], 3, 160, now),
-            280,
-            "only 40 samples fit"
-        );
+        assert_eq!(feed.push(&[0.1; 320], 3, 160, now), 280, "only 40 samples fit");
         let mut out = [0.0; 400];
         assert_eq!(input.pop(&mut out), 400);
         assert_eq!(out[319], 0.5);

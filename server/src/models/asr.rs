@@ -123,9 +123,7 @@ impl Asr {
     pub fn load(manifest: &Manifest, threads: usize) -> Result<Asr, ModelError> {
         let meta: Meta = manifest.meta("asr")?;
         if meta.vocab <= meta.eot || meta.sample_rate == 0 || meta.samples_per_frame == 0 {
-            return Err(ModelError::Invalid(format!(
-                "asr meta is inconsistent: {meta:?}"
-            )));
+            return Err(ModelError::Invalid(format!("asr meta is inconsistent: {meta:?}")));
         }
         let mut suppressed = vec![false; meta.vocab];
         for s in suppressed.iter_mut().skip(meta.eot + 1) {
@@ -177,15 +175,11 @@ impl Asr {
             no_speech_prob: 1.0,
         };
         let seconds = audio_16k.len() as f32 / self.meta.sample_rate as f32;
-        let peak = audio_16k
-            .iter()
-            .filter(|x| x.is_finite())
-            .fold(0.0f32, |m, x| m.max(x.abs()));
+        let peak = audio_16k.iter().filter(|x| x.is_finite()).fold(0.0f32, |m, x| m.max(x.abs()));
         if seconds < MIN_SECONDS || peak < SILENCE_PEAK {
             return Ok(transcript);
         }
-        let max_tokens =
-            ((seconds * MAX_TOKENS_PER_S) as usize + MAX_TOKENS_BASE).min(self.meta.n_text_ctx / 2);
+        let max_tokens = ((seconds * MAX_TOKENS_PER_S) as usize + MAX_TOKENS_BASE).min(self.meta.n_text_ctx / 2);
 
         let mut mode = self.mode;
         let decoded = loop {
@@ -222,51 +216,28 @@ impl Asr {
         let len = match mode {
             AsrMode::Padded30s => self.meta.max_samples,
             AsrMode::Variable => {
-                let padded =
-                    audio.len() + (VARIABLE_PADDING_S * self.meta.sample_rate as f32) as usize;
-                padded
-                    .div_ceil(frame)
-                    .saturating_mul(frame)
-                    .min(self.meta.max_samples)
+                let padded = audio.len() + (VARIABLE_PADDING_S * self.meta.sample_rate as f32) as usize;
+                padded.div_ceil(frame).saturating_mul(frame).min(self.meta.max_samples)
             }
         };
-        let mut input: Vec<f32> = audio
-            .iter()
-            .map(|&x| if x.is_finite() { x } else { 0.0 })
-            .collect();
+        let mut input: Vec<f32> = audio.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect();
         input.resize(len, 0.0);
         let tensor = Tensor::from_array(([1usize, len], input))?;
         let mut out = self.encoder.run(ort::inputs! {"audio" => tensor})?;
         let take = |out: &mut ort::session::SessionOutputs, name: &str| {
-            out.remove(name)
-                .ok_or_else(|| ModelError::Invalid(format!("asr encoder gave no `{name}`")))
+            out.remove(name).ok_or_else(|| ModelError::Invalid(format!("asr encoder gave no `{name}`")))
         };
         Ok((take(&mut out, "cross_k")?, take(&mut out, "cross_v")?))
     }
 
     /// Greedy decoding with the self-attention KV cache and the guards described in the module doc.
-    fn decode(
-        &mut self,
-        cross_k: &DynValue,
-        cross_v: &DynValue,
-        max_tokens: usize,
-    ) -> Result<Decoded, ModelError> {
+    fn decode(&mut self, cross_k: &DynValue, cross_v: &DynValue, max_tokens: usize) -> Result<Decoded, ModelError> {
         let m = &self.meta;
-        let empty = || {
-            Tensor::<f32>::from_array((
-                [m.n_layers, 1, m.n_heads, 0, m.head_dim],
-                Vec::<f32>::new(),
-            ))
-        };
+        let empty = || Tensor::<f32>::from_array(([m.n_layers, 1, m.n_heads, 0, m.head_dim], Vec::<f32>::new()));
         let mut past_k: DynValue = empty()?.into_dyn();
         let mut past_v: DynValue = empty()?.into_dyn();
         let (sot, no_timestamps, eot) = (m.sot, m.no_timestamps, m.eot);
-        let mut decoded = Decoded {
-            tokens: Vec::new(),
-            stop: Stop::TokenBound,
-            steps: 0,
-            no_speech_prob: 0.0,
-        };
+        let mut decoded = Decoded { tokens: Vec::new(), stop: Stop::TokenBound, steps: 0, no_speech_prob: 0.0 };
         let mut feed = sot;
         let mut logits = Vec::new();
         // Step 0 feeds <|startoftranscript|> (its logits give the no-speech probability), step 1
@@ -284,12 +255,8 @@ impl Asr {
             logits.clear();
             logits.extend_from_slice(out["logits"].try_extract_tensor::<f32>()?.1);
             let missing = |name: &str| ModelError::Invalid(format!("asr decoder gave no `{name}`"));
-            past_k = out
-                .remove("present_k")
-                .ok_or_else(|| missing("present_k"))?;
-            past_v = out
-                .remove("present_v")
-                .ok_or_else(|| missing("present_v"))?;
+            past_k = out.remove("present_k").ok_or_else(|| missing("present_k"))?;
+            past_v = out.remove("present_v").ok_or_else(|| missing("present_v"))?;
             if logits.len() != m.vocab {
                 return Err(ModelError::Invalid(format!(
                     "asr decoder gave {} logits, expected {}",
@@ -344,11 +311,7 @@ fn ms(d: std::time::Duration) -> f64 {
 }
 
 fn argmax(x: &[f32]) -> Option<usize> {
-    x.iter()
-        .enumerate()
-        .filter(|(_, v)| v.is_finite())
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
+    x.iter().enumerate().filter(|(_, v)| v.is_finite()).max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i)
 }
 
 /// log softmax(x)[i], ignoring -inf entries.
@@ -362,11 +325,7 @@ fn log_softmax_at(x: &[f32], i: usize) -> f32 {
 }
 
 fn softmax_at(x: &[f32], i: usize) -> f32 {
-    if i >= x.len() {
-        0.0
-    } else {
-        log_softmax_at(x, i).exp()
-    }
+    if i >= x.len() { 0.0 } else { log_softmax_at(x, i).exp() }
 }
 
 /// If `tokens` ends in a loop, the length to keep (the first occurrence only): an n-gram of

@@ -20,18 +20,9 @@ const EE_OK: c_int = 0;
 
 #[link(name = "espeak-ng")]
 unsafe extern "C" {
-    fn espeak_Initialize(
-        output: c_int,
-        buflength: c_int,
-        path: *const c_char,
-        options: c_int,
-    ) -> c_int;
+    fn espeak_Initialize(output: c_int, buflength: c_int, path: *const c_char, options: c_int) -> c_int;
     fn espeak_SetVoiceByName(name: *const c_char) -> c_int;
-    fn espeak_TextToPhonemes(
-        textptr: *mut *const c_void,
-        textmode: c_int,
-        phonememode: c_int,
-    ) -> *const c_char;
+    fn espeak_TextToPhonemes(textptr: *mut *const c_void, textmode: c_int, phonememode: c_int) -> *const c_char;
 }
 
 /// The voice currently selected, once the library is initialised.
@@ -62,14 +53,7 @@ pub fn phonemize(text: &str, voice: &str) -> Result<Vec<Clause>, ModelError> {
     if guard.is_none() {
         // SAFETY: called under the global mutex, so no other espeak call runs concurrently; the
         // path is NULL (use the default data directory) and DONT_EXIT makes a failure a return value.
-        let rate = unsafe {
-            espeak_Initialize(
-                AUDIO_OUTPUT_SYNCHRONOUS,
-                0,
-                std::ptr::null(),
-                INITIALIZE_DONT_EXIT,
-            )
-        };
+        let rate = unsafe { espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, std::ptr::null(), INITIALIZE_DONT_EXIT) };
         if rate <= 0 {
             return Err(ModelError::Invalid(
                 "espeak-ng failed to initialise: its data files are missing or unreadable \
@@ -81,8 +65,7 @@ pub fn phonemize(text: &str, voice: &str) -> Result<Vec<Clause>, ModelError> {
     }
     let state = guard.as_mut().expect("initialised above");
     if state.voice.as_deref() != Some(voice) {
-        let name = CString::new(voice)
-            .map_err(|_| ModelError::Invalid(format!("espeak voice {voice:?} has a NUL")))?;
+        let name = CString::new(voice).map_err(|_| ModelError::Invalid(format!("espeak voice {voice:?} has a NUL")))?;
         // SAFETY: the library is initialised and we hold the global mutex; `name` is a valid
         // NUL-terminated string that outlives the call (espeak copies what it keeps).
         let rc = unsafe { espeak_SetVoiceByName(name.as_ptr()) };
@@ -108,27 +91,16 @@ pub fn phonemize(text: &str, voice: &str) -> Result<Vec<Clause>, ModelError> {
         // valid until the next call: it is copied out before then.
         let phonemes = unsafe {
             let out = espeak_TextToPhonemes(&mut ptr, CHARS_UTF8, PHONEMES_IPA);
-            if out.is_null() {
-                String::new()
-            } else {
-                CStr::from_ptr(out).to_string_lossy().into_owned()
-            }
+            if out.is_null() { String::new() } else { CStr::from_ptr(out).to_string_lossy().into_owned() }
         };
-        let after = if ptr.is_null() {
-            bytes.len()
-        } else {
-            (ptr as usize - start as usize).min(bytes.len())
-        };
+        let after = if ptr.is_null() { bytes.len() } else { (ptr as usize - start as usize).min(bytes.len()) };
         let consumed = String::from_utf8_lossy(&bytes[before.min(after)..after]);
         let terminator = clause_terminator(&consumed, ptr.is_null());
         let phonemes = phonemes.trim().to_string();
         if phonemes.is_empty() && terminator.is_none() {
             continue;
         }
-        clauses.push(Clause {
-            phonemes,
-            terminator,
-        });
+        clauses.push(Clause { phonemes, terminator });
     }
     Ok(clauses)
 }
@@ -181,9 +153,8 @@ mod tests {
     fn empty_and_concurrent() {
         assert!(phonemize("", "en-us").unwrap().is_empty());
         assert!(phonemize("   \n ", "en-us").unwrap().is_empty());
-        let threads: Vec<_> = (0..4)
-            .map(|_| std::thread::spawn(|| phonemize("testing one two three", "en-us").unwrap()))
-            .collect();
+        let threads: Vec<_> =
+            (0..4).map(|_| std::thread::spawn(|| phonemize("testing one two three", "en-us").unwrap())).collect();
         for t in threads {
             assert_eq!(t.join().unwrap()[0].phonemes, "tˈɛstɪŋ wˈʌn tˈuː θɹˈiː");
         }

@@ -59,22 +59,13 @@ pub struct Message {
 
 impl Message {
     pub fn system(text: impl Into<String>) -> Message {
-        Message {
-            role: Role::System,
-            text: text.into(),
-        }
+        Message { role: Role::System, text: text.into() }
     }
     pub fn user(text: impl Into<String>) -> Message {
-        Message {
-            role: Role::User,
-            text: text.into(),
-        }
+        Message { role: Role::User, text: text.into() }
     }
     pub fn assistant(text: impl Into<String>) -> Message {
-        Message {
-            role: Role::Assistant,
-            text: text.into(),
-        }
+        Message { role: Role::Assistant, text: text.into() }
     }
 }
 
@@ -150,24 +141,14 @@ impl Llm {
     pub fn load(manifest: &Manifest, threads: usize) -> Result<Llm, ModelError> {
         let meta: Meta = manifest.meta("llm")?;
         if meta.n_layers == 0 || meta.n_kv_heads == 0 || meta.head_dim == 0 || meta.vocab == 0 {
-            return Err(ModelError::Invalid(
-                "manifest meta of `llm`: zero-sized model".into(),
-            ));
+            return Err(ModelError::Invalid("manifest meta of `llm`: zero-sized model".into()));
         }
         let tokenizer = manifest.tokenizer("llm")?;
         let session = manifest.session("llm", "model", threads)?;
         let end_of_text = tokenizer.token_to_id("<|endoftext|>");
         let max_context = DEFAULT_MAX_CONTEXT.min(meta.max_context);
         let binding = bind(&session, &meta, max_context)?;
-        Ok(Llm {
-            session,
-            binding,
-            tokenizer,
-            meta,
-            max_context,
-            cached: Vec::new(),
-            end_of_text,
-        })
+        Ok(Llm { session, binding, tokenizer, meta, max_context, cached: Vec::new(), end_of_text })
     }
 
     /// The bound on prompt + reply tokens.
@@ -294,21 +275,15 @@ impl Llm {
                 self.max_context
             )));
         }
-        let ids = Tensor::from_array((
-            [1usize, tokens.len()],
-            tokens.iter().map(|&t| i64::from(t)).collect::<Vec<_>>(),
-        ))?;
+        let ids =
+            Tensor::from_array(([1usize, tokens.len()], tokens.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()))?;
         let past_len = Tensor::from_array(([1usize], vec![past as i64]))?;
         self.binding.bind_input("input_ids", &ids)?;
         self.binding.bind_input("past_len", &past_len)?;
         let out = self.session.run_binding(&self.binding)?;
         let logits = out["logits"].try_extract_tensor::<f32>()?.1;
         if logits.len() != m.vocab {
-            return Err(ModelError::Invalid(format!(
-                "llm: {} logits, expected {}",
-                logits.len(),
-                m.vocab
-            )));
+            return Err(ModelError::Invalid(format!("llm: {} logits, expected {}", logits.len(), m.vocab)));
         }
         let next = argmax(logits);
         self.cached.extend_from_slice(tokens);
@@ -320,10 +295,8 @@ impl Llm {
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let encoding = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| ModelError::Invalid(format!("llm: tokenizing: {e}")))?;
+        let encoding =
+            self.tokenizer.encode(text, false).map_err(|e| ModelError::Invalid(format!("llm: tokenizing: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -348,8 +321,7 @@ impl Llm {
             tokens.extend_from_slice(&turn_end);
             Ok(tokens)
         };
-        let overhead =
-            |role: Role| -> Result<usize, ModelError> { Ok(turn(role, "", Keep::All)?.len()) };
+        let overhead = |role: Role| -> Result<usize, ModelError> { Ok(turn(role, "", Keep::All)?.len()) };
 
         let mut system = turn(Role::System, system_text, Keep::All)?;
         let half = budget / 2;
@@ -357,10 +329,7 @@ impl Llm {
             let room = half.saturating_sub(overhead(Role::System)? + generation_prompt.len());
             system = turn(Role::System, system_text, Keep::Head(room))?;
         }
-        let mut turns = rest
-            .iter()
-            .map(|m| turn(m.role, &m.text, Keep::All))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut turns = rest.iter().map(|m| turn(m.role, &m.text, Keep::All)).collect::<Result<Vec<_>, _>>()?;
         let fixed = system.len() + generation_prompt.len();
         let mut dropped = 0;
         while turns.len() > 1 && fixed + turns.iter().map(Vec::len).sum::<usize>() > budget {
@@ -404,8 +373,7 @@ fn bind(session: &Session, m: &Meta, capacity: usize) -> Result<IoBinding, Model
     let mut binding = session.create_binding()?;
     for kind in ["k", "v"] {
         for layer in 0..m.n_layers {
-            let mut buffer =
-                Tensor::<f32>::new(session.allocator(), [1, m.n_kv_heads, capacity, m.head_dim])?;
+            let mut buffer = Tensor::<f32>::new(session.allocator(), [1, m.n_kv_heads, capacity, m.head_dim])?;
             buffer.extract_tensor_mut().1.fill(0.0);
             binding.bind_input(format!("past_{kind}_{layer}"), &buffer)?;
             binding.bind_output(format!("present_{kind}_{layer}"), &mut buffer)?;
@@ -438,11 +406,7 @@ struct Stream {
 }
 
 impl Stream {
-    fn push(
-        &mut self,
-        tokenizer: &tokenizers::Tokenizer,
-        token: u32,
-    ) -> Result<Option<String>, ModelError> {
+    fn push(&mut self, tokenizer: &tokenizers::Tokenizer, token: u32) -> Result<Option<String>, ModelError> {
         self.pending.push(token);
         let text = decode(tokenizer, &self.pending)?;
         if text.ends_with('\u{FFFD}') && self.pending.len() < MAX_PENDING_TOKENS {
@@ -463,7 +427,5 @@ impl Stream {
 }
 
 fn decode(tokenizer: &tokenizers::Tokenizer, tokens: &[u32]) -> Result<String, ModelError> {
-    tokenizer
-        .decode(tokens, true)
-        .map_err(|e| ModelError::Invalid(format!("llm: detokenizing: {e}")))
+    tokenizer.decode(tokens, true).map_err(|e| ModelError::Invalid(format!("llm: detokenizing: {e}")))
 }

@@ -35,9 +35,7 @@ pub enum ModelError {
     BadManifest { path: PathBuf, reason: String },
     #[error("the model manifest has no `{0}` model: re-run `models/provision.sh`")]
     MissingRole(String),
-    #[error(
-        "the `{role}` model has no `{name}` file in the manifest: re-run `models/provision.sh`"
-    )]
+    #[error("the `{role}` model has no `{name}` file in the manifest: re-run `models/provision.sh`")]
     MissingFile { role: String, name: String },
     #[error("{0} is missing: re-run `models/provision.sh`")]
     FileMissing(PathBuf),
@@ -45,20 +43,9 @@ pub enum ModelError {
         "{path} has sha256 {actual} but the manifest says {expected}: the cache is damaged; \
          delete it and re-run `models/provision.sh`"
     )]
-    HashMismatch {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
-    #[error(
-        "{path}: expected graph {kind} {expected:?}, found {found:?}: the model does not match this build"
-    )]
-    GraphMismatch {
-        path: PathBuf,
-        kind: &'static str,
-        expected: Vec<String>,
-        found: Vec<String>,
-    },
+    HashMismatch { path: PathBuf, expected: String, actual: String },
+    #[error("{path}: expected graph {kind} {expected:?}, found {found:?}: the model does not match this build")]
+    GraphMismatch { path: PathBuf, kind: &'static str, expected: Vec<String>, found: Vec<String> },
     #[error("ONNX Runtime: {0}")]
     Ort(String),
     #[error("tokenizer {path}: {reason}")]
@@ -134,9 +121,7 @@ impl Manifest {
         if let Some(dir) = std::env::var_os("PARLEY_MODELS") {
             return PathBuf::from(dir);
         }
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
         home.join(".cache/parley/models").join(MODELS_KEY)
     }
 
@@ -146,18 +131,11 @@ impl Manifest {
 
     pub fn load(dir: &Path) -> Result<Manifest, ModelError> {
         let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|_| ModelError::NoManifest(dir.to_path_buf()))?;
-        let bad = |reason: String| ModelError::BadManifest {
-            path: path.clone(),
-            reason,
-        };
+        let text = std::fs::read_to_string(&path).map_err(|_| ModelError::NoManifest(dir.to_path_buf()))?;
+        let bad = |reason: String| ModelError::BadManifest { path: path.clone(), reason };
         let parsed: ManifestFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if parsed.schema != SCHEMA {
-            return Err(bad(format!(
-                "schema {} (this build reads schema {SCHEMA})",
-                parsed.schema
-            )));
+            return Err(bad(format!("schema {} (this build reads schema {SCHEMA})", parsed.schema)));
         }
         Ok(Manifest {
             dir: dir.to_path_buf(),
@@ -169,19 +147,14 @@ impl Manifest {
     }
 
     pub fn model(&self, role: &str) -> Result<&ModelEntry, ModelError> {
-        self.models
-            .get(role)
-            .ok_or_else(|| ModelError::MissingRole(role.into()))
+        self.models.get(role).ok_or_else(|| ModelError::MissingRole(role.into()))
     }
 
     pub fn entry(&self, role: &str, name: &str) -> Result<&FileEntry, ModelError> {
         self.model(role)?
             .files
             .get(name)
-            .ok_or_else(|| ModelError::MissingFile {
-                role: role.into(),
-                name: name.into(),
-            })
+            .ok_or_else(|| ModelError::MissingFile { role: role.into(), name: name.into() })
     }
 
     /// The path of a provisioned file, after checking that it exists and matches its sha256
@@ -192,26 +165,14 @@ impl Manifest {
 
     fn verified_path(&self, entry: &FileEntry) -> Result<PathBuf, ModelError> {
         let path = self.dir.join(&entry.file);
-        if self
-            .verified
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&path)
-        {
+        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(&path) {
             return Ok(path);
         }
         let actual = sha256_file(&path).map_err(|_| ModelError::FileMissing(path.clone()))?;
         if !actual.eq_ignore_ascii_case(&entry.sha256) {
-            return Err(ModelError::HashMismatch {
-                path,
-                expected: entry.sha256.clone(),
-                actual,
-            });
+            return Err(ModelError::HashMismatch { path, expected: entry.sha256.clone(), actual });
         }
-        self.verified
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(path.clone());
+        self.verified.lock().unwrap_or_else(|e| e.into_inner()).insert(path.clone());
         Ok(path)
     }
 
@@ -237,12 +198,7 @@ impl Manifest {
 
     /// Builds an ONNX Runtime session for `role`/`name` with `threads` intra-op threads, and checks
     /// that the graph's input and output names are the ones the manifest promises.
-    pub fn session(
-        &self,
-        role: &str,
-        name: &str,
-        threads: usize,
-    ) -> Result<ort::session::Session, ModelError> {
+    pub fn session(&self, role: &str, name: &str, threads: usize) -> Result<ort::session::Session, ModelError> {
         let entry = self.entry(role, name)?;
         let path = self.verified_path(entry)?;
         let env = self.runtime()?;
@@ -251,27 +207,16 @@ impl Manifest {
             .with_intra_threads(threads)?
             .with_inter_threads(1)?
             .commit_from_file(&path)?;
-        let names = |outlets: &[ort::value::Outlet]| {
-            outlets
-                .iter()
-                .map(|o| o.name().to_string())
-                .collect::<Vec<_>>()
-        };
-        for (kind, expected, found) in [
-            ("inputs", &entry.inputs, names(session.inputs())),
-            ("outputs", &entry.outputs, names(session.outputs())),
-        ] {
+        let names = |outlets: &[ort::value::Outlet]| outlets.iter().map(|o| o.name().to_string()).collect::<Vec<_>>();
+        for (kind, expected, found) in
+            [("inputs", &entry.inputs, names(session.inputs())), ("outputs", &entry.outputs, names(session.outputs()))]
+        {
             let mut want = expected.clone();
             let mut got = found.clone();
             want.sort();
             got.sort();
             if want != got {
-                return Err(ModelError::GraphMismatch {
-                    path,
-                    kind,
-                    expected: expected.clone(),
-                    found,
-                });
+                return Err(ModelError::GraphMismatch { path, kind, expected: expected.clone(), found });
             }
         }
         Ok(session)
@@ -280,10 +225,7 @@ impl Manifest {
     /// Loads a Hugging Face `tokenizer.json` provisioned for `role`.
     pub fn tokenizer(&self, role: &str) -> Result<tokenizers::Tokenizer, ModelError> {
         let path = self.path(role, "tokenizer")?;
-        tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
-            path,
-            reason: e.to_string(),
-        })
+        tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer { path, reason: e.to_string() })
     }
 
     /// A model's `meta` value, as `T`.

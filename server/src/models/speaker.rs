@@ -53,9 +53,7 @@ impl SpeakerEmbedder {
             && meta.embedding_dim > 0
             && meta.segment_samples == (meta.segment_frames - 1) * meta.frame_hop + meta.n_fft;
         if !consistent {
-            return Err(ModelError::Invalid(format!(
-                "manifest meta of `{ROLE}` is inconsistent: {meta:?}"
-            )));
+            return Err(ModelError::Invalid(format!("manifest meta of `{ROLE}` is inconsistent: {meta:?}")));
         }
         let session = manifest.session(ROLE, "model", threads)?;
         Ok(SpeakerEmbedder { session, meta })
@@ -73,14 +71,10 @@ impl SpeakerEmbedder {
     /// gives a valid (meaningless) embedding.
     pub fn embed(&mut self, audio_16k: &[f32]) -> Result<Vec<f32>, ModelError> {
         if audio_16k.is_empty() {
-            return Err(ModelError::Invalid(
-                "speaker embedding of empty audio: at least one sample is needed".into(),
-            ));
+            return Err(ModelError::Invalid("speaker embedding of empty audio: at least one sample is needed".into()));
         }
         if audio_16k.iter().any(|s| !s.is_finite()) {
-            return Err(ModelError::Invalid(
-                "speaker embedding: the audio has NaN or infinite samples".into(),
-            ));
+            return Err(ModelError::Invalid("speaker embedding: the audio has NaN or infinite samples".into()));
         }
         let segments = self.segments(audio_16k);
         let n = self.meta.segment_samples;
@@ -90,9 +84,9 @@ impl SpeakerEmbedder {
             let rows = batch.len() / n;
             let wav = Tensor::from_array(([rows, n], batch.to_vec()))?;
             let outputs = self.session.run(ort::inputs! {"wav" => wav})?;
-            let embedding = outputs.get("embedding").ok_or_else(|| {
-                ModelError::Invalid("speaker graph returned no `embedding`".into())
-            })?;
+            let embedding = outputs
+                .get("embedding")
+                .ok_or_else(|| ModelError::Invalid("speaker graph returned no `embedding`".into()))?;
             let (_, data) = embedding.try_extract_tensor::<f32>()?;
             if data.len() != rows * dim {
                 return Err(ModelError::Invalid(format!(
@@ -132,13 +126,10 @@ impl SpeakerEmbedder {
 /// `compute_partial_slices`): always at least one.
 fn segment_starts(n_samples: usize, m: &Meta) -> Vec<usize> {
     let n_frames = (n_samples + m.frame_hop) / m.frame_hop; // ceil((n + 1) / hop)
-    let steps = (n_frames + m.segment_step_frames + 1)
-        .saturating_sub(m.segment_frames)
-        .max(1);
+    let steps = (n_frames + m.segment_step_frames + 1).saturating_sub(m.segment_frames).max(1);
     let mut starts: Vec<usize> = (0..steps).step_by(m.segment_step_frames).collect();
     let last = starts[starts.len() - 1];
-    let coverage =
-        (n_samples as f64 - (last * m.frame_hop) as f64) / (m.segment_frames * m.frame_hop) as f64;
+    let coverage = (n_samples as f64 - (last * m.frame_hop) as f64) / (m.segment_frames * m.frame_hop) as f64;
     if coverage < m.min_coverage && starts.len() > 1 {
         starts.pop();
     }
@@ -147,25 +138,10 @@ fn segment_starts(n_samples: usize, m: &Meta) -> Vec<usize> {
 
 /// Raises the level to `target_dbfs` (RMS re full scale); never lowers it. Silence stays silence.
 fn normalize_volume(audio: &[f32], target_dbfs: f64) -> Vec<f32> {
-    let mean_square = audio
-        .iter()
-        .map(|&s| f64::from(s) * f64::from(s))
-        .sum::<f64>()
-        / audio.len().max(1) as f64;
+    let mean_square = audio.iter().map(|&s| f64::from(s) * f64::from(s)).sum::<f64>() / audio.len().max(1) as f64;
     let rms = mean_square.sqrt();
-    let gain = if rms > 0.0 {
-        10f64.powf((target_dbfs - 20.0 * rms.log10()) / 20.0)
-    } else {
-        1.0
-    };
-    if gain > 1.0 {
-        audio
-            .iter()
-            .map(|&s| (f64::from(s) * gain) as f32)
-            .collect()
-    } else {
-        audio.to_vec()
-    }
+    let gain = if rms > 0.0 { 10f64.powf((target_dbfs - 20.0 * rms.log10()) / 20.0) } else { 1.0 };
+    if gain > 1.0 { audio.iter().map(|&s| (f64::from(s) * gain) as f32).collect() } else { audio.to_vec() }
 }
 
 /// `x` with `pad` samples mirrored at each end, excluding the edge sample (numpy's `reflect`).
@@ -193,8 +169,7 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
         return 0.0;
     }
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let norms =
-        a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let norms = a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norms > 0.0 { dot / norms } else { 0.0 }
 }
 
@@ -227,10 +202,7 @@ mod tests {
 
     #[test]
     fn reflect_pad_mirrors_without_the_edge() {
-        assert_eq!(
-            reflect_pad(&[1.0, 2.0, 3.0, 4.0], 2),
-            vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 2.0]
-        );
+        assert_eq!(reflect_pad(&[1.0, 2.0, 3.0, 4.0], 2), vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 2.0]);
     }
 
     #[test]

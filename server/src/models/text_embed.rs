@@ -32,29 +32,17 @@ impl TextEmbedder {
     pub fn load(manifest: &Manifest, threads: usize) -> Result<Self, ModelError> {
         let meta: Meta = manifest.meta(ROLE)?;
         if meta.max_tokens < 2 || meta.embedding_dim == 0 {
-            return Err(ModelError::Invalid(format!(
-                "manifest meta of `{ROLE}` is inconsistent: {meta:?}"
-            )));
+            return Err(ModelError::Invalid(format!("manifest meta of `{ROLE}` is inconsistent: {meta:?}")));
         }
         let mut tokenizer = manifest.tokenizer(ROLE)?;
         // The provisioned file already truncates; enforce the model's limit whatever it says.
-        let truncation = TruncationParams {
-            max_length: meta.max_tokens,
-            ..TruncationParams::default()
-        };
+        let truncation = TruncationParams { max_length: meta.max_tokens, ..TruncationParams::default() };
         if let Err(e) = tokenizer.with_truncation(Some(truncation)) {
             let path = manifest.path(ROLE, "tokenizer")?;
-            return Err(ModelError::Tokenizer {
-                path,
-                reason: e.to_string(),
-            });
+            return Err(ModelError::Tokenizer { path, reason: e.to_string() });
         }
         let session = manifest.session(ROLE, "model", threads)?;
-        Ok(TextEmbedder {
-            session,
-            tokenizer,
-            dim: meta.embedding_dim,
-        })
+        Ok(TextEmbedder { session, tokenizer, dim: meta.embedding_dim })
     }
 
     /// Length of the embeddings (384).
@@ -66,8 +54,7 @@ impl TextEmbedder {
     /// text beyond 256 word pieces is ignored.
     pub fn embed(&mut self, text: &str) -> Result<Vec<f32>, ModelError> {
         let mut out = self.embed_batch(&[text])?;
-        out.pop()
-            .ok_or_else(|| ModelError::Invalid("text embedder returned no embedding".into()))
+        out.pop().ok_or_else(|| ModelError::Invalid("text embedder returned no embedding".into()))
     }
 
     /// The embeddings of several texts, in order (the same values as [`TextEmbedder::embed`] on each).
@@ -85,12 +72,7 @@ impl TextEmbedder {
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| ModelError::Invalid(format!("tokenizing for `{ROLE}`: {e}")))?;
         // Pad to the longest text here, whatever padding the tokenizer file asks for.
-        let tokens = encodings
-            .iter()
-            .map(|e| e.get_ids().len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let tokens = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
         let mut ids = vec![0i64; texts.len() * tokens];
         let mut mask = vec![0i64; texts.len() * tokens];
         for (row, encoding) in encodings.iter().enumerate() {
@@ -105,9 +87,9 @@ impl TextEmbedder {
             "input_ids" => Tensor::from_array((shape, ids))?,
             "attention_mask" => Tensor::from_array((shape, mask))?,
         })?;
-        let embedding = outputs.get("embedding").ok_or_else(|| {
-            ModelError::Invalid("text-embed graph returned no `embedding`".into())
-        })?;
+        let embedding = outputs
+            .get("embedding")
+            .ok_or_else(|| ModelError::Invalid("text-embed graph returned no `embedding`".into()))?;
         let (_, data) = embedding.try_extract_tensor::<f32>()?;
         if data.len() != texts.len() * self.dim {
             return Err(ModelError::Invalid(format!(

@@ -65,10 +65,7 @@ impl Tts {
         let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
         let config: VoiceConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if config.num_speakers > 1 {
-            return Err(bad(format!(
-                "{} speakers: only single-speaker voices are supported",
-                config.num_speakers
-            )));
+            return Err(bad(format!("{} speakers: only single-speaker voices are supported", config.num_speakers)));
         }
         let mut ids = HashMap::new();
         for (symbol, id) in config.phoneme_id_map {
@@ -78,9 +75,7 @@ impl Tts {
                     ids.insert(c, id);
                 }
                 _ => {
-                    return Err(bad(format!(
-                        "phoneme_id_map key {symbol:?} is not one character"
-                    )));
+                    return Err(bad(format!("phoneme_id_map key {symbol:?} is not one character")));
                 }
             }
         }
@@ -114,11 +109,7 @@ impl Tts {
 
     /// Speaks `text` sentence by sentence, handing each sentence's audio to `on_audio` as soon as it
     /// is synthesised (time to first audio is that of the first sentence).
-    pub fn synthesize_with(
-        &mut self,
-        text: &str,
-        mut on_audio: impl FnMut(&[f32]),
-    ) -> Result<(), ModelError> {
+    pub fn synthesize_with(&mut self, text: &str, mut on_audio: impl FnMut(&[f32])) -> Result<(), ModelError> {
         if text.trim().is_empty() {
             return Ok(());
         }
@@ -152,10 +143,7 @@ impl Tts {
         for sentence in sentences {
             let mut rest = sentence.trim();
             while rest.chars().count() > MAX_PHONEMES {
-                let limit = rest
-                    .char_indices()
-                    .nth(MAX_PHONEMES)
-                    .map_or(rest.len(), |(i, _)| i);
+                let limit = rest.char_indices().nth(MAX_PHONEMES).map_or(rest.len(), |(i, _)| i);
                 let cut = rest[..limit].rfind(' ').filter(|&i| i > 0).unwrap_or(limit);
                 out.push(rest[..cut].trim().to_string());
                 rest = rest[cut..].trim_start();
@@ -179,9 +167,8 @@ impl Tts {
             "input_lengths" => Tensor::from_array(([1], vec![n as i64]))?,
             "scales" => Tensor::from_array(([3], self.scales.to_vec()))?,
         })?;
-        let output = outputs
-            .get("output")
-            .ok_or_else(|| ModelError::Invalid("tts graph returned no `output`".into()))?;
+        let output =
+            outputs.get("output").ok_or_else(|| ModelError::Invalid("tts graph returned no `output`".into()))?;
         let (_, audio) = output.try_extract_tensor::<f32>()?;
         Ok(audio.iter().map(|s| s.clamp(-1.0, 1.0)).collect())
     }

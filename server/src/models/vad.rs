@@ -32,10 +32,7 @@ pub struct VadState {
 
 impl Default for VadState {
     fn default() -> Self {
-        VadState {
-            context: [0.0; CONTEXT_SAMPLES],
-            lstm: [0.0; 2 * STATE_WIDTH],
-        }
+        VadState { context: [0.0; CONTEXT_SAMPLES], lstm: [0.0; 2 * STATE_WIDTH] }
     }
 }
 
@@ -78,17 +75,11 @@ impl Vad {
                 )));
             }
         }
-        Ok(Vad {
-            session: manifest.session(ROLE, "model", threads)?,
-        })
+        Ok(Vad { session: manifest.session(ROLE, "model", threads)? })
     }
 
     /// Speech probability (0..1) of the next 512-sample chunk of one stream; advances `state`.
-    pub fn push(
-        &mut self,
-        state: &mut VadState,
-        chunk: &[f32; CHUNK_SAMPLES],
-    ) -> Result<f32, ModelError> {
+    pub fn push(&mut self, state: &mut VadState, chunk: &[f32; CHUNK_SAMPLES]) -> Result<f32, ModelError> {
         Ok(self.push_batch(&mut [state], &[chunk])?[0])
     }
 
@@ -101,11 +92,7 @@ impl Vad {
     ) -> Result<Vec<f32>, ModelError> {
         let batch = states.len();
         if chunks.len() != batch {
-            return Err(ModelError::Invalid(format!(
-                "vad: {} states for {} chunks",
-                batch,
-                chunks.len()
-            )));
+            return Err(ModelError::Invalid(format!("vad: {} states for {} chunks", batch, chunks.len())));
         }
         if batch == 0 {
             return Ok(Vec::new());
@@ -120,8 +107,7 @@ impl Vad {
         for (b, state) in states.iter().enumerate() {
             for k in 0..2 {
                 let dst = (k * batch + b) * STATE_WIDTH;
-                lstm[dst..dst + STATE_WIDTH]
-                    .copy_from_slice(&state.lstm[k * STATE_WIDTH..(k + 1) * STATE_WIDTH]);
+                lstm[dst..dst + STATE_WIDTH].copy_from_slice(&state.lstm[k * STATE_WIDTH..(k + 1) * STATE_WIDTH]);
             }
         }
         let outputs = self.session.run(ort::inputs! {
@@ -130,9 +116,7 @@ impl Vad {
             "sr" => Tensor::from_array(((), vec![i64::from(SAMPLE_RATE)]))?,
         })?;
         let get = |name: &str| {
-            outputs
-                .get(name)
-                .ok_or_else(|| ModelError::Invalid(format!("vad graph returned no `{name}`")))
+            outputs.get(name).ok_or_else(|| ModelError::Invalid(format!("vad graph returned no `{name}`")))
         };
         let (_, probs) = get("output")?.try_extract_tensor::<f32>()?;
         let (_, next) = get("stateN")?.try_extract_tensor::<f32>()?;
@@ -146,12 +130,9 @@ impl Vad {
         for (b, (state, chunk)) in states.iter_mut().zip(chunks).enumerate() {
             for k in 0..2 {
                 let src = (k * batch + b) * STATE_WIDTH;
-                state.lstm[k * STATE_WIDTH..(k + 1) * STATE_WIDTH]
-                    .copy_from_slice(&next[src..src + STATE_WIDTH]);
+                state.lstm[k * STATE_WIDTH..(k + 1) * STATE_WIDTH].copy_from_slice(&next[src..src + STATE_WIDTH]);
             }
-            state
-                .context
-                .copy_from_slice(&chunk[CHUNK_SAMPLES - CONTEXT_SAMPLES..]);
+            state.context.copy_from_slice(&chunk[CHUNK_SAMPLES - CONTEXT_SAMPLES..]);
         }
         Ok(probs.to_vec())
     }

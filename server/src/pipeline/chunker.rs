@@ -39,9 +39,7 @@ impl Chunker {
     pub fn finish(&mut self) -> Option<String> {
         let rest = std::mem::take(&mut self.pending);
         let rest = rest.trim();
-        rest.chars()
-            .any(char::is_alphanumeric)
-            .then(|| rest.to_string())
+        rest.chars().any(char::is_alphanumeric).then(|| rest.to_string())
     }
 
     /// Byte index just past the next chunk boundary in `pending`, if one is complete.
@@ -92,10 +90,7 @@ mod tests {
         let mut chunker = Chunker::new();
         // Deltas of a few characters, as tokens arrive.
         let chars: Vec<char> = text.chars().collect();
-        let mut out: Vec<String> = chars
-            .chunks(3)
-            .flat_map(|c| chunker.push(&c.iter().collect::<String>()))
-            .collect();
+        let mut out: Vec<String> = chars.chunks(3).flat_map(|c| chunker.push(&c.iter().collect::<String>())).collect();
         out.extend(chunker.finish());
         out
     }
@@ -103,9 +98,7 @@ mod tests {
     #[test]
     fn first_clause_alone_then_sentences() {
         assert_eq!(
-            feed(
-                "Sure, the capital of France is Paris, a city of light. It has 2.1 million people! Anything else?"
-            ),
+            feed("Sure, the capital of France is Paris, a city of light. It has 2.1 million people! Anything else?"),
             [
                 "Sure, the capital of France is Paris,",
                 "a city of light.",
@@ -125,11 +118,7 @@ mod tests {
         let text = "word ".repeat(100);
         let chunks = feed(&text);
         assert!(chunks.len() >= 2);
-        assert!(
-            chunks
-                .iter()
-                .all(|c| c.split_whitespace().count() <= MAX_CHUNK_WORDS)
-        );
+        assert!(chunks.iter().all(|c| c.split_whitespace().count() <= MAX_CHUNK_WORDS));
     }
 
     #[test]

@@ -51,14 +51,8 @@ impl Pipeline for EchoPipeline {
 }
 
 enum Vad {
-    Idle {
-        voiced_run: usize,
-    },
-    Speech {
-        turn: u64,
-        last_voiced_end: u64,
-        silence_ms: u32,
-    },
+    Idle { voiced_run: usize },
+    Speech { turn: u64, last_voiced_end: u64, silence_ms: u32 },
 }
 
 struct Worker {
@@ -75,11 +69,7 @@ struct Worker {
 
 impl Worker {
     fn new(config: EchoConfig, io: SessionIo) -> Self {
-        let utterance = if config.mode == EchoMode::Utterance {
-            Vec::with_capacity(MAX_UTTERANCE)
-        } else {
-            Vec::new()
-        };
+        let utterance = if config.mode == EchoMode::Utterance { Vec::with_capacity(MAX_UTTERANCE) } else { Vec::new() };
         Self {
             config,
             io,
@@ -98,10 +88,7 @@ impl Worker {
                 match self.config.mode {
                     EchoMode::Frame => {
                         let ts = self.io.audio.last_stamp().map_or(0, |s| s.client_ts_us);
-                        self.io
-                            .output
-                            .audio(0, self.frame.to_vec(), PIPELINE_RATE, ts)
-                            .await?;
+                        self.io.output.audio(0, self.frame.to_vec(), PIPELINE_RATE, ts).await?;
                     }
                     EchoMode::Utterance => self.utterance_frame().await?,
                 }
@@ -120,16 +107,8 @@ impl Worker {
     async fn echo_text(&mut self, text: String) -> Result<(), SessionClosed> {
         self.turn += 1;
         let out = &self.io.output;
-        out.event(ServerEvent::ResponseTextDelta {
-            turn: self.turn,
-            delta: text.clone(),
-        })
-        .await?;
-        out.event(ServerEvent::ResponseTextDone {
-            turn: self.turn,
-            text,
-        })
-        .await
+        out.event(ServerEvent::ResponseTextDelta { turn: self.turn, delta: text.clone() }).await?;
+        out.event(ServerEvent::ResponseTextDone { turn: self.turn, text }).await
     }
 
     async fn utterance_frame(&mut self) -> Result<(), SessionClosed> {
@@ -153,26 +132,12 @@ impl Worker {
                     self.utterance.extend_from_slice(&self.pre_roll);
                     self.pre_roll.clear();
                     let start = position.saturating_sub((*voiced_run * FRAME) as u64);
-                    self.vad = Vad::Speech {
-                        turn,
-                        last_voiced_end: position,
-                        silence_ms: 0,
-                    };
+                    self.vad = Vad::Speech { turn, last_voiced_end: position, silence_ms: 0 };
                     let audio_start_ms = start * 1000 / PIPELINE_RATE as u64;
-                    self.io
-                        .output
-                        .event(ServerEvent::SpeechStarted {
-                            turn,
-                            audio_start_ms,
-                        })
-                        .await?;
+                    self.io.output.event(ServerEvent::SpeechStarted { turn, audio_start_ms }).await?;
                 }
             }
-            Vad::Speech {
-                turn,
-                last_voiced_end,
-                silence_ms,
-            } => {
+            Vad::Speech { turn, last_voiced_end, silence_ms } => {
                 self.utterance.extend_from_slice(&self.frame);
                 if voiced {
                     *last_voiced_end = position;
@@ -192,43 +157,19 @@ impl Worker {
     }
 
     /// Ends the turn: plays the utterance (up to its last voiced sample plus a short tail) back.
-    async fn reply(
-        &mut self,
-        turn: u64,
-        last_voiced_end: u64,
-        position: u64,
-    ) -> Result<(), SessionClosed> {
+    async fn reply(&mut self, turn: u64, last_voiced_end: u64, position: u64) -> Result<(), SessionClosed> {
         let endpoint = Instant::now();
         let stamp = self.io.audio.stamp_at(last_voiced_end.saturating_sub(1));
         let anchor = stamp.map_or(endpoint, |s| s.arrived);
         let audio_end_ms = last_voiced_end * 1000 / PIPELINE_RATE as u64;
         let out = &self.io.output;
-        out.event(ServerEvent::SpeechStopped { turn, audio_end_ms })
-            .await?;
+        out.event(ServerEvent::SpeechStopped { turn, audio_end_ms }).await?;
         let trailing = (position - last_voiced_end) as usize;
-        let keep = self
-            .utterance
-            .len()
-            .saturating_sub(trailing.saturating_sub(TAIL));
+        let keep = self.utterance.len().saturating_sub(trailing.saturating_sub(TAIL));
         let pcm = self.utterance[..keep].to_vec();
-        let marks = vec![
-            (mark::SPEECH_END, anchor),
-            (mark::ENDPOINT, endpoint),
-            (mark::FIRST_AUDIO, Instant::now()),
-        ];
-        out.marks(TurnMarks {
-            turn,
-            anchor,
-            marks,
-        })
-        .await?;
-        out.audio(
-            turn,
-            pcm,
-            PIPELINE_RATE,
-            stamp.map_or(0, |s| s.client_ts_us),
-        )
-        .await?;
+        let marks = vec![(mark::SPEECH_END, anchor), (mark::ENDPOINT, endpoint), (mark::FIRST_AUDIO, Instant::now())];
+        out.marks(TurnMarks { turn, anchor, marks }).await?;
+        out.audio(turn, pcm, PIPELINE_RATE, stamp.map_or(0, |s| s.client_ts_us)).await?;
         out.audio_end(turn).await
     }
 }

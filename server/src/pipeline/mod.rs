@@ -65,15 +65,8 @@ pub enum Command {
 #[derive(Debug)]
 pub enum Output {
     Event(ServerEvent),
-    Audio {
-        turn: u64,
-        pcm: Vec<f32>,
-        sample_rate: u32,
-        ref_ts_us: u64,
-    },
-    AudioEnd {
-        turn: u64,
-    },
+    Audio { turn: u64, pcm: Vec<f32>, sample_rate: u32, ref_ts_us: u64 },
+    AudioEnd { turn: u64 },
     Marks(TurnMarks),
 }
 
@@ -116,20 +109,8 @@ impl ReplyOutput {
     }
 
     /// Reply audio for `turn`; `ref_ts_us` goes into the frames' header timestamp.
-    pub async fn audio(
-        &self,
-        turn: u64,
-        pcm: Vec<f32>,
-        sample_rate: u32,
-        ref_ts_us: u64,
-    ) -> Result<(), SessionClosed> {
-        self.send(Output::Audio {
-            turn,
-            pcm,
-            sample_rate,
-            ref_ts_us,
-        })
-        .await
+    pub async fn audio(&self, turn: u64, pcm: Vec<f32>, sample_rate: u32, ref_ts_us: u64) -> Result<(), SessionClosed> {
+        self.send(Output::Audio { turn, pcm, sample_rate, ref_ts_us }).await
     }
 
     pub async fn audio_end(&self, turn: u64) -> Result<(), SessionClosed> {
@@ -230,19 +211,12 @@ impl ReplyControl {
     }
 
     fn cancelled_played_ms(&self, turn: u64) -> Option<u64> {
-        self.last_cancel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .filter(|(t, _)| *t == turn)
-            .map(|(_, ms)| ms)
+        self.last_cancel.lock().unwrap_or_else(|e| e.into_inner()).filter(|(t, _)| *t == turn).map(|(_, ms)| ms)
     }
 
     pub(crate) fn set_playing(&self, turn: u64, until: Instant) {
         self.playing_turn.store(turn, Relaxed);
-        self.playing_until_ns.store(
-            until.saturating_duration_since(self.epoch).as_nanos() as u64,
-            Relaxed,
-        );
+        self.playing_until_ns.store(until.saturating_duration_since(self.epoch).as_nanos() as u64, Relaxed);
     }
 
     fn playing(&self, now: Instant) -> Option<u64> {
@@ -255,23 +229,13 @@ impl ReplyControl {
 
 /// Builds the pipeline the configuration names. The voice pipeline loads every model from the
 /// provisioned cache first (seconds: call it off the async runtime, e.g. in `spawn_blocking`).
-pub fn from_config(
-    config: &crate::config::Config,
-) -> Result<Arc<dyn Pipeline>, crate::server::ServerError> {
+pub fn from_config(config: &crate::config::Config) -> Result<Arc<dyn Pipeline>, crate::server::ServerError> {
     match config.pipeline {
-        crate::config::PipelineKind::Echo => {
-            Ok(Arc::new(echo::EchoPipeline::new(config.echo.clone())))
-        }
+        crate::config::PipelineKind::Echo => Ok(Arc::new(echo::EchoPipeline::new(config.echo.clone()))),
         crate::config::PipelineKind::Voice => {
-            let dir = config
-                .models
-                .clone()
-                .unwrap_or_else(crate::models::Manifest::default_dir);
+            let dir = config.models.clone().unwrap_or_else(crate::models::Manifest::default_dir);
             let manifest = crate::models::Manifest::load(&dir)?;
-            Ok(Arc::new(voice::VoicePipeline::load(
-                manifest,
-                config.voice.clone(),
-            )?))
+            Ok(Arc::new(voice::VoicePipeline::load(manifest, config.voice.clone())?))
         }
     }
 }

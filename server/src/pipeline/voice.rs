@@ -75,10 +75,9 @@ impl Default for VoiceConfig {
             min_speech_ms: 96,
             endpoint_silence_ms: 480,
             max_reply_tokens: 60,
-            system_prompt:
-                "You are Parley, a friendly voice assistant. Answer in one or two short spoken \
+            system_prompt: "You are Parley, a friendly voice assistant. Answer in one or two short spoken \
                             sentences. No lists, no markdown, no emoji."
-                    .into(),
+                .into(),
             threads_vad: 1,
             threads_asr: 2,
             threads_llm: 1,
@@ -114,30 +113,10 @@ impl Engines {
         let asr = spawn(manifest, "asr", config.threads_asr, Asr::load)?;
         let llm = spawn(manifest, "llm", config.threads_llm, Llm::load)?;
         let tts = spawn(manifest, "tts", config.threads_tts, Tts::load)?;
-        let speaker = spawn(
-            manifest,
-            "speaker",
-            config.threads_embed,
-            SpeakerEmbedder::load,
-        )?;
-        let text_embed = spawn(
-            manifest,
-            "text-embed",
-            config.threads_embed,
-            TextEmbedder::load,
-        )?;
-        let tts_rate = tts
-            .run_blocking(Priority::High, |tts| tts.sample_rate())
-            .map_err(engine_to_model)?;
-        Ok(Engines {
-            vad,
-            asr,
-            llm,
-            tts,
-            speaker,
-            text_embed,
-            tts_rate,
-        })
+        let speaker = spawn(manifest, "speaker", config.threads_embed, SpeakerEmbedder::load)?;
+        let text_embed = spawn(manifest, "text-embed", config.threads_embed, TextEmbedder::load)?;
+        let tts_rate = tts.run_blocking(Priority::High, |tts| tts.sample_rate()).map_err(engine_to_model)?;
+        Ok(Engines { vad, asr, llm, tts, speaker, text_embed, tts_rate })
     }
 }
 
@@ -180,10 +159,7 @@ pub struct VoicePipeline {
 
 impl VoicePipeline {
     pub fn new(engines: Arc<Engines>, config: VoiceConfig) -> Self {
-        Self {
-            engines,
-            config: Arc::new(config),
-        }
+        Self { engines, config: Arc::new(config) }
     }
 
     /// Loads every model from `manifest` and builds the pipeline.
@@ -220,12 +196,7 @@ enum Turn {
     /// Waiting for speech; `voiced` consecutive voiced chunks so far.
     Idle { voiced: usize },
     /// The user is speaking.
-    Speech {
-        turn: u64,
-        last_voiced_end: u64,
-        last_voiced_seen: Instant,
-        silence_ms: u32,
-    },
+    Speech { turn: u64, last_voiced_end: u64, last_voiced_seen: Instant, silence_ms: u32 },
 }
 
 /// A reply in progress: its task and the flag that stops it.
@@ -306,11 +277,7 @@ impl Worker {
                     self.pre_roll.drain(..CHUNK_SAMPLES);
                 }
                 self.pre_roll.extend_from_slice(&self.chunk);
-                *voiced = if prob >= config.vad_on {
-                    *voiced + 1
-                } else {
-                    0
-                };
+                *voiced = if prob >= config.vad_on { *voiced + 1 } else { 0 };
                 if *voiced as u32 * CHUNK_MS >= config.min_speech_ms {
                     let start = position.saturating_sub((*voiced * CHUNK_SAMPLES) as u64);
                     // Barge-in: the user talks over the reply; it stops now.
@@ -327,21 +294,10 @@ impl Worker {
                         silence_ms: 0,
                     };
                     let audio_start_ms = start * 1000 / PIPELINE_RATE as u64;
-                    self.io
-                        .output
-                        .event(ServerEvent::SpeechStarted {
-                            turn,
-                            audio_start_ms,
-                        })
-                        .await?;
+                    self.io.output.event(ServerEvent::SpeechStarted { turn, audio_start_ms }).await?;
                 }
             }
-            Turn::Speech {
-                turn,
-                last_voiced_end,
-                last_voiced_seen,
-                silence_ms,
-            } => {
+            Turn::Speech { turn, last_voiced_end, last_voiced_seen, silence_ms } => {
                 self.utterance.extend_from_slice(&self.chunk);
                 if prob >= config.vad_off {
                     *last_voiced_end = position;
@@ -352,11 +308,9 @@ impl Worker {
                 }
                 let full = self.utterance.len() + CHUNK_SAMPLES > MAX_UTTERANCE;
                 if *silence_ms >= config.endpoint_silence_ms || full {
-                    let (turn, last_voiced_end, last_voiced_seen) =
-                        (*turn, *last_voiced_end, *last_voiced_seen);
+                    let (turn, last_voiced_end, last_voiced_seen) = (*turn, *last_voiced_end, *last_voiced_seen);
                     self.state = Turn::Idle { voiced: 0 };
-                    self.end_turn(turn, last_voiced_end, last_voiced_seen, position)
-                        .await?;
+                    self.end_turn(turn, last_voiced_end, last_voiced_seen, position).await?;
                 }
             }
         }
@@ -382,11 +336,7 @@ impl Worker {
             }
             Ok((state, Err(e))) => {
                 self.vad_state = Some(state);
-                report(
-                    &self.io.output,
-                    format!("voice activity detection failed: {e}"),
-                )
-                .await?;
+                report(&self.io.output, format!("voice activity detection failed: {e}")).await?;
                 Ok(0.0)
             }
             Err(e) => {
@@ -408,28 +358,13 @@ impl Worker {
         let stamp = self.io.audio.stamp_at(last_voiced_end.saturating_sub(1));
         let anchor = stamp.map_or(last_voiced_seen, |s| s.arrived);
         let audio_end_ms = last_voiced_end * 1000 / PIPELINE_RATE as u64;
-        self.io
-            .output
-            .event(ServerEvent::SpeechStopped { turn, audio_end_ms })
-            .await?;
+        self.io.output.event(ServerEvent::SpeechStopped { turn, audio_end_ms }).await?;
         // Keep the speech and ~100 ms after it; the trailing silence only costs encoder time.
         let trailing = (position - last_voiced_end) as usize;
-        let keep = self
-            .utterance
-            .len()
-            .saturating_sub(trailing.saturating_sub(PIPELINE_RATE as usize / 10));
+        let keep = self.utterance.len().saturating_sub(trailing.saturating_sub(PIPELINE_RATE as usize / 10));
         let audio = self.utterance[..keep].to_vec();
-        let marks = vec![
-            (mark::SPEECH_END, last_voiced_seen),
-            (mark::ENDPOINT, endpoint),
-        ];
-        self.start_reply(
-            turn,
-            Input::Speech(audio),
-            anchor,
-            marks,
-            stamp.map_or(0, |s| s.client_ts_us),
-        );
+        let marks = vec![(mark::SPEECH_END, last_voiced_seen), (mark::ENDPOINT, endpoint)];
+        self.start_reply(turn, Input::Speech(audio), anchor, marks, stamp.map_or(0, |s| s.client_ts_us));
         Ok(())
     }
 
@@ -484,9 +419,7 @@ impl Worker {
 /// Tells the client about a failure that ends nothing but this step.
 async fn report(output: &super::ReplyOutput, message: String) -> Result<(), SessionClosed> {
     tracing::warn!(%message, "pipeline error");
-    output
-        .event(ServerEvent::error(ErrorCode::Internal, message))
-        .await
+    output.event(ServerEvent::error(ErrorCode::Internal, message)).await
 }
 
 /// What the user said: recorded speech, or typed text.
@@ -520,15 +453,9 @@ impl ReplyContext {
     }
 
     async fn fail(&self, what: &str, e: impl std::fmt::Display) -> Result<(), SessionClosed> {
-        let code = if what == "busy" {
-            ErrorCode::Busy
-        } else {
-            ErrorCode::Internal
-        };
+        let code = if what == "busy" { ErrorCode::Busy } else { ErrorCode::Internal };
         tracing::warn!(error = %e, "{what}");
-        self.output
-            .event(ServerEvent::error(code, format!("{what}: {e}")))
-            .await?;
+        self.output.event(ServerEvent::error(code, format!("{what}: {e}"))).await?;
         self.output.audio_end(self.turn).await
     }
 
@@ -537,11 +464,7 @@ impl ReplyContext {
         let user_text = match input {
             Input::Text(text) => text,
             Input::Speech(audio) => {
-                let result = self
-                    .engines
-                    .asr
-                    .run(Priority::High, move |asr| asr.transcribe(&audio))
-                    .await;
+                let result = self.engines.asr.run(Priority::High, move |asr| asr.transcribe(&audio)).await;
                 let transcript = match result {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => return self.fail("speech recognition failed", e).await,
@@ -550,12 +473,7 @@ impl ReplyContext {
                 };
                 self.marks.push((mark::ASR_FINAL, Instant::now()));
                 let text = transcript.text.trim().to_string();
-                self.output
-                    .event(ServerEvent::TranscriptionCompleted {
-                        turn,
-                        transcript: text.clone(),
-                    })
-                    .await?;
+                self.output.event(ServerEvent::TranscriptionCompleted { turn, transcript: text.clone() }).await?;
                 text
             }
         };
@@ -592,9 +510,7 @@ impl ReplyContext {
         let generation = tokio::spawn(async move {
             llm.run(Priority::High, move |llm| {
                 llm.generate(&messages, max_tokens, |delta| {
-                    if cancel.load(Ordering::Relaxed)
-                        || delta_tx.blocking_send(delta.to_string()).is_err()
-                    {
+                    if cancel.load(Ordering::Relaxed) || delta_tx.blocking_send(delta.to_string()).is_err() {
                         ControlFlow::Break(())
                     } else {
                         ControlFlow::Continue(())
@@ -612,11 +528,7 @@ impl ReplyContext {
             turn,
             self.ref_ts_us,
             clause_rx,
-            TurnMarks {
-                turn,
-                anchor: self.anchor,
-                marks: std::mem::take(&mut self.marks),
-            },
+            TurnMarks { turn, anchor: self.anchor, marks: std::mem::take(&mut self.marks) },
         ));
 
         let mut chunker = Chunker::new();
@@ -629,12 +541,7 @@ impl ReplyContext {
                 let _ = clause_tx.send(Piece::FirstToken(now)).await;
             }
             text.push_str(&delta);
-            self.output
-                .event(ServerEvent::ResponseTextDelta {
-                    turn,
-                    delta: delta.clone(),
-                })
-                .await?;
+            self.output.event(ServerEvent::ResponseTextDelta { turn, delta: delta.clone() }).await?;
             for clause in chunker.push(&delta) {
                 if clause_tx.send(Piece::Clause(clause)).await.is_err() {
                     break;
@@ -649,32 +556,17 @@ impl ReplyContext {
             Ok(Ok(Ok(_))) => {}
             Ok(Ok(Err(e))) => {
                 self.output
-                    .event(ServerEvent::error(
-                        ErrorCode::Internal,
-                        format!("reply generation failed: {e}"),
-                    ))
+                    .event(ServerEvent::error(ErrorCode::Internal, format!("reply generation failed: {e}")))
                     .await?
             }
-            Ok(Err(e)) => {
-                self.output
-                    .event(ServerEvent::error(ErrorCode::Busy, e.to_string()))
-                    .await?
-            }
+            Ok(Err(e)) => self.output.event(ServerEvent::error(ErrorCode::Busy, e.to_string())).await?,
             Err(e) => {
                 self.output
-                    .event(ServerEvent::error(
-                        ErrorCode::Internal,
-                        format!("reply generation failed: {e}"),
-                    ))
+                    .event(ServerEvent::error(ErrorCode::Internal, format!("reply generation failed: {e}")))
                     .await?
             }
         }
-        self.output
-            .event(ServerEvent::ResponseTextDone {
-                turn,
-                text: text.trim().to_string(),
-            })
-            .await?;
+        self.output.event(ServerEvent::ResponseTextDone { turn, text: text.trim().to_string() }).await?;
         let spoken = tts_stage.await.unwrap_or_default();
         self.output.audio_end(turn).await?;
         if !self.cancelled() {
@@ -686,14 +578,7 @@ impl ReplyContext {
                 // No audio of this turn reached the pacer: nothing was heard, and the pacer has
                 // not reported the cancel, so it is reported here.
                 let reason = CancelReason::BargeIn;
-                self.output
-                    .event(ServerEvent::ReplyCancelled {
-                        turn,
-                        reason,
-                        played_ms: 0,
-                        sent_ms: 0,
-                    })
-                    .await?;
+                self.output.event(ServerEvent::ReplyCancelled { turn, reason, played_ms: 0, sent_ms: 0 }).await?;
                 Ok(String::new())
             }
         }
@@ -737,25 +622,16 @@ async fn tts_stage(
         }
         let priority = if first { Priority::High } else { Priority::Low };
         let text = clause.clone();
-        let audio = match engines
-            .tts
-            .run(priority, move |tts| tts.synthesize(&text))
-            .await
-        {
+        let audio = match engines.tts.run(priority, move |tts| tts.synthesize(&text)).await {
             Ok(Ok(audio)) => audio,
             Ok(Err(e)) => {
                 let _ = output
-                    .event(ServerEvent::error(
-                        ErrorCode::Internal,
-                        format!("speech synthesis failed: {e}"),
-                    ))
+                    .event(ServerEvent::error(ErrorCode::Internal, format!("speech synthesis failed: {e}")))
                     .await;
                 break;
             }
             Err(e) => {
-                let _ = output
-                    .event(ServerEvent::error(ErrorCode::Busy, e.to_string()))
-                    .await;
+                let _ = output.event(ServerEvent::error(ErrorCode::Busy, e.to_string())).await;
                 break;
             }
         };
@@ -769,10 +645,7 @@ async fn tts_stage(
             }
         }
         let audio_ms = audio.len() as f64 * 1000.0 / rate as f64;
-        spoken.push(Spoken {
-            text: clause,
-            audio_ms,
-        });
+        spoken.push(Spoken { text: clause, audio_ms });
         if output.audio(turn, audio, rate, ref_ts_us).await.is_err() {
             break;
         }
@@ -781,11 +654,7 @@ async fn tts_stage(
 }
 
 fn join_text(spoken: &[Spoken]) -> String {
-    spoken
-        .iter()
-        .map(|s| s.text.as_str())
-        .collect::<Vec<_>>()
-        .join(" ")
+    spoken.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ")
 }
 
 /// The reply text the user heard after a cancel: the chunks whose audio had played by then, the

@@ -14,11 +14,9 @@ const MAX_WER_PADDED: f64 = 0.15;
 /// One model instance for the whole test binary (loading takes a second or two).
 fn asr() -> MutexGuard<'static, Asr> {
     static ASR: OnceLock<Mutex<Asr>> = OnceLock::new();
-    ASR.get_or_init(|| {
-        Mutex::new(Asr::load(crate::manifest(), 2).unwrap_or_else(|e| panic!("{e}")))
-    })
-    .lock()
-    .unwrap_or_else(|e| e.into_inner())
+    ASR.get_or_init(|| Mutex::new(Asr::load(crate::manifest(), 2).unwrap_or_else(|e| panic!("{e}"))))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
 
 /// A word or a phrase of up to 4 words repeated 3 times in a row: what a loop looks like.
@@ -26,8 +24,7 @@ fn has_loop(text: &str) -> bool {
     let words = parley_tests::normalize_words(text);
     (1..=4).any(|n| {
         words.len() >= 3 * n
-            && (0..=words.len() - 3 * n)
-                .any(|s| (1..3).all(|r| words[s..s + n] == words[s + r * n..s + (r + 1) * n]))
+            && (0..=words.len() - 3 * n).any(|s| (1..3).all(|r| words[s..s + n] == words[s + r * n..s + (r + 1) * n]))
     })
 }
 
@@ -37,9 +34,7 @@ fn wer_in(mode: AsrMode) -> (usize, usize) {
     let (mut errors, mut words) = (0, 0);
     for clip in speech_clips() {
         let audio = read_16k(&clip.path);
-        let t = asr
-            .transcribe(&audio)
-            .unwrap_or_else(|e| panic!("{}: {e}", clip.path.display()));
+        let t = asr.transcribe(&audio).unwrap_or_else(|e| panic!("{}: {e}", clip.path.display()));
         let (e, n) = word_errors(&clip.transcript, &t.text);
         println!(
             "{mode:?} {:5.2} s enc {:6.0} ms dec {:5.0} ms {:2} tok {:?}{} err {e}/{n} | {}",
@@ -51,12 +46,7 @@ fn wer_in(mode: AsrMode) -> (usize, usize) {
             if t.fell_back { " (30 s fallback)" } else { "" },
             t.text
         );
-        assert!(
-            !has_loop(&t.text),
-            "{mode:?}: {} loops: {:?}",
-            clip.path.display(),
-            t.text
-        );
+        assert!(!has_loop(&t.text), "{mode:?}: {} loops: {:?}", clip.path.display(), t.text);
         errors += e;
         words += n;
     }
@@ -69,10 +59,7 @@ fn asr_variable_mode_transcribes_speech_without_loops() {
     let (errors, words) = wer_in(AsrMode::Variable);
     let wer = errors as f64 / words as f64;
     println!("variable mode WER {wer:.3} ({errors}/{words})");
-    assert!(
-        wer <= MAX_WER_VARIABLE,
-        "variable mode WER {wer:.3} ({errors}/{words}) > {MAX_WER_VARIABLE}"
-    );
+    assert!(wer <= MAX_WER_VARIABLE, "variable mode WER {wer:.3} ({errors}/{words}) > {MAX_WER_VARIABLE}");
 }
 
 #[test]
@@ -80,78 +67,43 @@ fn asr_padded_mode_transcribes_speech() {
     let (errors, words) = wer_in(AsrMode::Padded30s);
     let wer = errors as f64 / words as f64;
     println!("30 s mode WER {wer:.3} ({errors}/{words})");
-    assert!(
-        wer <= MAX_WER_PADDED,
-        "30 s mode WER {wer:.3} ({errors}/{words}) > {MAX_WER_PADDED}"
-    );
+    assert!(wer <= MAX_WER_PADDED, "30 s mode WER {wer:.3} ({errors}/{words}) > {MAX_WER_PADDED}");
 }
 
 #[test]
 fn asr_silence_gives_empty_transcript() {
     let mut asr = asr();
     for seconds in [0.5, 2.0, 5.0] {
-        let t = asr
-            .transcribe(&vec![0.0; (seconds * 16000.0) as usize])
-            .expect("silence");
+        let t = asr.transcribe(&vec![0.0; (seconds * 16000.0) as usize]).expect("silence");
         assert_eq!(t.text, "", "{seconds} s of silence");
         assert_eq!(t.stop, Stop::NoSpeech);
     }
     // Very quiet noise (-66 dBFS) is silence too, whether by the level check or the model.
     let hiss: Vec<f32> = noise(32000, 7).iter().map(|x| x * 0.0005).collect();
     let t = asr.transcribe(&hiss).expect("hiss");
-    assert_eq!(
-        t.text, "",
-        "hiss gave {:?} (no-speech p {:.2})",
-        t.text, t.no_speech_prob
-    );
+    assert_eq!(t.text, "", "hiss gave {:?} (no-speech p {:.2})", t.text, t.no_speech_prob);
 }
 
 #[test]
 fn asr_garbage_input_never_fails_or_loops() {
     let mut asr = asr();
     for n in [0usize, 1, 10, 400, 1600, 1601, 4000] {
-        let t = asr
-            .transcribe(&noise(n, n as u64))
-            .unwrap_or_else(|e| panic!("{n} samples: {e}"));
-        assert!(
-            t.tokens <= 8 + n / 2000 + 1,
-            "{n} samples gave {} tokens",
-            t.tokens
-        );
+        let t = asr.transcribe(&noise(n, n as u64)).unwrap_or_else(|e| panic!("{n} samples: {e}"));
+        assert!(t.tokens <= 8 + n / 2000 + 1, "{n} samples gave {} tokens", t.tokens);
     }
     for (name, audio) in [
         ("white noise", noise(48000, 1)),
-        (
-            "loud square wave",
-            (0..48000)
-                .map(|i| if (i / 40) % 2 == 0 { 1.0 } else { -1.0 })
-                .collect(),
-        ),
-        (
-            "NaN and infinities",
-            (0..32000)
-                .map(|i| [f32::NAN, f32::INFINITY, 0.3, -0.2][i % 4])
-                .collect(),
-        ),
-        (
-            "out of range",
-            noise(32000, 3).iter().map(|x| x * 50.0).collect(),
-        ),
+        ("loud square wave", (0..48000).map(|i| if (i / 40) % 2 == 0 { 1.0 } else { -1.0 }).collect()),
+        ("NaN and infinities", (0..32000).map(|i| [f32::NAN, f32::INFINITY, 0.3, -0.2][i % 4]).collect()),
+        ("out of range", noise(32000, 3).iter().map(|x| x * 50.0).collect()),
     ] {
-        let t = asr
-            .transcribe(&audio)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        println!(
-            "{name}: {:?} ({:?}, no-speech p {:.2}, {} tok)",
-            t.text, t.stop, t.no_speech_prob, t.tokens
-        );
+        let t = asr.transcribe(&audio).unwrap_or_else(|e| panic!("{name}: {e}"));
+        println!("{name}: {:?} ({:?}, no-speech p {:.2}, {} tok)", t.text, t.stop, t.no_speech_prob, t.tokens);
         assert!(!has_loop(&t.text), "{name} loops: {:?}", t.text);
         assert!(t.tokens <= 8 + 3 * 8, "{name}: {} tokens", t.tokens);
     }
     // Over 30 s: a clear error, not a panic.
-    let err = asr
-        .transcribe(&vec![0.1; 16000 * 31])
-        .expect_err("31 s must be rejected");
+    let err = asr.transcribe(&vec![0.1; 16000 * 31]).expect_err("31 s must be rejected");
     assert!(err.to_string().contains("at most 30 s"), "{err}");
     // Exactly 30 s is fine (in both modes).
     asr.transcribe(&vec![0.0; 16000 * 30]).expect("30 s");

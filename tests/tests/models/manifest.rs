@@ -38,40 +38,19 @@ fn fake_cache(name: &str, runtime_sha: &str, vad_sha: &str, write_runtime: bool)
 /// only once per process) with the fake cache `dir`; its panic message, if it failed.
 fn run_child(name: &str, dir: &Path) -> Result<(), String> {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            name,
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR, dir)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("1 passed") || text.contains("1 failed"),
-        "child test {name} did not run:\n{text}"
-    );
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(text)
-    }
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("1 passed") || text.contains("1 failed"), "child test {name} did not run:\n{text}");
+    if out.status.success() { Ok(()) } else { Err(text) }
 }
 
 #[test]
 fn the_real_cache_loads_every_role_it_lists() {
     let manifest = crate::manifest();
-    assert!(
-        !manifest.models.is_empty(),
-        "{}: no models",
-        manifest.dir.display()
-    );
+    assert!(!manifest.models.is_empty(), "{}: no models", manifest.dir.display());
     manifest.runtime().unwrap();
     for (role, model) in &manifest.models {
         assert!(
@@ -80,15 +59,11 @@ fn the_real_cache_loads_every_role_it_lists() {
             model.source
         );
         for (name, entry) in &model.files {
-            let path = manifest
-                .path(role, name)
-                .unwrap_or_else(|e| panic!("{role}/{name}: {e}"));
+            let path = manifest.path(role, name).unwrap_or_else(|e| panic!("{role}/{name}: {e}"));
             assert!(path.is_file());
             // ONNX graphs: build a session, which also checks the graph's input and output names.
             if !entry.inputs.is_empty() {
-                manifest
-                    .session(role, name, 1)
-                    .unwrap_or_else(|e| panic!("{role}/{name}: {e}"));
+                manifest.session(role, name, 1).unwrap_or_else(|e| panic!("{role}/{name}: {e}"));
             }
         }
     }
@@ -100,10 +75,7 @@ fn a_missing_cache_is_no_manifest() {
     let err = Manifest::load(&dir).unwrap_err();
     assert!(matches!(err, ModelError::NoManifest(_)), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("provision.sh") && msg.contains("parley-no-such-cache"),
-        "{msg}"
-    );
+    assert!(msg.contains("provision.sh") && msg.contains("parley-no-such-cache"), "{msg}");
 }
 
 #[test]
@@ -113,11 +85,7 @@ fn a_wrong_hash_is_a_hash_mismatch_that_says_what_to_do() {
     let manifest = Manifest::load(&dir).unwrap();
     let err = manifest.path("vad", "model").unwrap_err();
     match &err {
-        ModelError::HashMismatch {
-            path,
-            expected,
-            actual,
-        } => {
+        ModelError::HashMismatch { path, expected, actual } => {
             assert!(path.ends_with("vad/silero_vad.onnx"));
             assert_eq!(expected, &wrong);
             assert_eq!(actual, FAKE_GRAPH_SHA256);
@@ -126,19 +94,12 @@ fn a_wrong_hash_is_a_hash_mismatch_that_says_what_to_do() {
     }
     let msg = err.to_string();
     assert!(
-        msg.contains("provision.sh")
-            && msg.contains("silero_vad.onnx")
-            && msg.contains(FAKE_GRAPH_SHA256),
+        msg.contains("provision.sh") && msg.contains("silero_vad.onnx") && msg.contains(FAKE_GRAPH_SHA256),
         "{msg}"
     );
     // The same file with the right hash is accepted.
     let dir_ok = fake_cache("hash-ok", FAKE_LIB_SHA256, FAKE_GRAPH_SHA256, true);
-    assert!(
-        Manifest::load(&dir_ok)
-            .unwrap()
-            .path("vad", "model")
-            .is_ok()
-    );
+    assert!(Manifest::load(&dir_ok).unwrap().path("vad", "model").is_ok());
     std::fs::remove_dir_all(dir).unwrap();
     std::fs::remove_dir_all(dir_ok).unwrap();
 }
@@ -148,29 +109,13 @@ fn missing_roles_files_and_bad_json_are_clear_errors() {
     let dir = fake_cache("roles", FAKE_LIB_SHA256, FAKE_GRAPH_SHA256, true);
     let manifest = Manifest::load(&dir).unwrap();
     assert!(matches!(manifest.model("asr"), Err(ModelError::MissingRole(r)) if r == "asr"));
-    assert!(matches!(
-        manifest.path("vad", "tokenizer"),
-        Err(ModelError::MissingFile { .. })
-    ));
+    assert!(matches!(manifest.path("vad", "tokenizer"), Err(ModelError::MissingFile { .. })));
     std::fs::remove_file(dir.join("vad/silero_vad.onnx")).unwrap();
-    assert!(matches!(
-        manifest.path("vad", "model"),
-        Err(ModelError::FileMissing(_))
-    ));
+    assert!(matches!(manifest.path("vad", "model"), Err(ModelError::FileMissing(_))));
     std::fs::write(dir.join("manifest.json"), "{\"schema\": 1").unwrap();
-    assert!(matches!(
-        Manifest::load(&dir),
-        Err(ModelError::BadManifest { .. })
-    ));
-    std::fs::write(
-        dir.join("manifest.json"),
-        r#"{"schema": 99, "key": "", "runtime": {}, "models": {}}"#,
-    )
-    .unwrap();
-    assert!(matches!(
-        Manifest::load(&dir),
-        Err(ModelError::BadManifest { .. })
-    ));
+    assert!(matches!(Manifest::load(&dir), Err(ModelError::BadManifest { .. })));
+    std::fs::write(dir.join("manifest.json"), r#"{"schema": 99, "key": "", "runtime": {}, "models": {}}"#).unwrap();
+    assert!(matches!(Manifest::load(&dir), Err(ModelError::BadManifest { .. })));
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -194,10 +139,7 @@ fn a_runtime_library_that_is_not_a_library_is_a_clear_error() {
 fn child_missing_runtime() {
     let manifest = Manifest::load(Path::new(&std::env::var_os(CHILD_DIR).unwrap())).unwrap();
     let err = manifest.session("vad", "model", 1).unwrap_err();
-    assert!(
-        matches!(err, ModelError::FileMissing(ref p) if p.ends_with("runtime/libonnxruntime.so")),
-        "{err:?}"
-    );
+    assert!(matches!(err, ModelError::FileMissing(ref p) if p.ends_with("runtime/libonnxruntime.so")), "{err:?}");
     assert!(err.to_string().contains("provision.sh"), "{err}");
 }
 
@@ -207,8 +149,5 @@ fn child_missing_runtime() {
 fn child_bad_runtime() {
     let manifest = Manifest::load(Path::new(&std::env::var_os(CHILD_DIR).unwrap())).unwrap();
     let err = manifest.session("vad", "model", 1).unwrap_err();
-    assert!(
-        matches!(err, ModelError::Ort(ref m) if m.contains("libonnxruntime.so")),
-        "{err:?}"
-    );
+    assert!(matches!(err, ModelError::Ort(ref m) if m.contains("libonnxruntime.so")), "{err:?}");
 }

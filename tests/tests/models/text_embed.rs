@@ -12,10 +12,7 @@ fn embedder() -> MutexGuard<'static, TextEmbedder> {
         .get_or_init(|| {
             let start = Instant::now();
             let embedder = TextEmbedder::load(manifest(), 2).unwrap_or_else(|e| panic!("{e}"));
-            eprintln!(
-                "text-embed: loaded in {:.0} ms",
-                start.elapsed().as_secs_f64() * 1e3
-            );
+            eprintln!("text-embed: loaded in {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
             Mutex::new(embedder)
         })
         .lock()
@@ -34,10 +31,7 @@ fn paraphrase_is_closer_than_an_unrelated_sentence() {
     let far = embedder.embed("bake a chocolate cake").unwrap();
     let (near_cos, far_cos) = (cosine(&query, &near), cosine(&query, &far));
     eprintln!("cos(query, paraphrase) {near_cos:.3}, cos(query, unrelated) {far_cos:.3}");
-    assert!(
-        near_cos > far_cos + 0.2,
-        "paraphrase {near_cos:.3} vs unrelated {far_cos:.3}"
-    );
+    assert!(near_cos > far_cos + 0.2, "paraphrase {near_cos:.3} vs unrelated {far_cos:.3}");
     for e in [&query, &near, &far] {
         assert_eq!(e.len(), 384);
         assert!((norm(e) - 1.0).abs() < 1e-4, "norm {}", norm(e));
@@ -46,26 +40,15 @@ fn paraphrase_is_closer_than_an_unrelated_sentence() {
 
 #[test]
 fn batch_gives_the_single_results() {
-    let texts = [
-        "short",
-        "a noticeably longer sentence, so that the short ones are padded",
-        "",
-        "I'm going to hurt you",
-    ];
+    let texts =
+        ["short", "a noticeably longer sentence, so that the short ones are padded", "", "I'm going to hurt you"];
     let mut embedder = embedder();
     let batch = embedder.embed_batch(&texts).unwrap();
     assert_eq!(batch.len(), texts.len());
     for (text, from_batch) in texts.iter().zip(&batch) {
         let single = embedder.embed(text).unwrap();
-        let diff = single
-            .iter()
-            .zip(from_batch)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            diff < 1e-5,
-            "{text:?}: batch differs from single by {diff:e}"
-        );
+        let diff = single.iter().zip(from_batch).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{text:?}: batch differs from single by {diff:e}");
     }
     assert!(embedder.embed_batch(&[]).unwrap().is_empty());
 }
@@ -74,29 +57,13 @@ fn batch_gives_the_single_results() {
 fn empty_odd_and_very_long_text_are_fine() {
     let long = "the quick brown fox jumps over the lazy dog ".repeat(2000);
     let mut embedder = embedder();
-    for text in [
-        "",
-        "   ",
-        "\u{0}\u{7}",
-        "🙂🙂🙂",
-        "日本語のテキスト",
-        long.as_str(),
-    ] {
-        let e = embedder
-            .embed(text)
-            .unwrap_or_else(|e| panic!("{:?}: {e}", &text[..text.len().min(20)]));
+    for text in ["", "   ", "\u{0}\u{7}", "🙂🙂🙂", "日本語のテキスト", long.as_str()] {
+        let e = embedder.embed(text).unwrap_or_else(|e| panic!("{:?}: {e}", &text[..text.len().min(20)]));
         assert_eq!(e.len(), 384);
         assert!((norm(&e) - 1.0).abs() < 1e-4, "norm {}", norm(&e));
     }
     // Only the first 256 word pieces count: a long text equals its own prefix.
     let prefix = "the quick brown fox jumps over the lazy dog ".repeat(40);
-    let (a, b) = (
-        embedder.embed(&long).unwrap(),
-        embedder.embed(&prefix).unwrap(),
-    );
-    assert!(
-        cosine(&a, &b) > 0.9999,
-        "long text vs its 256-piece prefix: {:.5}",
-        cosine(&a, &b)
-    );
+    let (a, b) = (embedder.embed(&long).unwrap(), embedder.embed(&prefix).unwrap());
+    assert!(cosine(&a, &b) > 0.9999, "long text vs its 256-piece prefix: {:.5}", cosine(&a, &b));
 }

@@ -8,8 +8,7 @@ const SENTENCE: &str = "Hello there, the quick brown fox jumps over the lazy dog
 fn stats(audio: &[f32]) -> (f32, f32, f32) {
     let peak = audio.iter().fold(0f32, |m, &x| m.max(x.abs()));
     let rms = (audio.iter().map(|x| x * x).sum::<f32>() / audio.len().max(1) as f32).sqrt();
-    let clipped =
-        audio.iter().filter(|x| x.abs() >= 0.999).count() as f32 / audio.len().max(1) as f32;
+    let clipped = audio.iter().filter(|x| x.abs() >= 0.999).count() as f32 / audio.len().max(1) as f32;
     (peak, rms, clipped)
 }
 
@@ -34,49 +33,28 @@ fn a_sentence_gives_plausible_speech() {
     let audio = tts.synthesize(SENTENCE).unwrap();
     let seconds = audio.len() as f32 / tts.sample_rate() as f32;
     // 11 words: ordinary speech is 2-4 words a second.
-    assert!(
-        (2.0..6.0).contains(&seconds),
-        "{seconds:.2} s for {SENTENCE:?}"
-    );
+    assert!((2.0..6.0).contains(&seconds), "{seconds:.2} s for {SENTENCE:?}");
     let (peak, rms, clipped) = stats(&audio);
-    assert!(
-        peak > 0.1 && rms > 0.02,
-        "too quiet: peak {peak}, rms {rms}"
-    );
-    assert!(
-        clipped < 0.001,
-        "{:.2} % of samples at full scale",
-        clipped * 100.0
-    );
+    assert!(peak > 0.1 && rms > 0.02, "too quiet: peak {peak}, rms {rms}");
+    assert!(clipped < 0.001, "{:.2} % of samples at full scale", clipped * 100.0);
     assert!(audio.iter().all(|x| x.is_finite()));
 
     // Silero hears it as speech.
     let mut vad = Vad::load(crate::manifest(), 1).unwrap();
     let audio16 = resample(&audio, tts.sample_rate(), 16_000);
     let mut state = VadState::new();
-    let probs: Vec<f32> = audio16
-        .chunks_exact(CHUNK_SAMPLES)
-        .map(|c| vad.push(&mut state, c.try_into().unwrap()).unwrap())
-        .collect();
+    let probs: Vec<f32> =
+        audio16.chunks_exact(CHUNK_SAMPLES).map(|c| vad.push(&mut state, c.try_into().unwrap()).unwrap()).collect();
     let voiced = probs.iter().filter(|&&p| p > 0.5).count() as f32 / probs.len() as f32;
-    assert!(
-        voiced > 0.5,
-        "VAD finds speech in only {voiced:.2} of the synthesised audio"
-    );
+    assert!(voiced > 0.5, "VAD finds speech in only {voiced:.2} of the synthesised audio");
 }
 
 #[test]
 fn duration_grows_with_the_text() {
     let mut tts = Tts::load(crate::manifest(), 2).unwrap();
     let short = tts.synthesize("Yes.").unwrap().len();
-    let long = tts
-        .synthesize("Yes. I can certainly help you with that, it will only take a minute.")
-        .unwrap()
-        .len();
-    assert!(
-        short > 0 && long > 4 * short,
-        "short {short} samples, long {long} samples"
-    );
+    let long = tts.synthesize("Yes. I can certainly help you with that, it will only take a minute.").unwrap().len();
+    assert!(short > 0 && long > 4 * short, "short {short} samples, long {long} samples");
 }
 
 #[test]
@@ -100,13 +78,9 @@ fn sentences_are_handed_on_one_by_one_and_keep_punctuation() {
     let text = "Is it raining? No, it is sunny. Great!";
     let sentences = tts.sentences(text).unwrap();
     assert_eq!(sentences.len(), 3, "{sentences:?}");
-    assert!(
-        sentences[0].ends_with('?') && sentences[1].contains(',') && sentences[2].ends_with('!'),
-        "{sentences:?}"
-    );
+    assert!(sentences[0].ends_with('?') && sentences[1].contains(',') && sentences[2].ends_with('!'), "{sentences:?}");
     let mut parts = Vec::new();
-    tts.synthesize_with(text, |audio| parts.push(audio.len()))
-        .unwrap();
+    tts.synthesize_with(text, |audio| parts.push(audio.len())).unwrap();
     assert_eq!(parts.len(), 3);
     assert!(parts.iter().all(|&n| n > 2_000), "{parts:?}");
 }
@@ -116,16 +90,9 @@ fn a_long_sentence_without_punctuation_is_split() {
     let mut tts = Tts::load(crate::manifest(), 2).unwrap();
     let text = "one two three four five six seven eight nine ten ".repeat(12);
     let sentences = tts.sentences(&text).unwrap();
-    assert!(
-        sentences.len() >= 2,
-        "{} phonemes in one run",
-        sentences[0].chars().count()
-    );
+    assert!(sentences.len() >= 2, "{} phonemes in one run", sentences[0].chars().count());
     assert!(sentences.iter().all(|s| s.chars().count() <= 500));
     let audio = tts.synthesize(&text).unwrap();
     let seconds = audio.len() as f32 / tts.sample_rate() as f32;
-    assert!(
-        (20.0..80.0).contains(&seconds),
-        "{seconds:.1} s for 120 words"
-    );
+    assert!((20.0..80.0).contains(&seconds), "{seconds:.1} s for 120 words");
 }

@@ -5,10 +5,7 @@ use parley_tests::{read_16k, speech_clips};
 /// Speech probability of every 512-sample chunk of `audio` (one stream, from a fresh state).
 fn probabilities(vad: &mut Vad, audio: &[f32]) -> Vec<f32> {
     let mut state = VadState::new();
-    audio
-        .chunks_exact(CHUNK_SAMPLES)
-        .map(|c| vad.push(&mut state, c.try_into().unwrap()).unwrap())
-        .collect()
+    audio.chunks_exact(CHUNK_SAMPLES).map(|c| vad.push(&mut state, c.try_into().unwrap()).unwrap()).collect()
 }
 
 #[test]
@@ -23,24 +20,15 @@ fn speech_is_detected_and_digital_silence_is_not() {
         let body = &p[lead..lead + speech.len() / CHUNK_SAMPLES];
         let name = clip.path.display();
         let max_lead = p[..lead].iter().fold(0f32, |m, &x| m.max(x));
-        assert!(
-            max_lead < 0.2,
-            "{name}: leading digital silence scored {max_lead}"
-        );
+        assert!(max_lead < 0.2, "{name}: leading digital silence scored {max_lead}");
         let max = body.iter().fold(0f32, |m, &x| m.max(x));
         let voiced = body.iter().filter(|&&x| x > 0.5).count() as f32 / body.len() as f32;
-        assert!(
-            max > 0.9 && voiced > 0.4,
-            "{name}: speech max {max}, {voiced:.2} of chunks > 0.5"
-        );
+        assert!(max > 0.9 && voiced > 0.4, "{name}: speech max {max}, {voiced:.2} of chunks > 0.5");
         // The model holds on for a few hundred ms after speech ends (its hangover); after 0.5 s of
         // digital silence it must have let go.
         let tail = &p[p.len() - lead / 2..];
         let max_tail = tail.iter().fold(0f32, |m, &x| m.max(x));
-        assert!(
-            max_tail < 0.2,
-            "{name}: trailing digital silence scored {max_tail}"
-        );
+        assert!(max_tail < 0.2, "{name}: trailing digital silence scored {max_tail}");
     }
 }
 
@@ -51,39 +39,20 @@ fn batch_gives_the_same_probabilities_as_single_streams() {
     let mut streams: Vec<Vec<f32>> = clips.iter().take(3).map(|c| read_16k(&c.path)).collect();
     streams.push(vec![0.0; 2 * SAMPLE_RATE as usize]); // a silent stream in the same batch
     let n = streams.iter().map(|s| s.len()).min().unwrap() / CHUNK_SAMPLES;
-    let single: Vec<Vec<f32>> = streams
-        .iter()
-        .map(|s| probabilities(&mut vad, &s[..n * CHUNK_SAMPLES]))
-        .collect();
+    let single: Vec<Vec<f32>> = streams.iter().map(|s| probabilities(&mut vad, &s[..n * CHUNK_SAMPLES])).collect();
 
     let mut states = vec![VadState::new(); streams.len()];
     for i in 0..n {
-        let chunks: Vec<&[f32; CHUNK_SAMPLES]> = streams
-            .iter()
-            .map(|s| {
-                s[i * CHUNK_SAMPLES..(i + 1) * CHUNK_SAMPLES]
-                    .try_into()
-                    .unwrap()
-            })
-            .collect();
+        let chunks: Vec<&[f32; CHUNK_SAMPLES]> =
+            streams.iter().map(|s| s[i * CHUNK_SAMPLES..(i + 1) * CHUNK_SAMPLES].try_into().unwrap()).collect();
         let mut refs: Vec<&mut VadState> = states.iter_mut().collect();
         let batched = vad.push_batch(&mut refs, &chunks).unwrap();
         for (s, p) in batched.iter().enumerate() {
-            assert!(
-                (p - single[s][i]).abs() < 1e-4,
-                "stream {s} chunk {i}: batch {p} vs single {}",
-                single[s][i]
-            );
+            assert!((p - single[s][i]).abs() < 1e-4, "stream {s} chunk {i}: batch {p} vs single {}", single[s][i]);
         }
     }
-    assert!(
-        single[0].iter().any(|&p| p > 0.9),
-        "speech stream never detected"
-    );
-    assert!(
-        single[3].iter().all(|&p| p < 0.2),
-        "silent stream detected as speech"
-    );
+    assert!(single[0].iter().any(|&p| p > 0.9), "speech stream never detected");
+    assert!(single[3].iter().all(|&p| p < 0.2), "silent stream detected as speech");
 }
 
 #[test]
