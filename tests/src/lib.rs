@@ -80,6 +80,19 @@ pub fn word_errors(reference: &str, hypothesis: &str) -> (usize, usize) {
     (d[h.len()], r.len())
 }
 
+/// `text` spoken by the espeak-ng voice `voice` (a different synthetic voice than the server's):
+/// mono samples and their rate (22 050 Hz).
+pub fn espeak(voice: &str, text: &str) -> (Vec<f32>, u32) {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("parley-espeak-{}-{n}.wav", std::process::id()));
+    let status = std::process::Command::new("espeak-ng").args(["-v", voice, "-w"]).arg(&path).arg(text).status();
+    assert!(status.is_ok_and(|s| s.success()), "espeak-ng failed: install the Debian package espeak-ng");
+    let audio = read_wav(&path);
+    let _ = std::fs::remove_file(&path);
+    audio
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,16 +103,4 @@ mod tests {
         assert_eq!(word_errors("ten of clubs", "ten clubs"), (1, 3));
         assert_eq!(word_errors("ten of clubs", "two of clubs now"), (2, 3));
     }
-}
-
-/// `text` spoken by the espeak-ng voice `voice` (a different synthetic voice than the server's):
-/// mono samples and their rate (22 050 Hz).
-pub fn espeak(voice: &str, text: &str) -> (Vec<f32>, u32) {
-    let dir = std::env::temp_dir().join(format!("parley-espeak-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path =
-        dir.join(format!("{:x}.wav", text.len() * 31 + voice.len() + text.bytes().map(usize::from).sum::<usize>()));
-    let status = std::process::Command::new("espeak-ng").args(["-v", voice, "-w"]).arg(&path).arg(text).status();
-    assert!(status.is_ok_and(|s| s.success()), "espeak-ng failed: install the Debian package espeak-ng");
-    read_wav(&path)
 }

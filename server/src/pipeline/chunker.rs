@@ -61,9 +61,7 @@ impl Chunker {
                 words += 1;
             }
             // A break counts only once the next character shows it is not inside a number ("3.5").
-            let Some(&(next_i, next)) = chars.peek() else {
-                return None;
-            };
+            let &(next_i, next) = chars.peek()?;
             if !next.is_whitespace() {
                 continue;
             }

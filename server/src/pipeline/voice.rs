@@ -407,11 +407,11 @@ impl Worker {
 
     /// Stops the reply in progress, if any: generation stops and unsent audio is dropped.
     fn cancel_reply(&mut self, reason: CancelReason) {
-        if let Some(reply) = &self.reply {
-            if !reply.task.is_finished() || self.io.output.is_playing() == Some(reply.turn) {
-                reply.cancel.store(true, Ordering::Relaxed);
-                self.io.output.cancel(reply.turn, reason);
-            }
+        if let Some(reply) = &self.reply
+            && (!reply.task.is_finished() || self.io.output.is_playing() == Some(reply.turn))
+        {
+            reply.cancel.store(true, Ordering::Relaxed);
+            self.io.output.cancel(reply.turn, reason);
         }
     }
 }

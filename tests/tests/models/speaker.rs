@@ -1,9 +1,7 @@
 //! Tests of the `speaker` model.
 use crate::manifest;
-use parley_server::models::speaker::{SpeakerEmbedder, cosine};
+use parley_server::models::speaker::{SAMPLE_RATE, SpeakerEmbedder, cosine};
 use parley_tests::{read_16k, speech_clips};
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -21,20 +19,10 @@ fn embedder() -> MutexGuard<'static, SpeakerEmbedder> {
         .unwrap_or_else(|e| e.into_inner())
 }
 
-/// `text` spoken by an espeak-ng `voice`, converted to 16 kHz by sox.
-fn espeak_16k(name: &str, voice: &str, text: &str) -> Vec<f32> {
-    let dir = std::env::temp_dir().join(format!("parley-speaker-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let raw: PathBuf = dir.join(format!("{name}-22k.wav"));
-    let wav: PathBuf = dir.join(format!("{name}.wav"));
-    let status = Command::new("espeak-ng").args(["-v", voice, "-w"]).arg(&raw).arg(text).status();
-    assert!(status.is_ok_and(|s| s.success()), "espeak-ng failed: install the Debian package espeak-ng");
-    let status = Command::new("sox").arg(&raw).args(["-r", "16000"]).arg(&wav).status();
-    assert!(status.is_ok_and(|s| s.success()), "sox failed: install the Debian package sox");
-    let samples = read_16k(&wav);
-    let _ = std::fs::remove_file(raw);
-    let _ = std::fs::remove_file(wav);
-    samples
+/// `text` spoken by an espeak-ng `voice`, at 16 kHz.
+fn espeak_16k(voice: &str, text: &str) -> Vec<f32> {
+    let (samples, rate) = parley_tests::espeak(voice, text);
+    parley_client::audio::resample(&samples, rate, SAMPLE_RATE).unwrap()
 }
 
 fn norm(v: &[f32]) -> f32 {
@@ -62,8 +50,8 @@ fn same_reader_is_closer_than_other_speakers() {
         "Please remind me to call my sister tomorrow at noon.",
     ];
     for (i, text) in sentences.iter().enumerate() {
-        voices.push((format!("esp_m{i}"), espeak_16k(&format!("m{i}"), "en-us", text)));
-        voices.push((format!("esp_f{i}"), espeak_16k(&format!("f{i}"), "en-us+f3", text)));
+        voices.push((format!("esp_m{i}"), espeak_16k("en-us", text)));
+        voices.push((format!("esp_f{i}"), espeak_16k("en-us+f3", text)));
     }
 
     let mut embedder = embedder();
