@@ -97,10 +97,14 @@ async fn a_second_turn_remembers_the_first() {
     let result = parley_client::talk(&options(&server), &clips).await.unwrap();
     assert_eq!(result.report.turns.len(), 2);
     let answer = &result.report.turns[1];
-    assert!(result.report.turns[0].transcript.contains("Max"), "heard {:?}", result.report.turns[0].transcript);
+    assert!(result.report.turns[0].transcript.to_lowercase().contains("max"), "heard {:?}", result.report.turns[0]);
     assert!(answer.transcript.to_lowercase().contains("dog"), "heard {:?}", answer.transcript);
     // Only the first turn names the dog: the answer can know it only from the history.
-    assert!(answer.reply_text.contains("Max"), "second reply {:?} forgot the dog's name", answer.reply_text);
+    assert!(
+        answer.reply_text.to_lowercase().contains("max"),
+        "second reply {:?} forgot the dog's name",
+        answer.reply_text
+    );
     server.stop().await;
 }
 
@@ -108,7 +112,7 @@ async fn a_second_turn_remembers_the_first() {
 async fn speaking_over_a_reply_cancels_it() {
     let server = server().await;
     let (story, rate) = espeak("en-us", "Please tell me a long story about a brave knight and a dragon.");
-    let (stop, _) = espeak("en-us", "Stop. Thank you.");
+    let (stop, _) = espeak("en-us", "Stop, tell me about the weather instead.");
     let clips = [clip("story", &story, rate), clip("stop", &stop, rate)];
     let options = TalkOptions { barge_in_ms: Some(600), ..options(&server) };
     let result = parley_client::talk(&options, &clips).await.unwrap();
@@ -123,6 +127,6 @@ async fn speaking_over_a_reply_cancels_it() {
     let done_turn1 = events(&result).any(|e| matches!(e, ServerEvent::ResponseAudioDone { turn: 1, .. }));
     assert!(!done_turn1, "a cancelled reply must not finish");
     // The second turn was heard and answered.
-    assert!(result.report.turns[1].transcript.to_lowercase().contains("stop"), "{:?}", result.report.turns[1]);
+    assert!(result.report.turns[1].transcript.to_lowercase().contains("weather"), "{:?}", result.report.turns[1]);
     server.stop().await;
 }

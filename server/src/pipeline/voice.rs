@@ -679,3 +679,23 @@ fn heard_text(spoken: &[Spoken], played_ms: f64) -> String {
     }
     heard.join(" ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spoken(parts: &[(&str, f64)]) -> Vec<Spoken> {
+        parts.iter().map(|(text, audio_ms)| Spoken { text: text.to_string(), audio_ms: *audio_ms }).collect()
+    }
+
+    #[test]
+    fn history_keeps_only_what_was_played() {
+        let reply = spoken(&[("Sure, the capital of France", 1000.0), ("is Paris, a lovely city.", 2000.0)]);
+        assert_eq!(join_text(&reply), "Sure, the capital of France is Paris, a lovely city.");
+        assert_eq!(heard_text(&reply, 0.0), "");
+        assert_eq!(heard_text(&reply, 1000.0), "Sure, the capital of France");
+        // Half of the second chunk: half of its words.
+        assert_eq!(heard_text(&reply, 2000.0), "Sure, the capital of France is Paris,");
+        assert_eq!(heard_text(&reply, 9000.0), "Sure, the capital of France is Paris, a lovely city.");
+    }
+}
