@@ -75,12 +75,34 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.output {
         parley_client::audio::write_wav(path, &result.reply_audio, args.rate)?;
     }
+    for (i, turn) in result.report.turns.iter().enumerate() {
+        print_turn(i + 1, turn);
+    }
     let json = serde_json::to_string_pretty(&result.report)?;
     match &args.report {
         Some(path) => std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?,
         None => println!("{json}"),
     }
     Ok(())
+}
+
+/// A turn for people: what was heard, the reply, and where the time went.
+fn print_turn(n: usize, turn: &parley_client::TurnReport) {
+    println!("turn {n} ({})", turn.input);
+    println!("  you said:   {}", turn.transcript);
+    println!("  reply:      {}  [{} ms of audio]", turn.reply_text, turn.reply_audio_ms);
+    let latency = &turn.latency_ms;
+    match latency.voice_to_voice {
+        Some(ms) => println!("  voice-to-voice: {ms:.0} ms"),
+        None => println!("  voice-to-voice: no reply audio"),
+    }
+    if !latency.server_stages.is_empty() {
+        let stages: Vec<String> = latency.server_stages.iter().map(|(stage, ms)| format!("{stage} +{ms:.0}")).collect();
+        println!("  server stages (ms): {}", stages.join(", "));
+    }
+    for decision in &turn.safety {
+        println!("  safety: {decision}");
+    }
 }
 
 #[cfg(feature = "mic")]

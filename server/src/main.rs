@@ -79,13 +79,12 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let listener =
             tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        let pipeline = match config.pipeline {
-            PipelineKind::Echo => parley_server::pipeline::from_config(&config)?,
-            // Hook for the model pipeline: build it here and hand it to `run_with_pipeline`.
-            PipelineKind::Voice => {
-                anyhow::bail!("voice pipeline not yet wired: run with `--pipeline echo`")
-            }
+        // The voice pipeline loads every model (seconds): off the async runtime.
+        let pipeline = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || parley_server::pipeline::from_config(&config)).await??
         };
+        tracing::info!(pipeline = config.pipeline.name(), "serving ws://{}/v1/voice", config.listen);
         let metrics = std::sync::Arc::new(parley_server::metrics::Metrics::default());
         parley_server::run_with_pipeline(listener, config, pipeline, metrics, shutdown_signal()).await?;
         Ok(())

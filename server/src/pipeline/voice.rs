@@ -39,8 +39,9 @@ const CHUNK_MS: u32 = (CHUNK_SAMPLES as u32 * 1000) / PIPELINE_RATE;
 const DELTA_QUEUE: usize = 256;
 /// Clauses buffered between the reply task and its TTS stage.
 const CLAUSE_QUEUE: usize = 32;
-/// Turns of history kept (user + assistant messages), oldest dropped first.
-const MAX_HISTORY_MESSAGES: usize = 16;
+/// Messages of history kept per session (a memory bound; the LLM itself drops the oldest turns
+/// that do not fit its context, and trimming here earlier would defeat its prefix cache).
+const MAX_HISTORY_MESSAGES: usize = 64;
 
 /// Settings of the voice pipeline (`[voice]` in the config file).
 #[derive(Debug, Clone, Deserialize)]
