@@ -139,6 +139,11 @@ impl ReplyOutput {
         None
     }
 
+    /// The reason given to the latest [`ReplyOutput::cancel`].
+    pub fn cancel_reason(&self) -> CancelReason {
+        self.control.cancelled_upto().1
+    }
+
     /// Whether reply audio of a turn ≥ 1 is still playing at the client (sent audio whose real-time
     /// end has not passed), and which turn.
     pub fn is_playing(&self) -> Option<u64> {

@@ -239,12 +239,6 @@ impl Worker {
     }
 
     async fn run(mut self) -> Result<(), SessionClosed> {
-        let result = self.listen().await;
-        self.cancel_reply(CancelReason::ClientCancel);
-        result
-    }
-
-    async fn listen(&mut self) -> Result<(), SessionClosed> {
         loop {
             while self.io.audio.available() >= CHUNK_SAMPLES {
                 self.io.audio.pop(&mut self.chunk);
@@ -423,6 +417,17 @@ async fn report(output: &super::ReplyOutput, message: String) -> Result<(), Sess
     output.event(ServerEvent::error(ErrorCode::Internal, message)).await
 }
 
+/// The session ended (or the server aborted its worker): stop the reply, including the LLM job
+/// on its engine thread, which checks the cancel flag at every token.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(reply) = self.reply.take() {
+            reply.cancel.store(true, Ordering::Relaxed);
+            reply.task.abort();
+        }
+    }
+}
+
 /// What the user said: recorded speech, or typed text.
 enum Input {
     Speech(Vec<f32>),
@@ -578,7 +583,7 @@ impl ReplyContext {
             None => {
                 // No audio of this turn reached the pacer: nothing was heard, and the pacer has
                 // not reported the cancel, so it is reported here.
-                let reason = CancelReason::BargeIn;
+                let reason = self.output.cancel_reason();
                 self.output.event(ServerEvent::ReplyCancelled { turn, reason, played_ms: 0, sent_ms: 0 }).await?;
                 Ok(String::new())
             }
