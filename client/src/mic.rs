@@ -43,6 +43,32 @@ struct Xruns {
 }
 
 /// Talks to `server` live until Ctrl-C.
+/// The input callback: mixes interleaved frames to mono into the ring; samples that do not fit
+/// are dropped and counted. No lock, allocation or logging.
+fn capture(data: &[f32], channels: usize, ring: &mut impl Producer<Item = f32>, xruns: &Xruns) {
+    for frame in data.chunks(channels) {
+        let mono = frame.iter().sum::<f32>() / channels as f32;
+        if ring.try_push(mono).is_err() {
+            xruns.mic_overflow.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// The output callback: fills every channel of each frame from the ring, with silence (counted)
+/// on underrun; drops everything buffered when a cancelled reply asked for a flush.
+fn play(data: &mut [f32], channels: usize, ring: &mut impl Consumer<Item = f32>, xruns: &Xruns) {
+    if xruns.flush.swap(false, Relaxed) {
+        ring.clear();
+    }
+    for frame in data.chunks_mut(channels) {
+        let sample = ring.try_pop().unwrap_or_else(|| {
+            xruns.speaker_underrun.fetch_add(1, Relaxed);
+            0.0
+        });
+        frame.fill(sample);
+    }
+}
+
 pub async fn talk_live(server: &str, rate: u32) -> anyhow::Result<()> {
     Ok(run(server, rate).await?)
 }
@@ -63,14 +89,7 @@ async fn run(server: &str, rate: u32) -> Result<(), MicError> {
     let mic_stream = input
         .build_input_stream::<f32, _, _>(
             in_config,
-            move |data: &[f32], _| {
-                for frame in data.chunks(in_channels) {
-                    let mono = frame.iter().sum::<f32>() / in_channels as f32;
-                    if mic_tx.try_push(mono).is_err() {
-                        x.mic_overflow.fetch_add(1, Relaxed);
-                    }
-                }
-            },
+            move |data: &[f32], _| capture(data, in_channels, &mut mic_tx, &x),
             |_| {},
             None,
         )
@@ -79,18 +98,7 @@ async fn run(server: &str, rate: u32) -> Result<(), MicError> {
     let spk_stream = output
         .build_output_stream::<f32, _, _>(
             out_config,
-            move |data: &mut [f32], _| {
-                if x.flush.swap(false, Relaxed) {
-                    spk_rx.clear();
-                }
-                for frame in data.chunks_mut(out_channels) {
-                    let sample = spk_rx.try_pop().unwrap_or_else(|| {
-                        x.speaker_underrun.fetch_add(1, Relaxed);
-                        0.0
-                    });
-                    frame.fill(sample);
-                }
-            },
+            move |data: &mut [f32], _| play(data, out_channels, &mut spk_rx, &x),
             |_| {},
             None,
         )
@@ -167,4 +175,35 @@ async fn run(server: &str, rate: u32) -> Result<(), MicError> {
         spk_tx.occupied_len()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_mixes_to_mono_and_counts_overflow() {
+        let (mut tx, mut rx) = HeapRb::<f32>::new(2).split();
+        let xruns = Xruns::default();
+        capture(&[0.2, 0.4, -1.0, 1.0, 0.5, 0.5], 2, &mut tx, &xruns);
+        let first = rx.try_pop().unwrap();
+        assert!((first - 0.3).abs() < 1e-6, "{first}");
+        assert_eq!(rx.try_pop(), Some(0.0));
+        assert_eq!(xruns.mic_overflow.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn play_fills_every_channel_silence_on_underrun_and_flushes() {
+        let (mut tx, mut rx) = HeapRb::<f32>::new(8).split();
+        let xruns = Xruns::default();
+        tx.push_slice(&[0.5]);
+        let mut out = [9.0f32; 4];
+        play(&mut out, 2, &mut rx, &xruns);
+        assert_eq!(out, [0.5, 0.5, 0.0, 0.0]);
+        assert_eq!(xruns.speaker_underrun.load(Relaxed), 1);
+        tx.push_slice(&[0.7, 0.7]);
+        xruns.flush.store(true, Relaxed);
+        play(&mut out, 2, &mut rx, &xruns);
+        assert_eq!(out, [0.0; 4], "a flush drops what was buffered");
+    }
 }
