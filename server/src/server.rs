@@ -153,7 +153,9 @@ async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
         }
         ("GET", "/metrics") => {
             metrics.http_requests.fetch_add(1, Relaxed);
-            http::respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &metrics.render()).await
+            let mut text = metrics.render();
+            shared.pipeline.render_metrics(&mut text);
+            http::respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &text).await
         }
         ("GET", WS_PATH) if request.is_websocket_upgrade() => {
             return upgrade(stream, request, shared).await;

@@ -59,6 +59,19 @@ async fn piper(text: &str) -> (Vec<f32>, u32) {
     (audio.unwrap().unwrap(), engines.tts_rate)
 }
 
+/// The body of a plain HTTP GET to the test server.
+async fn http_get(server: &TestServer, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
 fn events(result: &TalkResult) -> impl Iterator<Item = &ServerEvent> {
     result.events.iter().map(|(_, e)| e)
 }
@@ -84,6 +97,10 @@ async fn a_librivox_question_is_transcribed_and_answered_aloud() {
         assert!(stages.contains(&stage), "missing stage {stage} in {stages:?}");
     }
     assert!(turn.latency_ms.voice_to_voice.is_some_and(|ms| ms > 0.0));
+    // The turn is in the metrics, with the engines' refused-job counters.
+    let metrics = http_get(&server, "/metrics").await;
+    assert!(metrics.contains("parley_turn_seconds_count 1"), "{metrics}");
+    assert!(metrics.contains("parley_engine_jobs_refused_total{engine=\"llm\"} 0"), "{metrics}");
     server.stop().await;
 }
 

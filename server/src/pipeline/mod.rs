@@ -41,6 +41,8 @@ pub trait Pipeline: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Spawns the per-session worker.
     fn start(&self, io: SessionIo) -> JoinHandle<()>;
+    /// Appends the pipeline's own metrics (Prometheus text) to `/metrics`.
+    fn render_metrics(&self, _out: &mut String) {}
 }
 
 /// Everything a per-session worker talks through.

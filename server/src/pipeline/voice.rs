@@ -179,6 +179,24 @@ impl Pipeline for VoicePipeline {
         "voice"
     }
 
+    fn render_metrics(&self, out: &mut String) {
+        let e = &self.engines;
+        out.push_str(
+            "# HELP parley_engine_jobs_refused_total Model jobs refused because the engine's queue was full.\n",
+        );
+        out.push_str("# TYPE parley_engine_jobs_refused_total counter\n");
+        for (engine, refused) in [
+            ("vad", e.vad.refused()),
+            ("asr", e.asr.refused()),
+            ("llm", e.llm.refused()),
+            ("tts", e.tts.refused()),
+            ("speaker", e.speaker.refused()),
+            ("text-embed", e.text_embed.refused()),
+        ] {
+            out.push_str(&format!("parley_engine_jobs_refused_total{{engine=\"{engine}\"}} {refused}\n"));
+        }
+    }
+
     fn start(&self, io: SessionIo) -> JoinHandle<()> {
         let span = tracing::info_span!("voice", session = %io.session_id);
         let worker = Worker::new(self.engines.clone(), self.config.clone(), io);
