@@ -53,54 +53,6 @@ pub fn resample(samples: &[f32], from: u32, to: u32) -> Result<Vec<f32>, AudioEr
     Ok(out.take_data())
 }
 
-/// Streaming resampler in 20 ms chunks (for live audio), mirroring the server's.
-pub struct StreamResampler {
-    inner: Option<Fft<f32>>,
-    chunk: usize,
-    pending: Vec<f32>,
-    out: Vec<f32>,
-}
-
-impl StreamResampler {
-    pub fn new(from: u32, to: u32) -> Result<Self, AudioError> {
-        let chunk = (from / 50) as usize;
-        let inner = if from == to {
-            None
-        } else {
-            Some(
-                Fft::<f32>::new(from as usize, to as usize, chunk, 1, FixedSync::Input)
-                    .map_err(|e| AudioError::Resample { from, to, message: e.to_string() })?,
-            )
-        };
-        let out_len = inner.as_ref().map_or(chunk, |r| r.output_frames_max());
-        Ok(Self { inner, chunk, pending: Vec::with_capacity(chunk), out: vec![0.0; out_len] })
-    }
-
-    /// Appends resampled whole chunks of `input` to `out`.
-    pub fn process(&mut self, mut input: &[f32], out: &mut Vec<f32>) {
-        let Some(inner) = self.inner.as_mut() else {
-            out.extend_from_slice(input);
-            return;
-        };
-        while !input.is_empty() {
-            let take = (self.chunk - self.pending.len()).min(input.len());
-            self.pending.extend_from_slice(&input[..take]);
-            input = &input[take..];
-            if self.pending.len() == self.chunk {
-                let frames_out = self.out.len();
-                if let (Ok(i), Ok(mut o)) = (
-                    InterleavedSlice::new(&self.pending[..], 1, self.chunk),
-                    InterleavedSlice::new_mut(&mut self.out[..], 1, frames_out),
-                ) && let Ok((_, n)) = inner.process_into_buffer(&i, &mut o, None)
-                {
-                    out.extend_from_slice(&self.out[..n]);
-                }
-                self.pending.clear();
-            }
-        }
-    }
-}
-
 /// RMS of each 20 ms frame, in dBFS.
 pub fn frame_levels_db(samples: &[f32], rate: u32) -> Vec<f32> {
     let frame = (rate / 50) as usize;

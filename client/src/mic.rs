@@ -2,10 +2,10 @@
 //! through SPSC rings (ringbuf): no lock, allocation or logging there; the speaker callback fills
 //! silence on underrun and counts it. Everything else (Opus, resampling, the socket) runs on the
 //! async side.
-use crate::audio::StreamResampler;
 use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 use futures_util::{SinkExt, StreamExt};
 use parley_protocol::event::SessionUpdate;
+use parley_protocol::resample::{ResampleError, Resampler};
 use parley_protocol::{ClientEvent, FRAME_MS, FrameHeader, MAX_OPUS_PACKET_BYTES, ServerEvent, frame_samples};
 use ringbuf::HeapRb;
 use ringbuf::traits::{Consumer, Observer, Producer, Split};
@@ -22,7 +22,7 @@ pub enum MicError {
     #[error("audio device: {0}")]
     Device(String),
     #[error(transparent)]
-    Audio(#[from] crate::audio::AudioError),
+    Resample(#[from] ResampleError),
     #[error("WebSocket: {0}")]
     Ws(#[from] Box<tokio_tungstenite::tungstenite::Error>),
     #[error("Opus: {0}")]
@@ -113,8 +113,8 @@ async fn run(server: &str, rate: u32) -> Result<(), MicError> {
     };
     ws.send(Message::text(update.to_json())).await.map_err(Box::new)?;
     let frame = frame_samples(rate);
-    let mut up = StreamResampler::new(in_config.sample_rate, rate)?;
-    let mut down = StreamResampler::new(rate, out_config.sample_rate)?;
+    let mut up = Resampler::new(in_config.sample_rate, rate)?;
+    let mut down = Resampler::new(rate, out_config.sample_rate)?;
     let mut encoder = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip)?;
     let mut decoder = opus::Decoder::new(rate, opus::Channels::Mono)?;
     let mut captured = vec![0f32; in_config.sample_rate as usize];
@@ -131,7 +131,7 @@ async fn run(server: &str, rate: u32) -> Result<(), MicError> {
             _ = tokio::signal::ctrl_c() => break,
             _ = ticker.tick() => {
                 let n = mic_rx.pop_slice(&mut captured);
-                up.process(&captured[..n], &mut pending);
+                up.process(&captured[..n], &mut pending)?;
                 let whole = pending.len() / frame * frame;
                 for chunk in pending[..whole].chunks(frame) {
                     let len = encoder.encode_float(chunk, &mut packet)?;
@@ -148,7 +148,7 @@ async fn run(server: &str, rate: u32) -> Result<(), MicError> {
                     if let Ok((_, payload)) = FrameHeader::decode(&data) {
                         let n = decoder.decode_float(payload, &mut decoded, false)?;
                         playback.clear();
-                        down.process(&decoded[..n], &mut playback);
+                        down.process(&decoded[..n], &mut playback)?;
                         spk_tx.push_slice(&playback);
                     }
                 }

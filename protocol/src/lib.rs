@@ -8,9 +8,12 @@
 //! - [`frame`]: the 14-byte header in front of every binary (Opus) message.
 //! - [`event`]: client → server and server → client JSON events, tagged by `type`.
 //! - [`close`]: WebSocket close codes and what each means.
+//! - [`resample`]: the streaming resampler between stream and pipeline rates (20 ms chunks), so
+//!   both ends convert audio the same way.
 pub mod close;
 pub mod event;
 pub mod frame;
+pub mod resample;
 
 pub use close::CloseCode;
 pub use event::{ClientEvent, ErrorCode, EventError, ServerEvent};

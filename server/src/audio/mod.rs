@@ -3,10 +3,10 @@
 //!
 //! # Layout
 //! - [`codec`]: Opus decode (with loss concealment) and encode of 20 ms mono frames.
-//! - [`resample`]: streaming resampler between any two of the supported rates (and 22.05 kHz).
+//! - [`resample`]: the streaming resampler (shared with the client, from `parley-protocol`).
 //! - [`ring`]: the SPSC ring (ringbuf) of 16 kHz samples plus per-frame arrival stamps.
 pub mod codec;
-pub mod resample;
+pub use parley_protocol::resample;
 pub mod ring;
 
 /// Sample rate of the pipeline side of the session, in Hz (what VAD and Whisper take).
