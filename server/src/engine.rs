@@ -109,6 +109,15 @@ impl<M: 'static> Engine<M> {
         rx.await.map_err(|_| EngineError::Stopped(self.name))
     }
 
+    /// [`Engine::run`] for a job that can fail: its model error and the engine's come back as one.
+    pub async fn try_run<T: Send + 'static>(
+        &self,
+        priority: Priority,
+        f: impl FnOnce(&mut M) -> Result<T, ModelError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        Ok(self.run(priority, f).await??)
+    }
+
     /// Runs `f` on the engine thread, blocking the calling (non-async) thread until it is done.
     pub fn run_blocking<R: Send + 'static>(
         &self,

@@ -349,11 +349,11 @@ impl Worker {
             }
             Ok((state, Err(e))) => {
                 self.vad_state = Some(state);
-                report(&self.io.output, format!("voice activity detection failed: {e}")).await?;
+                self.io.output.event(engine_error("voice activity detection failed", &e.into())).await?;
                 Ok(0.0)
             }
             Err(e) => {
-                report(&self.io.output, e.to_string()).await?;
+                self.io.output.event(engine_error("voice activity detection failed", &e)).await?;
                 Ok(0.0)
             }
         }
@@ -429,10 +429,12 @@ impl Worker {
     }
 }
 
-/// Tells the client about a failure that ends nothing but this step.
-async fn report(output: &super::ReplyOutput, message: String) -> Result<(), SessionClosed> {
-    tracing::warn!(%message, "pipeline error");
-    output.event(ServerEvent::error(ErrorCode::Internal, message)).await
+/// The `error` event for a failed model job: `busy` when the engine's queue was full (the client
+/// may retry), `internal` otherwise. The session goes on either way.
+fn engine_error(what: &str, e: &EngineError) -> ServerEvent {
+    tracing::warn!(error = %e, "{what}");
+    let code = if matches!(e, EngineError::Busy(_)) { ErrorCode::Busy } else { ErrorCode::Internal };
+    ServerEvent::error(code, format!("{what}: {e}"))
 }
 
 /// The session ended (or the server aborted its worker): stop the reply, including the LLM job
@@ -476,24 +478,18 @@ impl ReplyContext {
         self.cancel.load(Ordering::Relaxed)
     }
 
-    async fn fail(&self, what: &str, e: impl std::fmt::Display) -> Result<(), SessionClosed> {
-        let code = if what == "busy" { ErrorCode::Busy } else { ErrorCode::Internal };
-        tracing::warn!(error = %e, "{what}");
-        self.output.event(ServerEvent::error(code, format!("{what}: {e}"))).await?;
-        self.output.audio_end(self.turn).await
-    }
-
     async fn run(mut self, input: Input) -> Result<(), SessionClosed> {
         let turn = self.turn;
         let user_text = match input {
             Input::Text(text) => text,
             Input::Speech(audio) => {
-                let result = self.engines.asr.run(Priority::High, move |asr| asr.transcribe(&audio)).await;
+                let result = self.engines.asr.try_run(Priority::High, move |asr| asr.transcribe(&audio)).await;
                 let transcript = match result {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => return self.fail("speech recognition failed", e).await,
-                    Err(e @ EngineError::Busy(_)) => return self.fail("busy", e).await,
-                    Err(e) => return self.fail("speech recognition failed", e).await,
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.output.event(engine_error("speech recognition failed", &e)).await?;
+                        return self.output.audio_end(turn).await;
+                    }
                 };
                 self.marks.push((mark::ASR_FINAL, Instant::now()));
                 let text = transcript.text.trim().to_string();
@@ -532,7 +528,7 @@ impl ReplyContext {
         let max_tokens = self.config.max_reply_tokens;
         let llm = self.engines.llm.clone();
         let generation = tokio::spawn(async move {
-            llm.run(Priority::High, move |llm| {
+            llm.try_run(Priority::High, move |llm| {
                 llm.generate(&messages, max_tokens, |delta| {
                     if cancel.load(Ordering::Relaxed) || delta_tx.blocking_send(delta.to_string()).is_err() {
                         ControlFlow::Break(())
@@ -576,19 +572,13 @@ impl ReplyContext {
             let _ = clause_tx.send(Piece::Clause(rest)).await;
         }
         drop(clause_tx);
-        match generation.await {
-            Ok(Ok(Ok(_))) => {}
-            Ok(Ok(Err(e))) => {
-                self.output
-                    .event(ServerEvent::error(ErrorCode::Internal, format!("reply generation failed: {e}")))
-                    .await?
-            }
-            Ok(Err(e)) => self.output.event(ServerEvent::error(ErrorCode::Busy, e.to_string())).await?,
-            Err(e) => {
-                self.output
-                    .event(ServerEvent::error(ErrorCode::Internal, format!("reply generation failed: {e}")))
-                    .await?
-            }
+        let failure = match generation.await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e),
+            Err(e) => Some(EngineError::Stopped(if e.is_panic() { "llm (panicked)" } else { "llm" })),
+        };
+        if let Some(e) = failure {
+            self.output.event(engine_error("reply generation failed", &e)).await?;
         }
         self.output.event(ServerEvent::ResponseTextDone { turn, text: text.trim().to_string() }).await?;
         let spoken = tts_stage.await.unwrap_or_default();
@@ -646,16 +636,10 @@ async fn tts_stage(
         }
         let priority = if first { Priority::High } else { Priority::Low };
         let text = clause.clone();
-        let audio = match engines.tts.run(priority, move |tts| tts.synthesize(&text)).await {
-            Ok(Ok(audio)) => audio,
-            Ok(Err(e)) => {
-                let _ = output
-                    .event(ServerEvent::error(ErrorCode::Internal, format!("speech synthesis failed: {e}")))
-                    .await;
-                break;
-            }
+        let audio = match engines.tts.try_run(priority, move |tts| tts.synthesize(&text)).await {
+            Ok(audio) => audio,
             Err(e) => {
-                let _ = output.event(ServerEvent::error(ErrorCode::Busy, e.to_string())).await;
+                let _ = output.event(engine_error("speech synthesis failed", &e)).await;
                 break;
             }
         };
