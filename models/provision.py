@@ -45,6 +45,7 @@ ROLES = {
     "llm": "llm",
     "speaker": "speaker",
     "text-embed": "text_embed",
+    "voice-enroll": "enroll",
 }
 
 
@@ -370,19 +371,6 @@ def build_tts(src, out):
 TTS_SENTENCE = "Hello there, the quick brown fox jumps over the lazy dog."
 
 
-def piper_ids(text, cfg):
-    """espeak-ng IPA (the CLI) mapped through phoneme_id_map as ^ _ (id _)* $."""
-    if not shutil.which("espeak-ng"):
-        raise ProvisionError("espeak-ng not found: the TTS needs it (Debian: apt-get install espeak-ng libespeak-ng-dev)")
-    ipa = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", cfg["espeak"]["voice"], text], capture_output=True, text=True, check=True).stdout
-    pm = cfg["phoneme_id_map"]
-    ids = pm["^"] + pm["_"]
-    for ch in " ".join(line.strip() for line in ipa.splitlines() if line.strip()) + ".":
-        if ch in pm:
-            ids = ids + pm[ch] + pm["_"]
-    return ids + pm["$"]
-
-
 def check_tts(out, model):
     import numpy as np
 
@@ -390,7 +378,9 @@ def check_tts(out, model):
 
     cfg = json.loads((out / model["files"]["config"]["file"]).read_text())
     session = _ort_session(out / model["files"]["model"]["file"], threads=2)
-    ids = piper_ids(TTS_SENTENCE, cfg)
+    if not shutil.which("espeak-ng"):
+        raise ProvisionError("espeak-ng not found: the TTS needs it (Debian: apt-get install espeak-ng libespeak-ng-dev)")
+    ids = common.piper_ids(TTS_SENTENCE, cfg)
     feeds = {"input": np.array([ids], np.int64), "input_lengths": np.array([len(ids)], np.int64),
              "scales": np.array(model["meta"]["scales"], np.float32)}
     audio = session.run(None, feeds)[0].reshape(-1)

@@ -1,8 +1,11 @@
 //! `parley`: the command-line client. `parley talk --server URL --input FILE.wav` streams each
 //! file as one turn at real-time pace and writes the reply audio and a per-turn JSON report;
 //! without `--input` it talks through the microphone and speaker (feature `mic`).
+//! `parley eval safety --set FILE.jsonl --report OUT.json` runs a labelled prompt set against the
+//! server's safety gates, as text and as synthesized speech, and scores it.
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use parley_client::eval::{EvalOptions, Mode};
 use parley_client::talk::{Clip, TalkOptions};
 use std::path::PathBuf;
 
@@ -17,6 +20,44 @@ struct Cli {
 enum Command {
     /// Talk to a server: stream WAV files (one turn each) or the microphone.
     Talk(TalkArgs),
+    /// Evaluate a running server.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum EvalCommand {
+    /// Run a labelled JSONL set ({"id","text","expect":"block"|"allow","category"} per line), each
+    /// line in a fresh session per mode, and score the safety gates.
+    Safety(SafetyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SafetyArgs {
+    /// Server URL, `ws://HOST:PORT` (the `/v1/voice` path is added if missing).
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    server: String,
+    /// The labelled set, JSON lines.
+    #[arg(long)]
+    set: PathBuf,
+    /// Where to write the JSON report.
+    #[arg(long)]
+    report: PathBuf,
+    /// How to put each line to the server: typed text, speech synthesized with espeak-ng, or both.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::Text, Mode::Audio])]
+    modes: Vec<Mode>,
+    /// espeak-ng voices for audio mode, rotated over the lines (see `espeak-ng --voices=en`).
+    #[arg(long, value_delimiter = ',', default_values_t = parley_client::eval::DEFAULT_VOICES.map(String::from))]
+    voices: Vec<String>,
+    /// Sessions at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Only the first N lines of the set.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Give up on a reply after this many ms.
+    #[arg(long, default_value_t = 20_000)]
+    reply_timeout_ms: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -51,11 +92,17 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
-    let Command::Talk(args) = Cli::parse().command;
+    match Cli::parse().command {
+        Command::Talk(args) => run_talk(&args),
+        Command::Eval(EvalCommand::Safety(args)) => eval_safety(&args),
+    }
+}
+
+fn run_talk(args: &TalkArgs) -> anyhow::Result<()> {
     anyhow::ensure!(parley_protocol::is_supported_rate(args.rate), "--rate must be 16000, 24000 or 48000");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if args.input.is_empty() {
-        return runtime.block_on(mic(&args));
+        return runtime.block_on(mic(args));
     }
     let mut clips = Vec::new();
     for path in &args.input {
@@ -83,6 +130,32 @@ fn main() -> anyhow::Result<()> {
         Some(path) => std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?,
         None => println!("{json}"),
     }
+    Ok(())
+}
+
+fn eval_safety(args: &SafetyArgs) -> anyhow::Result<()> {
+    let mut lines = parley_client::eval::read_set(&args.set)?;
+    if let Some(limit) = args.limit {
+        lines.truncate(limit);
+    }
+    let mut modes = args.modes.clone();
+    modes.sort();
+    modes.dedup();
+    let options = EvalOptions {
+        server: args.server.clone(),
+        modes,
+        voices: args.voices.clone(),
+        concurrency: args.concurrency.into(),
+        reply_timeout_ms: args.reply_timeout_ms,
+        sample_rate: parley_protocol::DEFAULT_SAMPLE_RATE,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let set = args.set.display().to_string();
+    let report = runtime.block_on(parley_client::eval::run_safety(&options, &set, &lines))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&args.report, json + "\n").with_context(|| format!("writing {}", args.report.display()))?;
+    print!("{}", report.table());
+    println!("report: {}", args.report.display());
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 """Shared helpers for the converters: an ONNX graph builder, audio front-end constants, WAV I/O, WER."""
 import re
+import subprocess
 import wave
 from pathlib import Path
 
@@ -116,6 +117,18 @@ def resample(x, sr_in, sr_out):
     keep = min(len(spec), n_out // 2 + 1)
     out = np.fft.irfft(spec[:keep], n_out) * (n_out / len(x))
     return out.astype(np.float32)
+
+
+def piper_ids(text, cfg):
+    """Piper input ids for `text`: espeak-ng IPA (the CLI) mapped through the voice config's
+    phoneme_id_map as ^ _ (id _)* $."""
+    ipa = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", cfg["espeak"]["voice"], text], capture_output=True, text=True, check=True).stdout
+    pm = cfg["phoneme_id_map"]
+    ids = pm["^"] + pm["_"]
+    for ch in " ".join(line.strip() for line in ipa.splitlines() if line.strip()) + ".":
+        if ch in pm:
+            ids = ids + pm[ch] + pm["_"]
+    return ids + pm["$"]
 
 
 TESTDATA = Path("/usr/share/pocketsphinx/test/data")

@@ -108,12 +108,16 @@ pub mod mark {
     pub const ENDPOINT: &str = "endpoint";
     /// Final transcript ready.
     pub const ASR_FINAL: &str = "asr_final";
+    /// The user's words passed the input safety gate.
+    pub const INPUT_SAFE: &str = "input_safe";
     /// First reply token generated.
     pub const FIRST_TOKEN: &str = "first_token";
     /// First reply chunk passed the output safety gate.
     pub const FIRST_CHUNK_SAFE: &str = "first_chunk_safe";
     /// First synthesized reply audio available.
     pub const FIRST_AUDIO: &str = "first_audio";
+    /// The first reply audio passed the voice safety gate.
+    pub const FIRST_AUDIO_SAFE: &str = "first_audio_safe";
     /// First reply audio frame handed to the socket.
     pub const FIRST_FRAME_SENT: &str = "first_frame_sent";
 }
@@ -214,6 +218,14 @@ pub enum ServerEvent {
         rule_id: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         category: Option<String>,
+        /// The classifier's score for `category` (cosine similarity for content, to the enrolled
+        /// voice for the voice gate).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        score: Option<f32>,
+        /// Time the gate took, ms.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        elapsed_ms: Option<f64>,
+        /// What was judged or why (e.g. the flagged text), for people.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     },
@@ -386,8 +398,10 @@ mod tests {
                 turn: 1,
                 stage: SafetyStage::Input,
                 action: SafetyAction::Refuse,
-                rule_id: Some("V1".into()),
-                category: None,
+                rule_id: Some("VW-1".into()),
+                category: Some("violence".into()),
+                score: Some(0.71),
+                elapsed_ms: Some(4.2),
                 detail: None,
             },
             ServerEvent::TurnLatency {

@@ -93,6 +93,7 @@ pub struct Config {
     /// cache this build expects (`~/.cache/parley/models/<key>`).
     pub models: Option<std::path::PathBuf>,
     pub voice: crate::pipeline::voice::VoiceConfig,
+    pub safety: crate::safety::SafetyConfig,
 }
 
 impl Default for Config {
@@ -116,6 +117,7 @@ impl Default for Config {
             echo: EchoConfig::default(),
             models: None,
             voice: Default::default(),
+            safety: Default::default(),
         }
     }
 }
@@ -164,6 +166,9 @@ impl Config {
         }
         if !(0..=10).contains(&self.opus_complexity) || !(6_000..=510_000).contains(&self.opus_bitrate) {
             return invalid("opus_complexity must be 0..=10 and opus_bitrate 6000..=510000");
+        }
+        if !(self.safety.voice_threshold > 0.0 && self.safety.voice_threshold < 1.0) {
+            return invalid("safety.voice_threshold must be in (0, 1)");
         }
         Ok(())
     }

@@ -10,6 +10,7 @@
 //! - [`audio`]: Opus codec, resampling, and the SPSC input ring to the pipeline.
 //! - [`pacer`]: reply audio → 20 ms Opus frames, sent with a bounded lead over real time.
 //! - [`pipeline`]: the session ↔ pipeline boundary, and the echo (transport-only) pipeline.
+//! - [`safety`]: the policy spec, the content classifier and voice gate, the audit log.
 //! - [`engine`]: engine threads that own the models; sessions submit jobs through bounded queues.
 //! - [`metrics`]: counters and histograms in the Prometheus text format.
 //! - [`config`]: defaults, TOML file, validation.
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod models;
 pub mod pacer;
 pub mod pipeline;
+pub mod safety;
 pub mod server;
 pub mod session;
 

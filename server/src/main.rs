@@ -1,8 +1,12 @@
 //! `parley-server`: the Parley voice server. Settings come from defaults, then `--config FILE`
-//! (TOML), then flags.
+//! (TOML), then flags. Two offline safety tools run instead of the server when named:
+//! `calibrate-policy` and `eval-voice`.
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use parley_server::config::{Config, EchoMode, PipelineKind};
+use parley_server::models::Manifest;
+use parley_server::models::tts::TtsBackend;
+use parley_server::safety::tools;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -39,6 +43,47 @@ struct Args {
     /// Echo pipeline mode: `frame` (every frame back) or `utterance` (turns with VAD).
     #[arg(long, value_enum)]
     echo_mode: Option<EchoMode>,
+    /// The safety policy spec (TOML) [default: the built-in server/policy/default.toml].
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// The safety audit log (JSON lines, appended).
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// Reply synthesizer: `piper` (the enrolled voice) or `espeak` (not enrolled: the voice gate
+    /// cuts all of its audio).
+    #[arg(long, value_enum)]
+    tts: Option<TtsBackend>,
+    #[command(subcommand)]
+    tool: Option<Tool>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Tool {
+    /// Fit the content classifier's per-category thresholds and margin on a labelled set.
+    CalibratePolicy {
+        /// The policy file to calibrate (and rewrite with --write).
+        #[arg(long, default_value = "server/policy/default.toml")]
+        policy_file: PathBuf,
+        /// JSON lines of {"id","text","expect":"block"|"allow","category"}.
+        #[arg(long, default_value = "tests/data/safety/dev.jsonl")]
+        set: PathBuf,
+        /// Rewrite the thresholds and margin in the policy file.
+        #[arg(long)]
+        write: bool,
+    },
+    /// Precision and recall of the voice gate: the enrolled Piper voice vs espeak-ng voices and
+    /// human recordings.
+    EvalVoice {
+        /// Texts spoken by the voices (the `text` of each line).
+        #[arg(long, default_value = "tests/data/safety/dev.jsonl")]
+        set: PathBuf,
+        /// Use only the first N lines.
+        #[arg(long, default_value_t = 60)]
+        limit: usize,
+        /// Where to write the JSON report.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
 }
 
 impl Args {
@@ -56,6 +101,9 @@ impl Args {
         config.pipeline = self.pipeline.unwrap_or(config.pipeline);
         config.echo.mode = self.echo_mode.unwrap_or(config.echo.mode);
         config.models = self.models.clone().or(config.models);
+        config.safety.policy = self.policy.clone().or(config.safety.policy);
+        config.safety.audit_log = self.audit_log.clone().unwrap_or(config.safety.audit_log);
+        config.voice.tts = self.tts.unwrap_or(config.voice.tts);
         config.validate()?;
         Ok(config)
     }
@@ -74,7 +122,11 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let config = Args::parse().config()?;
+    let args = Args::parse();
+    let config = args.config()?;
+    if let Some(tool) = args.tool {
+        return run_tool(tool, &config);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listener =
@@ -89,4 +141,23 @@ fn main() -> anyhow::Result<()> {
         parley_server::run_with_pipeline(listener, config, pipeline, metrics, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// Runs an offline tool against the provisioned models.
+fn run_tool(tool: Tool, config: &Config) -> anyhow::Result<()> {
+    let dir = config.models.clone().unwrap_or_else(Manifest::default_dir);
+    let manifest = Manifest::load(&dir)?;
+    manifest.runtime()?;
+    let result = match tool {
+        Tool::CalibratePolicy { policy_file, set, write } => {
+            let set = tools::read_set(&set).map_err(anyhow::Error::msg)?;
+            tools::calibrate_policy(&manifest, &policy_file, &set, write)
+        }
+        Tool::EvalVoice { set, limit, report } => {
+            let mut set = tools::read_set(&set).map_err(anyhow::Error::msg)?;
+            set.truncate(limit);
+            tools::eval_voice(&manifest, &set, config.safety.voice_threshold, report.as_deref())
+        }
+    };
+    result.map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -32,7 +32,7 @@ impl Histogram {
         self.count.load(Relaxed)
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
         for (i, bound) in BUCKETS_S.iter().enumerate() {
@@ -130,12 +130,14 @@ impl InputError {
 }
 
 /// Stage names with their own histogram, in pipeline order (see [`mark`]); others go to "other".
-pub const STAGES: [&str; 7] = [
+pub const STAGES: [&str; 9] = [
     mark::ENDPOINT,
     mark::ASR_FINAL,
+    mark::INPUT_SAFE,
     mark::FIRST_TOKEN,
     mark::FIRST_CHUNK_SAFE,
     mark::FIRST_AUDIO,
+    mark::FIRST_AUDIO_SAFE,
     mark::FIRST_FRAME_SENT,
     "other",
 ];

@@ -1,7 +1,9 @@
-//! Text → IPA phonemes through libespeak-ng (Debian `libespeak-ng-dev` to build, `espeak-ng-data`
-//! at run time), as the Piper voices were trained on. A minimal hand-written binding: three
-//! functions of `speak_lib.h`. The library keeps global state and is not thread-safe, so every
-//! call goes through one process-wide mutex.
+//! libespeak-ng (Debian `libespeak-ng-dev` to build, `espeak-ng-data` at run time): text → IPA
+//! phonemes, as the Piper voices were trained on ([`phonemize`]), and espeak-ng's own formant
+//! synthesis ([`synthesize`], the second TTS backend: a voice that is not enrolled, so the voice
+//! safety gate can be shown to stop it). A minimal hand-written binding of `speak_lib.h`. The
+//! library keeps global state and is not thread-safe, so every call goes through one process-wide
+//! mutex.
 use super::ModelError;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::sync::Mutex;
@@ -17,17 +19,55 @@ const CHARS_UTF8: c_int = 1;
 const PHONEMES_IPA: c_int = 0x02;
 /// `espeak_ERROR::EE_OK`.
 const EE_OK: c_int = 0;
+/// `espeak_POSITION_TYPE::POS_CHARACTER`.
+const POS_CHARACTER: c_int = 1;
+/// Longest synthesis kept, in samples at 22 050 Hz (60 s): bounds memory on runaway input.
+const MAX_SYNTH_SAMPLES: usize = 60 * 22_050;
 
 #[link(name = "espeak-ng")]
 unsafe extern "C" {
     fn espeak_Initialize(output: c_int, buflength: c_int, path: *const c_char, options: c_int) -> c_int;
     fn espeak_SetVoiceByName(name: *const c_char) -> c_int;
     fn espeak_TextToPhonemes(textptr: *mut *const c_void, textmode: c_int, phonememode: c_int) -> *const c_char;
+    fn espeak_SetSynthCallback(callback: SynthCallback);
+    #[allow(clippy::too_many_arguments)]
+    fn espeak_Synth(
+        text: *const c_void,
+        size: usize,
+        position: u32,
+        position_type: c_int,
+        end_position: u32,
+        flags: u32,
+        unique_identifier: *mut u32,
+        user_data: *mut c_void,
+    ) -> c_int;
 }
 
-/// The voice currently selected, once the library is initialised.
+/// `t_espeak_callback`: receives synthesized 16-bit samples (`wav` may be NULL at the end); the
+/// third argument, the event list, is not read. Returns 0 to go on, 1 to stop.
+type SynthCallback = unsafe extern "C" fn(wav: *mut i16, samples: c_int, events: *mut c_void) -> c_int;
+
+/// The voice currently selected and the output rate, once the library is initialised.
 struct State {
     voice: Option<String>,
+    sample_rate: u32,
+}
+
+/// Samples of the synthesis in progress (only ever filled while [`ESPEAK`] is held).
+static SYNTH_OUT: Mutex<Vec<i16>> = Mutex::new(Vec::new());
+
+unsafe extern "C" fn collect_samples(wav: *mut i16, samples: c_int, _events: *mut c_void) -> c_int {
+    if wav.is_null() || samples <= 0 {
+        return 0;
+    }
+    // SAFETY: espeak hands `samples` valid samples at `wav` for the duration of the call.
+    let chunk = unsafe { std::slice::from_raw_parts(wav, samples as usize) };
+    let mut out = SYNTH_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    if out.len() + chunk.len() > MAX_SYNTH_SAMPLES {
+        return 1;
+    }
+    out.extend_from_slice(chunk);
+    0
 }
 
 static ESPEAK: Mutex<Option<State>> = Mutex::new(None);
@@ -47,8 +87,8 @@ impl Clause {
     }
 }
 
-/// Translates `text` into IPA with espeak-ng's `voice` (e.g. `en-us`), clause by clause.
-pub fn phonemize(text: &str, voice: &str) -> Result<Vec<Clause>, ModelError> {
+/// Runs `f` holding the library with `voice` selected (initialising it on first use).
+fn with_voice<T>(voice: &str, f: impl FnOnce(&State) -> Result<T, ModelError>) -> Result<T, ModelError> {
     let mut guard = ESPEAK.lock().unwrap_or_else(|e| e.into_inner());
     if guard.is_none() {
         // SAFETY: called under the global mutex, so no other espeak call runs concurrently; the
@@ -61,7 +101,9 @@ pub fn phonemize(text: &str, voice: &str) -> Result<Vec<Clause>, ModelError> {
                     .into(),
             ));
         }
-        *guard = Some(State { voice: None });
+        // SAFETY: initialised, under the mutex; the callback only touches SYNTH_OUT.
+        unsafe { espeak_SetSynthCallback(collect_samples) };
+        *guard = Some(State { voice: None, sample_rate: rate as u32 });
     }
     let state = guard.as_mut().expect("initialised above");
     if state.voice.as_deref() != Some(voice) {
@@ -76,7 +118,46 @@ pub fn phonemize(text: &str, voice: &str) -> Result<Vec<Clause>, ModelError> {
         }
         state.voice = Some(voice.to_string());
     }
+    f(state)
+}
 
+/// Speaks `text` with espeak-ng's own synthesizer in `voice` (e.g. `en-us`, `en-gb+f3`): mono
+/// f32 samples and their rate (22 050 Hz). Output beyond 60 s is cut.
+pub fn synthesize(text: &str, voice: &str) -> Result<(Vec<f32>, u32), ModelError> {
+    with_voice(voice, |state| {
+        let text = CString::new(text.replace('\0', " ")).expect("NULs were replaced");
+        SYNTH_OUT.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let size = text.as_bytes_with_nul().len();
+        // SAFETY: we hold the global mutex, the library is initialised in synchronous mode (the
+        // call returns when synthesis is done, having called `collect_samples`); `text` is a
+        // NUL-terminated UTF-8 buffer alive for the call; the id and user data may be NULL.
+        let rc = unsafe {
+            espeak_Synth(
+                text.as_ptr().cast(),
+                size,
+                0,
+                POS_CHARACTER,
+                0,
+                CHARS_UTF8 as u32,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        let samples = std::mem::take(&mut *SYNTH_OUT.lock().unwrap_or_else(|e| e.into_inner()));
+        if rc != EE_OK {
+            return Err(ModelError::Invalid(format!("espeak-ng synthesis failed (error {rc})")));
+        }
+        Ok((samples.iter().map(|&s| f32::from(s) / 32768.0).collect(), state.sample_rate))
+    })
+}
+
+/// Translates `text` into IPA with espeak-ng's `voice` (e.g. `en-us`), clause by clause.
+pub fn phonemize(text: &str, voice: &str) -> Result<Vec<Clause>, ModelError> {
+    with_voice(voice, |_| Ok(phonemize_selected(text)))
+}
+
+/// [`phonemize`] with the library held and the voice selected.
+fn phonemize_selected(text: &str) -> Vec<Clause> {
     // NULs would end the C string early: treat them as spaces.
     let text = CString::new(text.replace('\0', " ")).expect("NULs were replaced");
     let bytes = text.as_bytes();
@@ -102,7 +183,7 @@ pub fn phonemize(text: &str, voice: &str) -> Result<Vec<Clause>, ModelError> {
         }
         clauses.push(Clause { phonemes, terminator });
     }
-    Ok(clauses)
+    clauses
 }
 
 /// The punctuation that closed a clause, from the text espeak-ng consumed for it. Except at the end
@@ -161,5 +242,17 @@ mod tests {
         assert!(phonemize("hello", "no-such-voice").is_err());
         // A bad voice leaves the library usable.
         assert!(!phonemize("hello", "en-us").unwrap().is_empty());
+    }
+
+    #[test]
+    fn synthesis_speaks_and_phonemizing_still_works() {
+        let (audio, rate) = synthesize("Hello there, how are you?", "en-us+f3").unwrap();
+        assert_eq!(rate, 22_050);
+        let seconds = audio.len() as f32 / rate as f32;
+        assert!((0.6..4.0).contains(&seconds), "{seconds} s");
+        let peak = audio.iter().fold(0f32, |m, s| m.max(s.abs()));
+        assert!(peak > 0.05, "peak {peak}");
+        assert!(synthesize("", "en-us").unwrap().0.len() < rate as usize / 2);
+        assert_eq!(phonemize("hello", "en-us").unwrap()[0].phonemes, "həlˈoʊ");
     }
 }

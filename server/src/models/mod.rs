@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 pub mod asr;
-mod espeak;
+pub mod espeak;
 pub mod llm;
 pub mod speaker;
 pub mod text_embed;

@@ -188,3 +188,57 @@ impl Tts {
         ids
     }
 }
+
+/// Which synthesizer speaks replies (`voice.tts` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TtsBackend {
+    /// The Piper voice: the enrolled preset voice.
+    Piper,
+    /// espeak-ng's own formant synthesis: a real second backend that is NOT enrolled, so the voice
+    /// safety gate stops all of its audio (it exists to prove the gate).
+    Espeak,
+}
+
+/// The configured reply synthesizer.
+pub enum Synthesizer {
+    Piper(Tts),
+    /// espeak-ng with this voice (e.g. `en-us`).
+    Espeak {
+        voice: String,
+        sample_rate: u32,
+    },
+}
+
+impl Synthesizer {
+    /// Loads `backend`: the Piper voice from the manifest, or espeak-ng's `espeak_voice`.
+    pub fn load(
+        manifest: &Manifest,
+        threads: usize,
+        backend: TtsBackend,
+        espeak_voice: &str,
+    ) -> Result<Self, ModelError> {
+        match backend {
+            TtsBackend::Piper => Ok(Synthesizer::Piper(Tts::load(manifest, threads)?)),
+            TtsBackend::Espeak => {
+                let (_, sample_rate) = espeak::synthesize("", espeak_voice)?;
+                Ok(Synthesizer::Espeak { voice: espeak_voice.to_string(), sample_rate })
+            }
+        }
+    }
+
+    pub fn sample_rate(&self) -> u32 {
+        match self {
+            Synthesizer::Piper(tts) => tts.sample_rate(),
+            Synthesizer::Espeak { sample_rate, .. } => *sample_rate,
+        }
+    }
+
+    /// Speaks `text` at [`Synthesizer::sample_rate`].
+    pub fn synthesize(&mut self, text: &str) -> Result<Vec<f32>, ModelError> {
+        match self {
+            Synthesizer::Piper(tts) => tts.synthesize(text),
+            Synthesizer::Espeak { voice, .. } => Ok(espeak::synthesize(text, voice)?.0),
+        }
+    }
+}

@@ -242,7 +242,7 @@ pub fn from_config(config: &crate::config::Config) -> Result<Arc<dyn Pipeline>, 
         crate::config::PipelineKind::Voice => {
             let dir = config.models.clone().unwrap_or_else(crate::models::Manifest::default_dir);
             let manifest = crate::models::Manifest::load(&dir)?;
-            Ok(Arc::new(voice::VoicePipeline::load(manifest, config.voice.clone())?))
+            Ok(Arc::new(voice::VoicePipeline::load(manifest, config.voice.clone(), &config.safety)?))
         }
     }
 }

@@ -1,23 +1,36 @@
-//! The voice pipeline: Silero VAD with endpointing → Whisper → SmolLM2 (streamed) → clause
-//! chunker → Piper, per session, over models loaded once and owned by engine threads.
+//! The voice pipeline: Silero VAD with endpointing → Whisper → input safety gate → SmolLM2
+//! (streamed) → clause chunker → output safety gate → Piper → voice safety gate, per session, over
+//! models loaded once and owned by engine threads.
 //!
 //! One worker task per session reads the 16 kHz input ring in 32 ms VAD chunks and decides
-//! turns; each turn's reply runs as its own task (ASR → LLM → chunker → TTS → reply output) so
-//! the worker keeps listening and can cancel the reply the moment the user speaks again
+//! turns; each turn's reply runs as its own task (ASR → input gate → LLM → chunker → TTS stage)
+//! so the worker keeps listening and can cancel the reply the moment the user speaks again
 //! (barge-in). The conversation history keeps only what the user actually heard.
+//!
+//! Safety (policy in `safety/`): the input gate judges the user's words before any reply starts;
+//! a flagged request gets the policy's spoken response instead of the model's. The TTS stage
+//! judges every reply chunk before synthesizing it (a flagged chunk is never spoken: generation
+//! stops and the policy's response is said instead) and checks every piece of synthesized audio
+//! against the enrolled voice before it goes to the session (audio that deviates is cut). Reply
+//! text reaches the client chunk by chunk, only once its audio passed. A gate that cannot run
+//! fails closed.
 use super::chunker::Chunker;
 use super::{Command, Pipeline, SessionClosed, SessionIo, TurnMarks};
 use crate::audio::PIPELINE_RATE;
 use crate::engine::{Engine, EngineError, Priority};
 use crate::models::asr::Asr;
 use crate::models::llm::{Llm, Message};
-use crate::models::speaker::SpeakerEmbedder;
 use crate::models::text_embed::TextEmbedder;
-use crate::models::tts::Tts;
+use crate::models::tts::{Synthesizer, TtsBackend};
 use crate::models::vad::{CHUNK_SAMPLES, Vad, VadState};
 use crate::models::{Manifest, ModelError};
+use crate::safety::audit::AuditLog;
+use crate::safety::content::ContentClassifier;
+use crate::safety::policy::Policy;
+use crate::safety::voice::{MIN_CHECK_MS, VoiceGate};
+use crate::safety::{Decision, Recorder, SafetyConfig};
 use parley_protocol::ServerEvent;
-use parley_protocol::event::{CancelReason, ErrorCode, mark};
+use parley_protocol::event::{CancelReason, ErrorCode, SafetyAction, SafetyStage, mark};
 use serde::Deserialize;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,6 +79,11 @@ pub struct VoiceConfig {
     pub threads_llm: usize,
     pub threads_tts: usize,
     pub threads_embed: usize,
+    /// Which synthesizer speaks: `piper` (the enrolled preset voice) or `espeak` (not enrolled:
+    /// the voice gate cuts all of its audio).
+    pub tts: TtsBackend,
+    /// espeak-ng voice of the `espeak` backend.
+    pub espeak_voice: String,
 }
 
 impl Default for VoiceConfig {
@@ -84,25 +102,36 @@ impl Default for VoiceConfig {
             threads_llm: 1,
             threads_tts: 1,
             threads_embed: 1,
+            tts: TtsBackend::Piper,
+            espeak_voice: "en-us".into(),
         }
     }
 }
 
-/// Every model, each on its own engine thread; shared by all sessions.
+/// Every model, each on its own engine thread, and the safety policy; shared by all sessions.
 pub struct Engines {
     pub vad: Engine<Vad>,
     pub asr: Engine<Asr>,
     pub llm: Engine<Llm>,
-    pub tts: Engine<Tts>,
-    pub speaker: Engine<SpeakerEmbedder>,
-    pub text_embed: Engine<TextEmbedder>,
+    pub tts: Engine<Synthesizer>,
+    /// The input and output gates' classifier (MiniLM sentence embeddings).
+    pub content: Engine<ContentClassifier>,
+    /// The voice gate (GE2E speaker embeddings against the enrolled voice).
+    pub voice_gate: Engine<VoiceGate>,
     /// Output sample rate of the voice.
     pub tts_rate: u32,
+    pub policy: Arc<Policy>,
+    /// Audit log and metrics of the safety decisions.
+    pub recorder: Recorder,
 }
 
 impl Engines {
-    /// Loads all six models (each on its engine thread) and logs where each came from.
-    pub fn load(manifest: &Arc<Manifest>, config: &VoiceConfig) -> Result<Engines, ModelError> {
+    /// Loads the policy and all six models (each on its engine thread) and logs where each came from.
+    pub fn load(manifest: &Arc<Manifest>, config: &VoiceConfig, safety: &SafetyConfig) -> Result<Engines, ModelError> {
+        let policy = Arc::new(Policy::load(safety.policy.as_deref()).map_err(ModelError::Invalid)?);
+        let audit = AuditLog::open(&safety.audit_log)
+            .map_err(|e| ModelError::Invalid(format!("safety audit log {}: {e}", safety.audit_log.display())))?;
+        tracing::info!(policy = %policy.name, version = %policy.version, audit_log = %safety.audit_log.display(), "safety policy loaded");
         let rt = &manifest.runtime;
         tracing::info!(
             dir = %manifest.dir.display(),
@@ -113,11 +142,22 @@ impl Engines {
         let vad = spawn(manifest, "vad", config.threads_vad, Vad::load)?;
         let asr = spawn(manifest, "asr", config.threads_asr, Asr::load)?;
         let llm = spawn(manifest, "llm", config.threads_llm, Llm::load)?;
-        let tts = spawn(manifest, "tts", config.threads_tts, Tts::load)?;
-        let speaker = spawn(manifest, "speaker", config.threads_embed, SpeakerEmbedder::load)?;
-        let text_embed = spawn(manifest, "text-embed", config.threads_embed, TextEmbedder::load)?;
+        let (backend, espeak_voice) = (config.tts, config.espeak_voice.clone());
+        if backend == TtsBackend::Espeak {
+            tracing::warn!(voice = %espeak_voice, "tts = espeak: not the enrolled voice; the voice gate will cut all of its audio");
+        }
+        let tts =
+            spawn(manifest, "tts", config.threads_tts, move |m, t| Synthesizer::load(m, t, backend, &espeak_voice))?;
+        let threshold = safety.voice_threshold;
+        let voice_gate =
+            spawn(manifest, "speaker", config.threads_embed, move |m, t| VoiceGate::load(m, t, threshold))?;
+        let content_policy = policy.clone();
+        let content = spawn(manifest, "text-embed", config.threads_embed, move |m, t| {
+            ContentClassifier::new(content_policy, TextEmbedder::load(m, t)?)
+        })?;
         let tts_rate = tts.run_blocking(Priority::High, |tts| tts.sample_rate()).map_err(engine_to_model)?;
-        Ok(Engines { vad, asr, llm, tts, speaker, text_embed, tts_rate })
+        let recorder = Recorder::new(&policy, audit);
+        Ok(Engines { vad, asr, llm, tts, content, voice_gate, tts_rate, policy, recorder })
     }
 }
 
@@ -126,7 +166,7 @@ fn spawn<M: 'static>(
     manifest: &Arc<Manifest>,
     role: &'static str,
     threads: usize,
-    load: fn(&Manifest, usize) -> Result<M, ModelError>,
+    load: impl FnOnce(&Manifest, usize) -> Result<M, ModelError> + Send + 'static,
 ) -> Result<Engine<M>, ModelError> {
     let started = Instant::now();
     let source = manifest.model(role)?.source.clone();
@@ -163,9 +203,9 @@ impl VoicePipeline {
         Self { engines, config: Arc::new(config) }
     }
 
-    /// Loads every model from `manifest` and builds the pipeline.
-    pub fn load(manifest: Manifest, config: VoiceConfig) -> Result<Self, ModelError> {
-        let engines = Engines::load(&Arc::new(manifest), &config)?;
+    /// Loads every model from `manifest` and the safety policy, and builds the pipeline.
+    pub fn load(manifest: Manifest, config: VoiceConfig, safety: &SafetyConfig) -> Result<Self, ModelError> {
+        let engines = Engines::load(&Arc::new(manifest), &config, safety)?;
         Ok(Self::new(Arc::new(engines), config))
     }
 
@@ -190,11 +230,12 @@ impl Pipeline for VoicePipeline {
             ("asr", e.asr.refused()),
             ("llm", e.llm.refused()),
             ("tts", e.tts.refused()),
-            ("speaker", e.speaker.refused()),
-            ("text-embed", e.text_embed.refused()),
+            ("speaker", e.voice_gate.refused()),
+            ("text-embed", e.content.refused()),
         ] {
             out.push_str(&format!("parley_engine_jobs_refused_total{{engine=\"{engine}\"}} {refused}\n"));
         }
+        e.recorder.render(out);
     }
 
     fn start(&self, io: SessionIo) -> JoinHandle<()> {
@@ -391,12 +432,19 @@ impl Worker {
     ) {
         let cancel = Arc::new(AtomicBool::new(false));
         let previous = self.reply.take().map(|r| r.task);
+        let gates = Gates {
+            engines: self.engines.clone(),
+            output: self.io.output.clone(),
+            session: self.io.session_id.as_str().into(),
+            turn,
+        };
         let ctx = ReplyContext {
             engines: self.engines.clone(),
             config: self.config.clone(),
             output: self.io.output.clone(),
             history: self.history.clone(),
             cancel: cancel.clone(),
+            gates,
             turn,
             anchor,
             marks,
@@ -461,16 +509,23 @@ struct ReplyContext {
     output: super::ReplyOutput,
     history: Arc<Mutex<Vec<Message>>>,
     cancel: Arc<AtomicBool>,
+    gates: Gates,
     turn: u64,
     anchor: Instant,
     marks: Vec<(&'static str, Instant)>,
     ref_ts_us: u64,
 }
 
-/// One synthesized chunk of the reply.
+/// One chunk of the reply: its text and, once synthesized, its length.
 struct Spoken {
     text: String,
     audio_ms: f64,
+}
+
+/// What the reply says: the model's answer, or fixed words (the policy's response).
+enum Script {
+    Generate(Vec<Message>),
+    Say(String),
 }
 
 impl ReplyContext {
@@ -501,6 +556,17 @@ impl ReplyContext {
             // Nothing intelligible was said (or the user went on): no reply.
             return self.output.audio_end(turn).await;
         }
+        // Input gate: before any reply starts. A gate that cannot run fails closed: no reply.
+        let Some(decision) = self.gates.content(SafetyStage::Input, &user_text).await? else {
+            return self.output.audio_end(turn).await;
+        };
+        self.marks.push((mark::INPUT_SAFE, Instant::now()));
+        if decision.stops() {
+            // The policy's response, in the preset voice. The exchange stays out of the history.
+            let response = self.gates.response(&decision);
+            self.speak(Script::Say(response)).await?;
+            return Ok(());
+        }
         let messages = {
             let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
             history.push(Message::user(user_text));
@@ -510,7 +576,7 @@ impl ReplyContext {
             messages.extend(history.iter().cloned());
             messages
         };
-        let spoken = self.speak(messages).await?;
+        let spoken = self.speak(Script::Generate(messages)).await?;
         // History keeps only what the user heard.
         let heard = spoken.trim().to_string();
         let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -520,68 +586,38 @@ impl ReplyContext {
         Ok(())
     }
 
-    /// Generates the reply and speaks it chunk by chunk; returns the text the user heard.
-    async fn speak(&mut self, messages: Vec<Message>) -> Result<String, SessionClosed> {
+    /// Speaks `script` chunk by chunk through the TTS stage; returns the text the user heard.
+    async fn speak(&mut self, script: Script) -> Result<String, SessionClosed> {
         let turn = self.turn;
-        let (delta_tx, mut delta_rx) = mpsc::channel::<String>(DELTA_QUEUE);
-        let cancel = self.cancel.clone();
-        let max_tokens = self.config.max_reply_tokens;
-        let llm = self.engines.llm.clone();
-        let generation = tokio::spawn(async move {
-            llm.try_run(Priority::High, move |llm| {
-                llm.generate(&messages, max_tokens, |delta| {
-                    if cancel.load(Ordering::Relaxed) || delta_tx.blocking_send(delta.to_string()).is_err() {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
-                    }
-                })
-            })
-            .await
-        });
-
-        let (clause_tx, clause_rx) = mpsc::channel::<Piece>(CLAUSE_QUEUE);
-        let tts_stage = tokio::spawn(tts_stage(
-            self.engines.clone(),
-            self.output.clone(),
-            self.cancel.clone(),
-            turn,
-            self.ref_ts_us,
-            clause_rx,
-            TurnMarks { turn, anchor: self.anchor, marks: std::mem::take(&mut self.marks) },
-        ));
-
-        let mut chunker = Chunker::new();
-        let mut text = String::new();
-        let mut first_token_seen = false;
-        while let Some(delta) = delta_rx.recv().await {
-            if !first_token_seen {
-                let now = Instant::now();
-                first_token_seen = true;
-                let _ = clause_tx.send(Piece::FirstToken(now)).await;
-            }
-            text.push_str(&delta);
-            self.output.event(ServerEvent::ResponseTextDelta { turn, delta: delta.clone() }).await?;
-            for clause in chunker.push(&delta) {
-                if clause_tx.send(Piece::Clause(clause)).await.is_err() {
-                    break;
-                }
-            }
-        }
-        if let Some(rest) = chunker.finish() {
-            let _ = clause_tx.send(Piece::Clause(rest)).await;
-        }
-        drop(clause_tx);
-        let failure = match generation.await {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(e),
-            Err(e) => Some(EngineError::Stopped(if e.is_panic() { "llm (panicked)" } else { "llm" })),
+        // Set by the TTS stage when a gate stops the reply: generation ends, the reply is not cancelled.
+        let halt = Arc::new(AtomicBool::new(false));
+        let (piece_tx, piece_rx) = mpsc::channel::<Piece>(CLAUSE_QUEUE);
+        let stage = TtsStage {
+            engines: self.engines.clone(),
+            gates: self.gates.clone(),
+            output: self.output.clone(),
+            cancel: self.cancel.clone(),
+            halt: halt.clone(),
+            ref_ts_us: self.ref_ts_us,
+            marks: TurnMarks { turn, anchor: self.anchor, marks: std::mem::take(&mut self.marks) },
+            marks_sent: false,
+            spoken: Vec::new(),
+            pending: Vec::new(),
         };
+        let stage = tokio::spawn(stage.run(piece_rx));
+        let failure = match script {
+            Script::Say(text) => {
+                let _ = piece_tx.send(Piece::Say(text)).await;
+                None
+            }
+            Script::Generate(messages) => self.generate(messages, halt, &piece_tx).await,
+        };
+        drop(piece_tx);
         if let Some(e) = failure {
             self.output.event(engine_error("reply generation failed", &e)).await?;
         }
-        self.output.event(ServerEvent::ResponseTextDone { turn, text: text.trim().to_string() }).await?;
-        let spoken = tts_stage.await.unwrap_or_default();
+        let spoken = stage.await.unwrap_or_default();
+        self.output.event(ServerEvent::ResponseTextDone { turn, text: join_text(&spoken) }).await?;
         self.output.audio_end(turn).await?;
         if !self.cancelled() {
             return Ok(join_text(&spoken));
@@ -597,68 +633,304 @@ impl ReplyContext {
             }
         }
     }
+
+    /// Streams the model's reply into clauses for the TTS stage until it ends, the reply is
+    /// cancelled or a gate halts it; returns the generation's failure, if any.
+    async fn generate(
+        &self,
+        messages: Vec<Message>,
+        halt: Arc<AtomicBool>,
+        pieces: &mpsc::Sender<Piece>,
+    ) -> Option<EngineError> {
+        let (delta_tx, mut delta_rx) = mpsc::channel::<String>(DELTA_QUEUE);
+        let cancel = self.cancel.clone();
+        let max_tokens = self.config.max_reply_tokens;
+        let llm = self.engines.llm.clone();
+        let generation = tokio::spawn(async move {
+            llm.try_run(Priority::High, move |llm| {
+                llm.generate(&messages, max_tokens, |delta| {
+                    let stop = cancel.load(Ordering::Relaxed) || halt.load(Ordering::Relaxed);
+                    if stop || delta_tx.blocking_send(delta.to_string()).is_err() {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                })
+            })
+            .await
+        });
+        let mut chunker = Chunker::new();
+        let mut first_token_seen = false;
+        while let Some(delta) = delta_rx.recv().await {
+            if !first_token_seen {
+                first_token_seen = true;
+                let _ = pieces.send(Piece::FirstToken(Instant::now())).await;
+            }
+            for clause in chunker.push(&delta) {
+                if pieces.send(Piece::Clause(clause)).await.is_err() {
+                    break;
+                }
+            }
+        }
+        if let Some(rest) = chunker.finish() {
+            let _ = pieces.send(Piece::Clause(rest)).await;
+        }
+        match generation.await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e),
+            Err(e) => Some(EngineError::Stopped(if e.is_panic() { "llm (panicked)" } else { "llm" })),
+        }
+    }
 }
 
 /// What the reply task hands its TTS stage.
 enum Piece {
     /// The first reply token arrived at this time (a latency mark).
     FirstToken(Instant),
-    /// A chunk of text to speak.
+    /// A chunk of the model's reply: judged by the output gate before it is synthesized.
     Clause(String),
+    /// The policy's own words: spoken without the output gate (the voice gate still applies).
+    Say(String),
 }
 
-/// Synthesizes clauses in order and hands the audio to the session; returns what was synthesized.
-async fn tts_stage(
+/// The safety gates as one reply uses them: each decision goes to the client, the audit log and
+/// the metrics before the reply proceeds.
+#[derive(Clone)]
+struct Gates {
     engines: Arc<Engines>,
     output: super::ReplyOutput,
-    cancel: Arc<AtomicBool>,
+    session: Arc<str>,
     turn: u64,
-    ref_ts_us: u64,
-    mut clauses: mpsc::Receiver<Piece>,
-    mut marks: TurnMarks,
-) -> Vec<Spoken> {
-    let mut spoken = Vec::new();
-    let rate = engines.tts_rate;
-    while let Some(piece) = clauses.recv().await {
-        let clause = match piece {
-            Piece::FirstToken(at) => {
-                marks.marks.push((mark::FIRST_TOKEN, at));
-                continue;
+}
+
+impl Gates {
+    /// Judges `text` at `stage` (input or output). `None`: the gate could not run (reported).
+    async fn content(&self, stage: SafetyStage, text: &str) -> Result<Option<Decision>, SessionClosed> {
+        let started = Instant::now();
+        let owned = text.to_string();
+        let reply = stage == SafetyStage::Output;
+        match self.engines.content.try_run(Priority::High, move |c| c.judge(&owned, reply)).await {
+            Ok(verdict) => {
+                let decision = Decision::content(&self.engines.policy, stage, &verdict, started.elapsed());
+                self.record(decision, text).await.map(Some)
             }
-            Piece::Clause(clause) => clause,
-        };
-        if cancel.load(Ordering::Relaxed) {
-            break;
-        }
-        let first = spoken.is_empty();
-        if first {
-            marks.marks.push((mark::FIRST_CHUNK_SAFE, Instant::now()));
-        }
-        let priority = if first { Priority::High } else { Priority::Low };
-        let text = clause.clone();
-        let audio = match engines.tts.try_run(priority, move |tts| tts.synthesize(&text)).await {
-            Ok(audio) => audio,
             Err(e) => {
-                let _ = output.event(engine_error("speech synthesis failed", &e)).await;
-                break;
+                self.output.event(engine_error("safety check failed", &e)).await?;
+                Ok(None)
             }
-        };
-        if cancel.load(Ordering::Relaxed) {
-            break;
-        }
-        if first {
-            marks.marks.push((mark::FIRST_AUDIO, Instant::now()));
-            if output.marks(marks.clone()).await.is_err() {
-                break;
-            }
-        }
-        let audio_ms = audio.len() as f64 * 1000.0 / rate as f64;
-        spoken.push(Spoken { text: clause, audio_ms });
-        if output.audio(turn, audio, rate, ref_ts_us).await.is_err() {
-            break;
         }
     }
-    spoken
+
+    /// Compares synthesized `audio` (at the voice's rate) with the enrolled voice. `None`: the
+    /// gate could not run (reported).
+    async fn voice(&self, audio: Vec<f32>) -> Result<Option<Decision>, SessionClosed> {
+        let started = Instant::now();
+        let rate = self.engines.tts_rate;
+        let seconds = audio.len() as f64 / rate as f64;
+        match self.engines.voice_gate.try_run(Priority::High, move |gate| gate.check(&audio, rate)).await {
+            Ok(check) => {
+                let decision = Decision {
+                    stage: SafetyStage::Voice,
+                    action: if check.pass { SafetyAction::Allow } else { SafetyAction::Block },
+                    category: Some("voice".into()),
+                    rule_id: Some(crate::safety::voice::RULE_ID.into()),
+                    score: Some(check.score),
+                    elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+                    detail: (!check.pass).then(|| "the audio does not match the enrolled voice: cut".into()),
+                };
+                let judged = format!("{seconds:.2} s of synthesized audio");
+                self.record(decision, &judged).await.map(Some)
+            }
+            Err(e) => {
+                self.output.event(engine_error("voice check failed", &e)).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn record(&self, decision: Decision, judged: &str) -> Result<Decision, SessionClosed> {
+        self.engines.recorder.record(&self.session, self.turn, &decision, judged);
+        self.output.event(decision.event(self.turn)).await?;
+        Ok(decision)
+    }
+
+    /// The policy's words for a decision that stopped the turn.
+    fn response(&self, decision: &Decision) -> String {
+        let category = decision.category.as_deref().and_then(|id| self.engines.policy.category(id));
+        category.map_or_else(|| "I can't help with that.".to_string(), |c| c.response.clone())
+    }
+}
+
+/// A synthesized chunk waiting for the voice gate.
+struct Pending {
+    text: String,
+    audio: Vec<f32>,
+}
+
+/// The second half of a reply: output gate → TTS → voice gate → session, chunk by chunk.
+struct TtsStage {
+    engines: Arc<Engines>,
+    gates: Gates,
+    output: super::ReplyOutput,
+    cancel: Arc<AtomicBool>,
+    halt: Arc<AtomicBool>,
+    ref_ts_us: u64,
+    marks: TurnMarks,
+    marks_sent: bool,
+    /// Chunks handed to the session, in order.
+    spoken: Vec<Spoken>,
+    /// Synthesized chunks not yet checked by the voice gate (less than [`MIN_CHECK_MS`] of audio).
+    pending: Vec<Pending>,
+}
+
+impl TtsStage {
+    fn stopped(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.halt.load(Ordering::Relaxed)
+    }
+
+    /// Runs until the pieces end or the reply stops; returns the chunks handed to the session.
+    async fn run(mut self, mut pieces: mpsc::Receiver<Piece>) -> Vec<Spoken> {
+        let mut previous = String::new();
+        while let Some(piece) = pieces.recv().await {
+            let (text, judge) = match piece {
+                Piece::FirstToken(at) => {
+                    self.marks.marks.push((mark::FIRST_TOKEN, at));
+                    continue;
+                }
+                Piece::Clause(text) => (text, true),
+                Piece::Say(text) => (text, false),
+            };
+            if self.stopped() {
+                break;
+            }
+            if judge {
+                // The chunk is judged together with the one before, so content split across a
+                // chunk boundary is seen whole.
+                let judged = format!("{previous} {text}");
+                match self.gates.content(SafetyStage::Output, judged.trim()).await {
+                    Ok(Some(decision)) if !decision.stops() => previous = text.clone(),
+                    Ok(Some(decision)) => {
+                        // Never spoken: generation stops and the policy's words are said instead.
+                        self.halt.store(true, Ordering::Relaxed);
+                        let response = self.gates.response(&decision);
+                        self.say(response).await;
+                        break;
+                    }
+                    Ok(None) | Err(SessionClosed) => {
+                        self.halt.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+            if !self.say(text).await {
+                break;
+            }
+        }
+        self.check_voice().await;
+        self.spoken
+    }
+
+    /// Synthesizes one chunk and queues it for the voice gate, which runs once at least
+    /// [`MIN_CHECK_MS`] of audio waits. False when the reply must stop.
+    async fn say(&mut self, text: String) -> bool {
+        if self.marks.marks.iter().all(|(m, _)| *m != mark::FIRST_CHUNK_SAFE) {
+            self.marks.marks.push((mark::FIRST_CHUNK_SAFE, Instant::now()));
+        }
+        let first = self.spoken.is_empty() && self.pending.is_empty();
+        let priority = if first { Priority::High } else { Priority::Low };
+        let owned = text.clone();
+        let audio = match self.engines.tts.try_run(priority, move |tts| tts.synthesize(&owned)).await {
+            Ok(audio) => audio,
+            Err(e) => {
+                let _ = self.output.event(engine_error("speech synthesis failed", &e)).await;
+                return false;
+            }
+        };
+        if first {
+            self.marks.marks.push((mark::FIRST_AUDIO, Instant::now()));
+        }
+        self.pending.push(Pending { text, audio });
+        let pending_ms =
+            self.pending.iter().map(|p| p.audio.len()).sum::<usize>() as f64 * 1000.0 / self.engines.tts_rate as f64;
+        if pending_ms >= MIN_CHECK_MS { self.check_voice().await } else { true }
+    }
+
+    /// Runs the voice gate on the waiting audio and hands what passes to the session (text
+    /// delta, then audio). False when the reply must stop.
+    async fn check_voice(&mut self) -> bool {
+        if self.pending.is_empty() || self.cancel.load(Ordering::Relaxed) {
+            return !self.stopped();
+        }
+        let rate = self.engines.tts_rate;
+        let turn = self.gates.turn;
+        let pending = std::mem::take(&mut self.pending);
+        let audio: Vec<f32> = pending.iter().flat_map(|p| p.audio.iter().copied()).collect();
+        let mut bounds = Vec::with_capacity(pending.len());
+        let mut at = 0;
+        for p in &pending {
+            bounds.push(at..at + p.audio.len());
+            at += p.audio.len();
+        }
+        let ms = |ms: f64| (ms * rate as f64 / 1000.0) as usize;
+        let mut announced = vec![false; pending.len()];
+        // Checked window by window, so the first frame waits for one short check only.
+        for window in check_windows(audio.len(), ms(MAX_CHECK_MS), ms(MIN_CHECK_MS)) {
+            let passed = matches!(self.gates.voice(audio[window.clone()].to_vec()).await, Ok(Some(d)) if !d.stops());
+            if !passed {
+                // Cut: none of this audio leaves the server, and the reply stops.
+                self.halt.store(true, Ordering::Relaxed);
+                return false;
+            }
+            if !self.marks_sent {
+                self.marks_sent = true;
+                self.marks.marks.push((mark::FIRST_AUDIO_SAFE, Instant::now()));
+                if self.output.marks(self.marks.clone()).await.is_err() {
+                    return false;
+                }
+            }
+            for (i, p) in pending.iter().enumerate() {
+                let part = bounds[i].start.max(window.start)..bounds[i].end.min(window.end);
+                if part.is_empty() {
+                    continue;
+                }
+                if self.cancel.load(Ordering::Relaxed) {
+                    return false;
+                }
+                if !announced[i] {
+                    announced[i] = true;
+                    let delta = if self.spoken.is_empty() { p.text.clone() } else { format!(" {}", p.text) };
+                    let audio_ms = p.audio.len() as f64 * 1000.0 / rate as f64;
+                    self.spoken.push(Spoken { text: p.text.clone(), audio_ms });
+                    if self.output.event(ServerEvent::ResponseTextDelta { turn, delta }).await.is_err() {
+                        return false;
+                    }
+                }
+                if self.output.audio(turn, audio[part].to_vec(), rate, self.ref_ts_us).await.is_err() {
+                    return false;
+                }
+            }
+        }
+        !self.stopped()
+    }
+}
+
+/// Audio checked by the voice gate in one go, at most, in ms.
+const MAX_CHECK_MS: f64 = 2000.0;
+
+/// `0..len` cut into windows of `max` samples, the last one merged into the one before when it
+/// would be shorter than `min` (a window is then at most `max + min`).
+fn check_windows(len: usize, max: usize, min: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut start = 0;
+    while start < len {
+        let end = (start + max.max(1)).min(len);
+        match out.last_mut() {
+            Some(last) if end - start < min => last.end = end,
+            _ => out.push(start..end),
+        }
+        start = end;
+    }
+    out
 }
 
 fn join_text(spoken: &[Spoken]) -> String {
@@ -694,6 +966,15 @@ mod tests {
 
     fn spoken(parts: &[(&str, f64)]) -> Vec<Spoken> {
         parts.iter().map(|(text, audio_ms)| Spoken { text: text.to_string(), audio_ms: *audio_ms }).collect()
+    }
+
+    #[test]
+    fn audio_is_checked_in_windows_none_too_short() {
+        assert_eq!(check_windows(0, 10, 5), vec![]);
+        assert_eq!(check_windows(3, 10, 5), vec![0..3]); // all there is
+        assert_eq!(check_windows(10, 10, 5), vec![0..10]);
+        assert_eq!(check_windows(24, 10, 5), vec![0..10, 10..24]); // 4 left over: merged
+        assert_eq!(check_windows(26, 10, 5), vec![0..10, 10..20, 20..26]);
     }
 
     #[test]

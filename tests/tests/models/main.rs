@@ -3,6 +3,7 @@
 mod asr;
 mod llm;
 mod manifest;
+mod safety;
 mod speaker;
 mod text_embed;
 mod tts;

@@ -1,0 +1,92 @@
+//! The voice gate: reply audio must sound like the enrolled preset voice before it leaves.
+//!
+//! Enrollment is computed at provisioning (`models/convert/enroll.py`, role `voice-enroll`): the
+//! preset voice speaks its own reference sentences and the GE2E speaker model embeds them. Here
+//! each chunk of synthesized audio is resampled to 16 kHz, embedded with the same model, and
+//! compared (cosine) with the enrollment; a chunk under the threshold is cut. Embeddings of very
+//! short audio are unreliable, so the pipeline checks at least [`MIN_CHECK_MS`] at a time, and
+//! audio shorter than one 1.6 s model segment is tiled to fill it rather than zero-padded.
+use crate::models::speaker::{SAMPLE_RATE, SpeakerEmbedder, cosine};
+use crate::models::{Manifest, ModelError};
+use parley_protocol::resample::Resampler;
+use serde::Deserialize;
+
+/// The policy rule the voice gate enforces (the spec's `voice` category): only the enrolled
+/// preset voice speaks.
+pub const RULE_ID: &str = "VC-0";
+/// The manifest role holding the enrollment.
+const ROLE: &str = "voice-enroll";
+/// Audio the pipeline gathers before checking it, in ms (shorter chunks wait for the next one).
+pub const MIN_CHECK_MS: f64 = 1000.0;
+/// Samples of one GE2E segment (1.6 s at 16 kHz); shorter audio is tiled up to this.
+const SEGMENT_SAMPLES: usize = 25_600;
+
+#[derive(Debug, Deserialize)]
+struct Enrollment {
+    voice: String,
+    embedding: Vec<f32>,
+}
+
+/// The gate: the speaker model and the enrolled voice (one thread at a time).
+pub struct VoiceGate {
+    embedder: SpeakerEmbedder,
+    enrollment: Vec<f32>,
+    voice: String,
+    threshold: f32,
+}
+
+/// One check.
+#[derive(Debug, Clone, Copy)]
+pub struct VoiceCheck {
+    /// Cosine to the enrolled voice.
+    pub score: f32,
+    pub pass: bool,
+}
+
+impl VoiceGate {
+    /// Loads the speaker model and the enrollment of the preset voice; `threshold` is the cosine
+    /// under which audio is cut.
+    pub fn load(manifest: &Manifest, threads: usize, threshold: f32) -> Result<Self, ModelError> {
+        let path = manifest.path(ROLE, "enrollment")?;
+        let bad = |reason: String| ModelError::Invalid(format!("{}: {reason}", path.display()));
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let enrollment: Enrollment = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let embedder = SpeakerEmbedder::load(manifest, threads)?;
+        if enrollment.embedding.len() != embedder.dim() {
+            return Err(bad(format!(
+                "{} values, the speaker model gives {}",
+                enrollment.embedding.len(),
+                embedder.dim()
+            )));
+        }
+        Ok(VoiceGate { embedder, enrollment: enrollment.embedding, voice: enrollment.voice, threshold })
+    }
+
+    /// The enrolled voice's name (e.g. `en_US-joe-medium`).
+    pub fn voice(&self) -> &str {
+        &self.voice
+    }
+
+    /// Compares `audio` (mono, at `rate`) with the enrolled voice.
+    pub fn check(&mut self, audio: &[f32], rate: u32) -> Result<VoiceCheck, ModelError> {
+        let mut audio = to_16k(audio, rate)?;
+        if audio.is_empty() {
+            return Ok(VoiceCheck { score: 0.0, pass: false });
+        }
+        if audio.len() < SEGMENT_SAMPLES {
+            let n = audio.len();
+            audio = audio.iter().copied().cycle().take(SEGMENT_SAMPLES.max(n)).collect();
+        }
+        let embedding = self.embedder.embed(&audio)?;
+        let score = cosine(&embedding, &self.enrollment);
+        Ok(VoiceCheck { score, pass: score >= self.threshold })
+    }
+}
+
+fn to_16k(audio: &[f32], rate: u32) -> Result<Vec<f32>, ModelError> {
+    let mut resampler = Resampler::new(rate, SAMPLE_RATE).map_err(|e| ModelError::Invalid(e.to_string()))?;
+    let mut out = Vec::with_capacity(audio.len() * SAMPLE_RATE as usize / rate.max(1) as usize + 1024);
+    resampler.process(audio, &mut out).map_err(|e| ModelError::Invalid(e.to_string()))?;
+    resampler.flush(&mut out).map_err(|e| ModelError::Invalid(e.to_string()))?;
+    Ok(out)
+}
