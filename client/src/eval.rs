@@ -461,7 +461,9 @@ async fn run_text(options: &EvalOptions, job: &Job<'_>) -> Run {
     finish_run(job, &events, audio_arrived, error.map(|e| format!("{e:#}")))
 }
 
-async fn text_turn(
+/// One typed turn in a fresh session: collects its events (until the reply's audio is done or
+/// cancelled, an `error`, or the timeout) and whether any reply audio arrived.
+pub async fn text_turn(
     options: &EvalOptions,
     text: &str,
     events: &mut Vec<ServerEvent>,

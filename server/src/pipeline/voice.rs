@@ -877,8 +877,11 @@ impl TtsStage {
         for window in check_windows(audio.len(), ms(MAX_CHECK_MS), ms(MIN_CHECK_MS)) {
             let passed = matches!(self.gates.voice(audio[window.clone()].to_vec()).await, Ok(Some(d)) if !d.stops());
             if !passed {
-                // Cut: none of this audio leaves the server, and the reply stops.
+                // Cut: none of this audio leaves the server, and the reply stops; the client gets
+                // `reply.cancelled` with reason `safety` after the gate's decision.
                 self.halt.store(true, Ordering::Relaxed);
+                self.cancel.store(true, Ordering::Relaxed);
+                self.output.cancel(turn, CancelReason::Safety);
                 return false;
             }
             if !self.marks_sent {

@@ -72,13 +72,14 @@ impl ContentClassifier {
         let scores = self.category_scores(text)?;
         let segment = |s: &CategoryScore| s.segment.clone().unwrap_or_else(|| text.trim().to_string());
         // The flag that clears its threshold by the most; otherwise the nearest category.
-        let flagged =
-            scores.iter().enumerate().filter(|(ci, s)| s.effective >= self.policy.categories[*ci].threshold.max(floor)).max_by(
-                |(a, x), (b, y)| {
-                    let excess = |ci: usize, s: &CategoryScore| s.effective - self.policy.categories[ci].threshold;
-                    excess(*a, x).total_cmp(&excess(*b, y))
-                },
-            );
+        let flagged = scores
+            .iter()
+            .enumerate()
+            .filter(|(ci, s)| s.effective >= self.policy.categories[*ci].threshold.max(floor))
+            .max_by(|(a, x), (b, y)| {
+                let excess = |ci: usize, s: &CategoryScore| s.effective - self.policy.categories[ci].threshold;
+                excess(*a, x).total_cmp(&excess(*b, y))
+            });
         if let Some((ci, s)) = flagged {
             let at = Some((ci, s.rule));
             return Ok(Verdict { flagged: at, score: s.effective, nearest: at, segment: segment(s) });
