@@ -1,6 +1,7 @@
 //! Per-model micro-benchmarks with real models and real audio (`cargo bench -p parley-benches`).
 mod asr;
 mod llm;
+mod safety;
 mod speaker;
 mod text_embed;
 mod tts;
@@ -14,5 +15,14 @@ pub fn manifest() -> &'static Manifest {
     MANIFEST.get_or_init(|| Manifest::load_default().unwrap_or_else(|e| panic!("{e}")))
 }
 
-criterion::criterion_group!(benches, vad::bench, asr::bench, llm::bench, tts::bench, speaker::bench, text_embed::bench);
+criterion::criterion_group!(
+    benches,
+    vad::bench,
+    asr::bench,
+    llm::bench,
+    tts::bench,
+    speaker::bench,
+    text_embed::bench,
+    safety::bench
+);
 criterion::criterion_main!(benches);

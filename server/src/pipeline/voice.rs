@@ -27,7 +27,7 @@ use crate::models::{Manifest, ModelError};
 use crate::safety::audit::AuditLog;
 use crate::safety::content::ContentClassifier;
 use crate::safety::policy::Policy;
-use crate::safety::voice::{MIN_CHECK_MS, VoiceGate};
+use crate::safety::voice::{MIN_CHECK_MS, VoiceGate, check_windows};
 use crate::safety::{Decision, Recorder, SafetyConfig};
 use parley_protocol::ServerEvent;
 use parley_protocol::event::{CancelReason, ErrorCode, SafetyAction, SafetyStage, mark};
@@ -871,10 +871,9 @@ impl TtsStage {
             bounds.push(at..at + p.audio.len());
             at += p.audio.len();
         }
-        let ms = |ms: f64| (ms * rate as f64 / 1000.0) as usize;
         let mut announced = vec![false; pending.len()];
         // Checked window by window, so the first frame waits for one short check only.
-        for window in check_windows(audio.len(), ms(MAX_CHECK_MS), ms(MIN_CHECK_MS)) {
+        for window in check_windows(audio.len(), rate) {
             let passed = matches!(self.gates.voice(audio[window.clone()].to_vec()).await, Ok(Some(d)) if !d.stops());
             if !passed {
                 // Cut: none of this audio leaves the server, and the reply stops; the client gets
@@ -917,25 +916,6 @@ impl TtsStage {
     }
 }
 
-/// Audio checked by the voice gate in one go, at most, in ms.
-const MAX_CHECK_MS: f64 = 2000.0;
-
-/// `0..len` cut into windows of `max` samples, the last one merged into the one before when it
-/// would be shorter than `min` (a window is then at most `max + min`).
-fn check_windows(len: usize, max: usize, min: usize) -> Vec<std::ops::Range<usize>> {
-    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
-    let mut start = 0;
-    while start < len {
-        let end = (start + max.max(1)).min(len);
-        match out.last_mut() {
-            Some(last) if end - start < min => last.end = end,
-            _ => out.push(start..end),
-        }
-        start = end;
-    }
-    out
-}
-
 fn join_text(spoken: &[Spoken]) -> String {
     spoken.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ")
 }
@@ -969,15 +949,6 @@ mod tests {
 
     fn spoken(parts: &[(&str, f64)]) -> Vec<Spoken> {
         parts.iter().map(|(text, audio_ms)| Spoken { text: text.to_string(), audio_ms: *audio_ms }).collect()
-    }
-
-    #[test]
-    fn audio_is_checked_in_windows_none_too_short() {
-        assert_eq!(check_windows(0, 10, 5), vec![]);
-        assert_eq!(check_windows(3, 10, 5), vec![0..3]); // all there is
-        assert_eq!(check_windows(10, 10, 5), vec![0..10]);
-        assert_eq!(check_windows(24, 10, 5), vec![0..10, 10..24]); // 4 left over: merged
-        assert_eq!(check_windows(26, 10, 5), vec![0..10, 10..20, 20..26]);
     }
 
     #[test]

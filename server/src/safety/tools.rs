@@ -3,7 +3,7 @@
 //! and recall of the voice gate over the enrolled voice, espeak-ng voices and human recordings).
 use super::content::ContentClassifier;
 use super::policy::Policy;
-use super::voice::VoiceGate;
+use super::voice::{VoiceGate, check_windows};
 use crate::models::text_embed::TextEmbedder;
 use crate::models::tts::Tts;
 use crate::models::{Manifest, ModelError, espeak};
@@ -202,8 +202,6 @@ fn rewrite_thresholds(text: &str, policy: &Policy, margin: f32, thresholds: &[f3
 const ESPEAK_VOICES: [&str; 6] = ["en-us", "en-us+f3", "en+m3", "en+f2", "en-gb-x-rp", "en-us+m7"];
 /// Human recordings (pocketsphinx-testdata: LibriVox readers and the "cards" speaker).
 const HUMAN_DIRS: [&str; 2] = ["/usr/share/pocketsphinx/test/data/librivox", "/usr/share/pocketsphinx/test/data/cards"];
-/// Length of the pieces human recordings are cut into (a typical reply chunk), in seconds.
-const HUMAN_PIECE_S: f32 = 1.5;
 
 /// One audio piece scored by the gate.
 #[derive(Debug, Serialize)]
@@ -243,12 +241,16 @@ pub fn eval_voice(
     let mut gate = VoiceGate::load(manifest, 1, threshold)?;
     let mut tts = Tts::load(manifest, 2)?;
     let mut samples = Vec::new();
+    // Each utterance is checked in the windows the pipeline checks reply audio in.
     let mut score = |source: String, enrolled: bool, audio: &[f32], rate: u32| -> Result<(), ModelError> {
-        let started = Instant::now();
-        let check = gate.check(audio, rate)?;
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let seconds = audio.len() as f32 / rate as f32;
-        samples.push(VoiceSample { source, enrolled, seconds, score: check.score, blocked: !check.pass, ms });
+        for (k, window) in check_windows(audio.len(), rate).into_iter().enumerate() {
+            let started = Instant::now();
+            let check = gate.check(&audio[window.clone()], rate)?;
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            let seconds = window.len() as f32 / rate as f32;
+            let source = format!("{source}:{k}");
+            samples.push(VoiceSample { source, enrolled, seconds, score: check.score, blocked: !check.pass, ms });
+        }
         Ok(())
     };
     for line in set {
@@ -268,11 +270,8 @@ pub fn eval_voice(
             let rate = reader.spec().sample_rate;
             let audio: Vec<f32> =
                 reader.samples::<i16>().map(|s| s.map(|s| f32::from(s) / 32768.0)).collect::<Result<_, _>>()?;
-            let piece = (HUMAN_PIECE_S * rate as f32) as usize;
-            for (k, chunk) in audio.chunks(piece).filter(|c| c.len() == piece).enumerate() {
-                let name = path.file_stem().unwrap_or_default().to_string_lossy();
-                score(format!("human:{name}:{k}"), false, chunk, rate)?;
-            }
+            let name = path.file_stem().unwrap_or_default().to_string_lossy();
+            score(format!("human:{name}"), false, &audio, rate)?;
         }
     }
     let blocked_others = samples.iter().filter(|s| !s.enrolled && s.blocked).count();

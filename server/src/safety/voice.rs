@@ -18,6 +18,9 @@ pub const RULE_ID: &str = "VC-0";
 const ROLE: &str = "voice-enroll";
 /// Audio the pipeline gathers before checking it, in ms (shorter chunks wait for the next one).
 pub const MIN_CHECK_MS: f64 = 1000.0;
+/// Audio checked in one go, at most, in ms: one 1.6 s speaker-model segment, so the first frame
+/// waits for one short check.
+pub const MAX_CHECK_MS: f64 = 1600.0;
 /// Samples of one GE2E segment (1.6 s at 16 kHz); shorter audio is tiled up to this.
 const SEGMENT_SAMPLES: usize = 25_600;
 
@@ -83,10 +86,45 @@ impl VoiceGate {
     }
 }
 
+/// The windows `len` samples of audio at `rate` are checked in: [`MAX_CHECK_MS`] each, the last
+/// one merged into the one before when it would be shorter than [`MIN_CHECK_MS`].
+pub fn check_windows(len: usize, rate: u32) -> Vec<std::ops::Range<usize>> {
+    let ms = |ms: f64| (ms * rate as f64 / 1000.0) as usize;
+    windows(len, ms(MAX_CHECK_MS), ms(MIN_CHECK_MS))
+}
+
+fn windows(len: usize, max: usize, min: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut start = 0;
+    while start < len {
+        let end = (start + max.max(1)).min(len);
+        match out.last_mut() {
+            Some(last) if end - start < min => last.end = end,
+            _ => out.push(start..end),
+        }
+        start = end;
+    }
+    out
+}
+
 fn to_16k(audio: &[f32], rate: u32) -> Result<Vec<f32>, ModelError> {
     let mut resampler = Resampler::new(rate, SAMPLE_RATE).map_err(|e| ModelError::Invalid(e.to_string()))?;
     let mut out = Vec::with_capacity(audio.len() * SAMPLE_RATE as usize / rate.max(1) as usize + 1024);
     resampler.process(audio, &mut out).map_err(|e| ModelError::Invalid(e.to_string()))?;
     resampler.flush(&mut out).map_err(|e| ModelError::Invalid(e.to_string()))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::windows;
+
+    #[test]
+    fn audio_is_checked_in_windows_none_too_short() {
+        assert!(windows(0, 10, 5).is_empty());
+        assert_eq!(windows(3, 10, 5), vec![0..3]); // all there is
+        assert_eq!(windows(10, 10, 5), vec![0..10]);
+        assert_eq!(windows(24, 10, 5), vec![0..10, 10..24]); // 4 left over: merged
+        assert_eq!(windows(26, 10, 5), vec![0..10, 10..20, 20..26]);
+    }
 }
