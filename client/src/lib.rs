@@ -6,9 +6,11 @@
 //! - [`audio`]: WAV reading/writing, offline and streaming resampling, voiced-frame detection.
 //! - [`talk`]: one session: stream clips, collect replies, per-frame round trips.
 //! - [`report`]: the per-turn JSON report of `parley talk --report`.
+//! - [`bench`]: `parley bench`: concurrent sessions as load; latency percentiles, underruns, server CPU/RSS.
 //! - [`eval`]: `parley eval safety`: a labelled prompt set run as text and as speech, scored.
 //! - `mic` (feature `mic`): live microphone and speaker through cpal.
 pub mod audio;
+pub mod bench;
 pub mod eval;
 #[cfg(feature = "mic")]
 pub mod mic;

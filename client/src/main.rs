@@ -3,8 +3,11 @@
 //! without `--input` it talks through the microphone and speaker (feature `mic`).
 //! `parley eval safety --set FILE.jsonl --report OUT.json` runs a labelled prompt set against the
 //! server's safety gates, as text and as synthesized speech, and scores it.
+//! `parley bench --sessions N --turns K --input-dir DIR --report OUT.json [--sweep 1,2,4,8]` runs
+//! concurrent sessions as load and reports latency percentiles, underruns and server CPU/RSS.
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use parley_client::bench::BenchOptions;
 use parley_client::eval::{EvalOptions, Mode};
 use parley_client::talk::{Clip, TalkOptions};
 use std::path::PathBuf;
@@ -23,6 +26,46 @@ enum Command {
     /// Evaluate a running server.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Load test: N concurrent sessions of K turns each; voice-to-voice percentiles, server stages,
+    /// reply underruns, drops, errors, server CPU and memory (JSON, markdown and SVG).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Server URL, `ws://HOST:PORT` (`/metrics` is read from the same host and port).
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    server: String,
+    /// Concurrent sessions (ignored with `--sweep`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    sessions: u16,
+    /// Turns per session.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    turns: u16,
+    /// Directory of WAV clips (sorted by name, reused cyclically; each session starts at another).
+    #[arg(long)]
+    input_dir: PathBuf,
+    /// Where to write the JSON report; the markdown summary and SVG chart go next to it (.md, .svg).
+    #[arg(long)]
+    report: PathBuf,
+    /// Run at each of these session counts in turn, e.g. `1,2,4,8`.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
+    sweep: Vec<u16>,
+    /// The sweep names the largest session count whose voice-to-voice p95 is within this, ms.
+    #[arg(long, default_value_t = 1000.0)]
+    p95_bound_ms: f64,
+    /// Stream sample rate in Hz (16000, 24000 or 48000).
+    #[arg(long, default_value_t = parley_protocol::DEFAULT_SAMPLE_RATE)]
+    rate: u32,
+    /// Silence between a turn's reply and the next clip, in ms.
+    #[arg(long, default_value_t = 1000)]
+    pause_ms: u32,
+    /// Session i starts i × this many ms after the run starts.
+    #[arg(long, default_value_t = 500)]
+    stagger_ms: u64,
+    /// Give up on a reply after this many ms.
+    #[arg(long, default_value_t = 20_000)]
+    reply_timeout_ms: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,7 +138,30 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Talk(args) => run_talk(&args),
         Command::Eval(EvalCommand::Safety(args)) => eval_safety(&args),
+        Command::Bench(args) => bench(&args),
     }
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(parley_protocol::is_supported_rate(args.rate), "--rate must be 16000, 24000 or 48000");
+    let clips = parley_client::bench::load_clips(&args.input_dir, args.rate)?;
+    let session_counts = if args.sweep.is_empty() { vec![args.sessions] } else { args.sweep.clone() };
+    let options = BenchOptions {
+        server: args.server.clone(),
+        session_counts: session_counts.into_iter().map(usize::from).collect(),
+        turns: args.turns.into(),
+        sample_rate: args.rate,
+        pause_ms: args.pause_ms,
+        stagger_ms: args.stagger_ms,
+        reply_timeout_ms: args.reply_timeout_ms,
+        p95_bound_ms: args.p95_bound_ms,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime.block_on(parley_client::bench::run_bench(&options, &clips));
+    parley_client::bench::write_outputs(&report, &args.report)?;
+    print!("{}", parley_client::bench::markdown(&report));
+    println!("\nreport: {} (.md, .svg next to it)", args.report.display());
+    Ok(())
 }
 
 fn run_talk(args: &TalkArgs) -> anyhow::Result<()> {

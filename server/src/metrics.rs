@@ -290,7 +290,40 @@ impl Metrics {
         for (stage, histogram) in STAGES.iter().zip(&self.stage_seconds) {
             histogram.render(&mut out, name, &format!("stage=\"{stage}\""));
         }
+        render_process(&mut out);
         out
+    }
+}
+
+/// The standard Prometheus process metrics (CPU time, resident and peak resident memory), read
+/// from `/proc/self` (Linux); left out where it cannot be read.
+fn render_process(out: &mut String) {
+    // utime and stime are fields 14 and 15 of /proc/self/stat, in USER_HZ (100 per second on
+    // Linux); the command name (field 2) may hold spaces, so count from its closing parenthesis.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+        let seconds = (user + system) as f64 / 100.0;
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds_total User and system CPU time spent.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {seconds}"
+        );
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    for (name, key, help) in [
+        ("process_resident_memory_bytes", "VmRSS:", "Resident memory size."),
+        ("process_peak_resident_memory_bytes", "VmHWM:", "Peak resident memory size."),
+    ] {
+        if let Some(kib) = kib(key) {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", kib * 1024);
+        }
     }
 }
 
@@ -313,5 +346,13 @@ mod tests {
         assert!(text.contains("parley_turn_seconds_bucket{le=\"0.16\"} 2"));
         assert!(text.contains("parley_turn_seconds_count 2"));
         assert!(text.contains("parley_stage_seconds_bucket{stage=\"endpoint\",le=\"0.3\"} 1"));
+        // This test process's own CPU time and memory.
+        let value = |name: &str| {
+            let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{text}"));
+            line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap()
+        };
+        assert!(value("process_cpu_seconds_total") >= 0.0);
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_peak_resident_memory_bytes") >= value("process_resident_memory_bytes"));
     }
 }

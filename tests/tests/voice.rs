@@ -115,6 +115,10 @@ async fn a_librivox_question_is_transcribed_and_answered_aloud() {
     let metrics = http_get(&server, "/metrics").await;
     assert!(metrics.contains("parley_turn_seconds_count 1"), "{metrics}");
     assert!(metrics.contains("parley_engine_jobs_refused_total{engine=\"llm\"} 0"), "{metrics}");
+    // The speech was recognised during the endpoint's silence, ahead of the endpoint.
+    // (The pipeline and its counters are shared by this binary's tests: at least this turn's.)
+    let used = metrics.lines().find_map(|l| l.strip_prefix("parley_speculation_total{outcome=\"used\"} "));
+    assert!(used.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n >= 1), "{metrics}");
     server.stop().await;
 }
 

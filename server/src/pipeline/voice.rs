@@ -18,7 +18,7 @@ use super::chunker::Chunker;
 use super::{Command, Pipeline, SessionClosed, SessionIo, TurnMarks};
 use crate::audio::PIPELINE_RATE;
 use crate::engine::{Engine, EngineError, Priority};
-use crate::models::asr::Asr;
+use crate::models::asr::{Asr, Transcript};
 use crate::models::llm::{Llm, Message};
 use crate::models::text_embed::TextEmbedder;
 use crate::models::tts::{Synthesizer, TtsBackend};
@@ -33,7 +33,7 @@ use parley_protocol::ServerEvent;
 use parley_protocol::event::{CancelReason, ErrorCode, SafetyAction, SafetyStage, mark};
 use serde::Deserialize;
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -68,6 +68,10 @@ pub struct VoiceConfig {
     pub min_speech_ms: u32,
     /// Silence after the last voiced chunk that ends a turn, in ms.
     pub endpoint_silence_ms: u32,
+    /// Silence after which the turn's end is guessed and its speech recognised (and the reply
+    /// model's prompt prefilled) ahead of the endpoint, in ms; nothing reaches the client before
+    /// the endpoint, and the guess is dropped if the user goes on. 0: off.
+    pub speculate_after_ms: u32,
     /// Most tokens in one reply.
     pub max_reply_tokens: usize,
     /// The system prompt: short, spoken style.
@@ -93,6 +97,7 @@ impl Default for VoiceConfig {
             vad_off: 0.35,
             min_speech_ms: 96,
             endpoint_silence_ms: 480,
+            speculate_after_ms: 160,
             max_reply_tokens: 60,
             system_prompt: "You are Parley, a friendly voice assistant. Answer in one or two short spoken \
                             sentences. No lists, no markdown, no emoji."
@@ -123,6 +128,9 @@ pub struct Engines {
     pub policy: Arc<Policy>,
     /// Audit log and metrics of the safety decisions.
     pub recorder: Recorder,
+    /// Turns whose speech was recognised ahead of the endpoint: used, and dropped as stale.
+    pub speculation_used: AtomicU64,
+    pub speculation_stale: AtomicU64,
 }
 
 impl Engines {
@@ -157,7 +165,20 @@ impl Engines {
         })?;
         let tts_rate = tts.run_blocking(Priority::High, |tts| tts.sample_rate()).map_err(engine_to_model)?;
         let recorder = Recorder::new(&policy, audit);
-        Ok(Engines { vad, asr, llm, tts, content, voice_gate, tts_rate, policy, recorder })
+        let (speculation_used, speculation_stale) = (AtomicU64::new(0), AtomicU64::new(0));
+        Ok(Engines {
+            vad,
+            asr,
+            llm,
+            tts,
+            content,
+            voice_gate,
+            tts_rate,
+            policy,
+            recorder,
+            speculation_used,
+            speculation_stale,
+        })
     }
 }
 
@@ -235,6 +256,13 @@ impl Pipeline for VoicePipeline {
         ] {
             out.push_str(&format!("parley_engine_jobs_refused_total{{engine=\"{engine}\"}} {refused}\n"));
         }
+        out.push_str(&format!(
+            "# HELP parley_speculation_total Speech recognised ahead of the endpoint: used, or stale (the user went on).\n\
+             # TYPE parley_speculation_total counter\n\
+             parley_speculation_total{{outcome=\"used\"}} {}\nparley_speculation_total{{outcome=\"stale\"}} {}\n",
+            e.speculation_used.load(Ordering::Relaxed),
+            e.speculation_stale.load(Ordering::Relaxed)
+        ));
         e.recorder.render(out);
     }
 
@@ -259,6 +287,12 @@ enum Turn {
     Speech { turn: u64, last_voiced_end: u64, last_voiced_seen: Instant, silence_ms: u32 },
 }
 
+/// Speech recognised ahead of the endpoint, for the speech up to `last_voiced_end`.
+struct Speculation {
+    last_voiced_end: u64,
+    transcript: JoinHandle<Result<Transcript, EngineError>>,
+}
+
 /// A reply in progress: its task and the flag that stops it.
 struct Reply {
     turn: u64,
@@ -278,6 +312,7 @@ struct Worker {
     turn: u64,
     history: Arc<Mutex<Vec<Message>>>,
     reply: Option<Reply>,
+    speculation: Option<Speculation>,
 }
 
 impl Worker {
@@ -294,6 +329,7 @@ impl Worker {
             turn: 0,
             history: Arc::new(Mutex::new(Vec::new())),
             reply: None,
+            speculation: None,
         }
     }
 
@@ -365,6 +401,12 @@ impl Worker {
                     let (turn, last_voiced_end, last_voiced_seen) = (*turn, *last_voiced_end, *last_voiced_seen);
                     self.state = Turn::Idle { voiced: 0 };
                     self.end_turn(turn, last_voiced_end, last_voiced_seen, position).await?;
+                } else if config.speculate_after_ms > 0
+                    && *silence_ms >= config.speculate_after_ms
+                    && self.speculation.as_ref().is_none_or(|s| s.last_voiced_end != *last_voiced_end)
+                {
+                    let last_voiced_end = *last_voiced_end;
+                    self.speculate(last_voiced_end, position);
                 }
             }
         }
@@ -413,13 +455,60 @@ impl Worker {
         let anchor = stamp.map_or(last_voiced_seen, |s| s.arrived);
         let audio_end_ms = last_voiced_end * 1000 / PIPELINE_RATE as u64;
         self.io.output.event(ServerEvent::SpeechStopped { turn, audio_end_ms }).await?;
-        // Keep the speech and ~100 ms after it; the trailing silence only costs encoder time.
+        // The speech recognised ahead of time is used only if it covers all of the speech.
+        let input = match self.speculation.take() {
+            Some(s) if s.last_voiced_end == last_voiced_end => {
+                self.engines.speculation_used.fetch_add(1, Ordering::Relaxed);
+                Input::Recognised(s.transcript)
+            }
+            other => {
+                if let Some(stale) = other {
+                    self.engines.speculation_stale.fetch_add(1, Ordering::Relaxed);
+                    stale.transcript.abort();
+                }
+                Input::Speech(self.speech(last_voiced_end, position))
+            }
+        };
+        let marks = vec![(mark::SPEECH_END, last_voiced_seen), (mark::ENDPOINT, endpoint)];
+        self.start_reply(turn, input, anchor, marks, stamp.map_or(0, |s| s.client_ts_us));
+        Ok(())
+    }
+
+    /// The utterance's speech and ~100 ms after it (the trailing silence only costs encoder time).
+    fn speech(&self, last_voiced_end: u64, position: u64) -> Vec<f32> {
         let trailing = (position - last_voiced_end) as usize;
         let keep = self.utterance.len().saturating_sub(trailing.saturating_sub(PIPELINE_RATE as usize / 10));
-        let audio = self.utterance[..keep].to_vec();
-        let marks = vec![(mark::SPEECH_END, last_voiced_seen), (mark::ENDPOINT, endpoint)];
-        self.start_reply(turn, Input::Speech(audio), anchor, marks, stamp.map_or(0, |s| s.client_ts_us));
-        Ok(())
+        self.utterance[..keep].to_vec()
+    }
+
+    /// The user paused: recognise the speech so far and prefill the reply model's prompt with it
+    /// (its prefix cache keeps the work), so both are done by the time the endpoint confirms the
+    /// turn. Nothing is sent; a later voiced chunk makes the guess stale and it is replaced.
+    fn speculate(&mut self, last_voiced_end: u64, position: u64) {
+        if let Some(stale) = self.speculation.take() {
+            self.engines.speculation_stale.fetch_add(1, Ordering::Relaxed);
+            stale.transcript.abort();
+        }
+        let audio = self.speech(last_voiced_end, position);
+        let engines = self.engines.clone();
+        let mut messages = vec![Message::system(self.config.system_prompt.clone())];
+        messages.extend(self.history.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+        let transcript = tokio::spawn(async move {
+            let transcript = engines.asr.try_run(Priority::High, move |asr| asr.transcribe(&audio)).await?;
+            let text = transcript.text.trim().to_string();
+            if !text.is_empty() {
+                messages.push(Message::user(text));
+                // Prefill only: the first token stops it; the model keeps the prompt cached.
+                let prefill = engines
+                    .llm
+                    .try_run(Priority::Low, move |llm| llm.generate(&messages, 1, |_| ControlFlow::Break(())));
+                if let Err(e) = prefill.await {
+                    tracing::debug!(error = %e, "speculative prefill failed");
+                }
+            }
+            Ok(transcript)
+        });
+        self.speculation = Some(Speculation { last_voiced_end, transcript });
     }
 
     fn start_reply(
@@ -489,6 +578,9 @@ fn engine_error(what: &str, e: &EngineError) -> ServerEvent {
 /// on its engine thread, which checks the cancel flag at every token.
 impl Drop for Worker {
     fn drop(&mut self) {
+        if let Some(speculation) = self.speculation.take() {
+            speculation.transcript.abort();
+        }
         if let Some(reply) = self.reply.take() {
             reply.cancel.store(true, Ordering::Relaxed);
             reply.task.abort();
@@ -496,9 +588,10 @@ impl Drop for Worker {
     }
 }
 
-/// What the user said: recorded speech, or typed text.
+/// What the user said: recorded speech, speech already being recognised, or typed text.
 enum Input {
     Speech(Vec<f32>),
+    Recognised(JoinHandle<Result<Transcript, EngineError>>),
     Text(String),
 }
 
@@ -539,17 +632,11 @@ impl ReplyContext {
             Input::Text(text) => text,
             Input::Speech(audio) => {
                 let result = self.engines.asr.try_run(Priority::High, move |asr| asr.transcribe(&audio)).await;
-                let transcript = match result {
-                    Ok(t) => t,
-                    Err(e) => {
-                        self.output.event(engine_error("speech recognition failed", &e)).await?;
-                        return self.output.audio_end(turn).await;
-                    }
-                };
-                self.marks.push((mark::ASR_FINAL, Instant::now()));
-                let text = transcript.text.trim().to_string();
-                self.output.event(ServerEvent::TranscriptionCompleted { turn, transcript: text.clone() }).await?;
-                text
+                self.transcribed(result).await?
+            }
+            Input::Recognised(task) => {
+                let result = task.await.unwrap_or(Err(EngineError::Stopped("asr")));
+                self.transcribed(result).await?
             }
         };
         if user_text.is_empty() || self.cancelled() {
@@ -584,6 +671,23 @@ impl ReplyContext {
             history.push(Message::assistant(heard));
         }
         Ok(())
+    }
+
+    /// Announces the transcript; a failed recognition is reported and gives no text.
+    async fn transcribed(&mut self, result: Result<Transcript, EngineError>) -> Result<String, SessionClosed> {
+        match result {
+            Ok(transcript) => {
+                self.marks.push((mark::ASR_FINAL, Instant::now()));
+                let transcript = transcript.text.trim().to_string();
+                let turn = self.turn;
+                self.output.event(ServerEvent::TranscriptionCompleted { turn, transcript: transcript.clone() }).await?;
+                Ok(transcript)
+            }
+            Err(e) => {
+                self.output.event(engine_error("speech recognition failed", &e)).await?;
+                Ok(String::new())
+            }
+        }
     }
 
     /// Speaks `script` chunk by chunk through the TTS stage; returns the text the user heard.

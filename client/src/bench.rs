@@ -1,0 +1,700 @@
+//! `parley bench`: a load generator for voice latency. Runs N concurrent simulated sessions of K
+//! turns each (optionally sweeping N), and reports voice-to-voice percentiles, the server's stage
+//! breakdown, reply-audio underruns, dropped frames, errors and the server's CPU and memory, as
+//! JSON, a markdown summary and a hand-drawn SVG chart.
+use crate::talk::{Clip, ReceivedFrame, TalkError, TalkOptions, TalkResult};
+use anyhow::Context;
+use parley_protocol::{FRAME_MS, ServerEvent};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Jitter allowance of the simulated player: a reply frame is an underrun when it arrives more
+/// than this after its due time, ms.
+pub const JITTER_ALLOWANCE_MS: u64 = 0;
+
+/// What load to generate.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// `ws://host:port`; `/metrics` is read over plain HTTP from the same host and port.
+    pub server: String,
+    /// Concurrent sessions of each run, in order (one entry without `--sweep`).
+    pub session_counts: Vec<usize>,
+    /// Turns (clips) per session.
+    pub turns: usize,
+    pub sample_rate: u32,
+    /// Silence after each reply before the next clip, ms.
+    pub pause_ms: u32,
+    /// Session `i` starts `i × stagger_ms` after the run starts.
+    pub stagger_ms: u64,
+    pub reply_timeout_ms: u32,
+    /// Voice-to-voice p95 bound of the sweep, ms.
+    pub p95_bound_ms: f64,
+}
+
+/// The whole report (`--report`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub server: String,
+    pub turns_per_session: usize,
+    pub jitter_allowance_ms: u64,
+    pub p95_bound_ms: f64,
+    /// Largest session count whose run was within the bound (see [`within_bound`]).
+    pub max_sessions_within_bound: Option<usize>,
+    pub runs: Vec<RunSummary>,
+}
+
+/// One run at one session count.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunSummary {
+    pub sessions: usize,
+    /// Turns attempted: sessions × turns per session.
+    pub turns: usize,
+    pub wall_s: f64,
+    pub voice_to_voice_ms: Percentiles,
+    /// Server stage durations over the turns, in the order the stages first appeared.
+    pub stages_ms: Vec<StageSummary>,
+    pub underruns: Underruns,
+    /// Gaps in the reply frames' sequence numbers.
+    pub frames_dropped: u64,
+    pub errors: Errors,
+    /// Turns with no reply audio, including every turn of a failed session.
+    pub turns_without_reply: usize,
+    pub server_usage: ServerUsage,
+    /// Voice-to-voice p95 within the bound, turns without reply counting as infinitely late.
+    pub within_bound: bool,
+    /// Every voice-to-voice latency measured, ms (the chart's data).
+    pub voice_to_voice_samples_ms: Vec<f64>,
+}
+
+/// Nearest-rank percentiles; `None` without samples.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageSummary {
+    pub stage: String,
+    pub count: usize,
+    pub median_ms: f64,
+    pub p95_ms: f64,
+}
+
+/// Reply frames that reached a real-time player too late.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Underruns {
+    /// Reply frames checked.
+    pub frames: usize,
+    /// Frames that arrived after their due time (+ the jitter allowance).
+    pub count: usize,
+    /// Sum over those frames of how late each arrived, ms.
+    pub late_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Errors {
+    /// Sessions that failed (could not connect, transport error, closed abnormally).
+    pub failed_sessions: usize,
+    /// Close codes other than 1000 sent by the server.
+    pub abnormal_closes: Vec<u16>,
+    /// `error` events received by the sessions that finished.
+    pub error_events: usize,
+    /// Distinct error messages.
+    pub messages: Vec<String>,
+}
+
+impl Errors {
+    pub fn total(&self) -> usize {
+        self.failed_sessions + self.error_events
+    }
+}
+
+/// From the server's `/metrics` before and after the run; `None` where the metric is absent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ServerUsage {
+    pub cpu_seconds: Option<f64>,
+    /// CPU seconds / wall seconds: cores busy on average.
+    pub cpu_cores: Option<f64>,
+    /// Resident memory at the end of the run.
+    pub rss_bytes: Option<f64>,
+    /// Peak resident memory of the server process so far.
+    pub peak_rss_bytes: Option<f64>,
+}
+
+impl ServerUsage {
+    pub fn from_metrics(before: Option<&str>, after: Option<&str>, wall_s: f64) -> Self {
+        let value = |text: Option<&str>, name| text.and_then(|t| metric_value(t, name));
+        let cpu_seconds = value(after, "process_cpu_seconds_total")
+            .zip(value(before, "process_cpu_seconds_total"))
+            .map(|(a, b)| a - b);
+        Self {
+            cpu_seconds,
+            cpu_cores: cpu_seconds.filter(|_| wall_s > 0.0).map(|s| s / wall_s),
+            rss_bytes: value(after, "process_resident_memory_bytes"),
+            peak_rss_bytes: value(after, "process_peak_resident_memory_bytes"),
+        }
+    }
+}
+
+/// The nearest-rank percentile `p` (0–100) of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn sorted(values: &[f64]) -> Vec<f64> {
+    let mut values = values.to_vec();
+    values.sort_by(f64::total_cmp);
+    values
+}
+
+impl Percentiles {
+    pub fn of(values: &[f64]) -> Self {
+        let s = sorted(values);
+        Self {
+            count: s.len(),
+            p50: percentile(&s, 50.0),
+            p95: percentile(&s, 95.0),
+            p99: percentile(&s, 99.0),
+            max: s.last().copied(),
+        }
+    }
+}
+
+/// Median and p95 of each stage's duration; stages in the order they first appear.
+pub fn stage_summaries(stages: &[(String, f64)]) -> Vec<StageSummary> {
+    let mut names: Vec<&str> = Vec::new();
+    for (name, _) in stages {
+        if !names.contains(&name.as_str()) {
+            names.push(name);
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let s = sorted(&stages.iter().filter(|(n, _)| n == name).map(|(_, ms)| *ms).collect::<Vec<_>>());
+            StageSummary {
+                stage: name.to_string(),
+                count: s.len(),
+                median_ms: percentile(&s, 50.0).unwrap_or_default(),
+                p95_ms: percentile(&s, 95.0).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// Underruns of a real-time player: each reply starts playing when its first frame arrives, and
+/// the frame `k` sequence numbers later is due `k × 20 ms` after that. `reply_starts` are the
+/// replies' first sequence numbers (`response.audio.started`), in order; frames before the first
+/// reply are not checked.
+pub fn underruns(frames: &[ReceivedFrame], reply_starts: &[u32], allowance_us: u64) -> Underruns {
+    let frame_us = FRAME_MS as u64 * 1000;
+    let mut out = Underruns::default();
+    let mut next = 0;
+    let mut current: Option<(u32, u64)> = None; // this reply's first frame: seq, arrival
+    for frame in frames {
+        while next < reply_starts.len() && frame.seq >= reply_starts[next] {
+            current = Some((frame.seq, frame.received_us));
+            next += 1;
+        }
+        let Some((first_seq, first_us)) = current else { continue };
+        let due = first_us + frame.seq.saturating_sub(first_seq) as u64 * frame_us + allowance_us;
+        out.frames += 1;
+        if frame.received_us > due {
+            out.count += 1;
+            out.late_ms += (frame.received_us - due) as f64 / 1000.0;
+        }
+    }
+    out
+}
+
+/// The value of an unlabelled sample `name` in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
+}
+
+/// `host:port` of the server's HTTP side, from `ws://host[:port][/path]`; `None` for `wss://`.
+pub fn metrics_address(server: &str) -> Option<String> {
+    let authority = server.strip_prefix("ws://")?.split('/').next().filter(|a| !a.is_empty())?;
+    let has_port = authority.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+    Some(if has_port { authority.to_string() } else { format!("{authority}:80") })
+}
+
+/// Voice-to-voice p95 over all `turns` attempted ≤ `bound_ms`, a turn without reply counting as
+/// infinitely late.
+pub fn within_bound(latencies_ms: &[f64], turns: usize, bound_ms: f64) -> bool {
+    let mut all = latencies_ms.to_vec();
+    all.resize(turns.max(latencies_ms.len()), f64::INFINITY);
+    percentile(&sorted(&all), 95.0).is_some_and(|p95| p95 <= bound_ms)
+}
+
+/// The sweep's answer: the largest session count whose run was within the bound.
+pub fn largest_within_bound(runs: &[RunSummary]) -> Option<usize> {
+    runs.iter().filter(|r| r.within_bound).map(|r| r.sessions).max()
+}
+
+/// Summarizes the sessions of one run (server usage and wall time are filled in by the caller).
+pub fn summarize(turns_per_session: usize, outcomes: &[Result<TalkResult, TalkError>]) -> RunSummary {
+    let mut run =
+        RunSummary { sessions: outcomes.len(), turns: outcomes.len() * turns_per_session, ..Default::default() };
+    let mut stages = Vec::new();
+    for outcome in outcomes {
+        let result = match outcome {
+            Ok(result) => result,
+            Err(error) => {
+                run.errors.failed_sessions += 1;
+                if let TalkError::Closed { code, .. } = error {
+                    run.errors.abnormal_closes.push(*code);
+                }
+                run.errors.messages.push(error.to_string());
+                continue;
+            }
+        };
+        for turn in &result.report.turns {
+            run.voice_to_voice_samples_ms.extend(turn.latency_ms.voice_to_voice);
+            stages.extend(turn.latency_ms.server_stages.iter().cloned());
+        }
+        let mut reply_starts = Vec::new();
+        for (_, event) in &result.events {
+            match event {
+                ServerEvent::ResponseAudioStarted { first_seq, .. } => reply_starts.push(*first_seq),
+                ServerEvent::Error { error } => {
+                    run.errors.error_events += 1;
+                    run.errors.messages.push(format!("{:?}: {}", error.code, error.message));
+                }
+                _ => {}
+            }
+        }
+        let u = underruns(&result.frames, &reply_starts, JITTER_ALLOWANCE_MS * 1000);
+        run.underruns = Underruns {
+            frames: run.underruns.frames + u.frames,
+            count: run.underruns.count + u.count,
+            late_ms: run.underruns.late_ms + u.late_ms,
+        };
+        run.frames_dropped += u64::from(result.seq_gaps);
+    }
+    run.errors.messages.sort();
+    run.errors.messages.dedup();
+    run.turns_without_reply = run.turns.saturating_sub(run.voice_to_voice_samples_ms.len());
+    run.voice_to_voice_ms = Percentiles::of(&run.voice_to_voice_samples_ms);
+    run.stages_ms = stage_summaries(&stages);
+    run
+}
+
+/// Reads every `*.wav` in `dir`, sorted by name, resampled to `rate`.
+pub fn load_clips(dir: &Path, rate: u32) -> anyhow::Result<Vec<Clip>> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("wav")))
+        .collect();
+    paths.sort();
+    anyhow::ensure!(!paths.is_empty(), "no .wav files in {}", dir.display());
+    paths
+        .iter()
+        .map(|path| {
+            let (samples, from) = crate::audio::read_wav(path)?;
+            let samples = crate::audio::resample(&samples, from, rate)?;
+            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            Ok(Clip { name, samples })
+        })
+        .collect()
+}
+
+/// `GET /metrics` over plain HTTP/1.1; `None` when unreachable or not 200.
+pub async fn fetch_metrics(server: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = metrics_address(server)?;
+    let request = async {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.ok()?;
+        let head = format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        let (status, body) = response.split_once("\r\n\r\n")?;
+        status.split_whitespace().nth(1).filter(|code| *code == "200").map(|_| body.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(5), request).await.ok().flatten()
+}
+
+/// One run: `sessions` concurrent staggered sessions, each starting at a different clip.
+pub async fn run_load(options: &BenchOptions, clips: &[Clip], sessions: usize) -> RunSummary {
+    let before = fetch_metrics(&options.server).await;
+    let start = Instant::now();
+    let handles: Vec<_> = (0..sessions)
+        .map(|i| {
+            let talk_options = TalkOptions {
+                server: options.server.clone(),
+                sample_rate: options.sample_rate,
+                pause_ms: options.pause_ms,
+                reply_timeout_ms: options.reply_timeout_ms,
+                ..TalkOptions::default()
+            };
+            let session_clips: Vec<Clip> = (0..options.turns).map(|t| clips[(i + t) % clips.len()].clone()).collect();
+            let delay = Duration::from_millis(options.stagger_ms * i as u64);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                crate::talk(&talk_options, &session_clips).await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(sessions);
+    for handle in handles {
+        outcomes.push(handle.await.unwrap_or_else(|e| Err(TalkError::Protocol(format!("session task: {e}")))));
+    }
+    let wall_s = start.elapsed().as_secs_f64();
+    let after = fetch_metrics(&options.server).await;
+    let mut run = summarize(options.turns, &outcomes);
+    run.wall_s = wall_s;
+    run.server_usage = ServerUsage::from_metrics(before.as_deref(), after.as_deref(), wall_s);
+    run.within_bound = within_bound(&run.voice_to_voice_samples_ms, run.turns, options.p95_bound_ms);
+    run
+}
+
+/// Every run of the sweep, in order.
+pub async fn run_bench(options: &BenchOptions, clips: &[Clip]) -> BenchReport {
+    let mut runs = Vec::new();
+    for &sessions in &options.session_counts {
+        eprintln!("bench: {sessions} session(s) × {} turn(s)…", options.turns);
+        runs.push(run_load(options, clips, sessions).await);
+    }
+    BenchReport {
+        server: options.server.clone(),
+        turns_per_session: options.turns,
+        jitter_allowance_ms: JITTER_ALLOWANCE_MS,
+        p95_bound_ms: options.p95_bound_ms,
+        max_sessions_within_bound: largest_within_bound(&runs),
+        runs,
+    }
+}
+
+/// Writes the JSON report at `path`, the markdown summary and the SVG chart next to it.
+pub fn write_outputs(report: &BenchReport, path: &Path) -> anyhow::Result<()> {
+    let write =
+        |path: &Path, text: String| std::fs::write(path, text).with_context(|| format!("writing {}", path.display()));
+    write(path, serde_json::to_string_pretty(report)? + "\n")?;
+    write(&path.with_extension("md"), markdown(report))?;
+    write(&path.with_extension("svg"), svg(report))
+}
+
+fn ms(value: Option<f64>) -> String {
+    value.map_or("–".into(), |v| format!("{v:.0}"))
+}
+
+fn mb(value: Option<f64>) -> String {
+    value.map_or("–".into(), |v| format!("{:.0}", v / 1e6))
+}
+
+/// The markdown summary: one row per run, then the stage breakdown (median / p95 per run).
+pub fn markdown(report: &BenchReport) -> String {
+    let mut out = format!(
+        "# parley bench: {}\n\n{} turn(s) per session; voice-to-voice in ms; underruns: reply frames later than \
+         due + {} ms (total lateness in ms).\n\n",
+        report.server, report.turns_per_session, report.jitter_allowance_ms
+    );
+    out += "| sessions | turns | no reply | v2v p50 | v2v p95 | v2v p99 | v2v max | underruns (late ms) | drops \
+            | errors | CPU cores | RSS MB | peak RSS MB |\n";
+    out += &format!("|{}\n", "---:|".repeat(13));
+    for r in &report.runs {
+        let v = &r.voice_to_voice_ms;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} ({:.0}) | {} | {} | {} | {} | {} |",
+            r.sessions,
+            r.turns,
+            r.turns_without_reply,
+            ms(v.p50),
+            ms(v.p95),
+            ms(v.p99),
+            ms(v.max),
+            r.underruns.count,
+            r.underruns.late_ms,
+            r.frames_dropped,
+            r.errors.total(),
+            r.server_usage.cpu_cores.map_or("–".into(), |c| format!("{c:.2}")),
+            mb(r.server_usage.rss_bytes),
+            mb(r.server_usage.peak_rss_bytes),
+        );
+    }
+    let _ = match report.max_sessions_within_bound {
+        Some(n) => writeln!(out, "\nLargest session count with v2v p95 ≤ {} ms: **{n}**", report.p95_bound_ms),
+        None => writeln!(out, "\nNo session count had v2v p95 ≤ {} ms.", report.p95_bound_ms),
+    };
+    out += "\n## Server stages (ms, median / p95)\n\n| stage |";
+    let mut stages: Vec<&str> = Vec::new();
+    for r in &report.runs {
+        let _ = write!(out, " {} session(s) |", r.sessions);
+        stages.extend(r.stages_ms.iter().map(|s| s.stage.as_str()).filter(|s| !stages.contains(s)).collect::<Vec<_>>());
+    }
+    out += &format!("\n|---|{}\n", "---:|".repeat(report.runs.len()));
+    for stage in stages {
+        let _ = write!(out, "| {stage} |");
+        for r in &report.runs {
+            let cell = r.stages_ms.iter().find(|s| s.stage == stage);
+            let cell = cell.map_or("–".into(), |s| format!("{:.0} / {:.0}", s.median_ms, s.p95_ms));
+            let _ = write!(out, " {cell} |");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"];
+const MIDDLE: &str = r#"text-anchor="middle""#;
+
+fn text(out: &mut String, x: f64, y: f64, attributes: &str, content: impl std::fmt::Display) {
+    let _ = writeln!(out, r#"<text x="{x:.1}" y="{y:.1}" {attributes}>{content}</text>"#);
+}
+
+/// A plot area in pixels and the data range it shows (both axes from 0).
+struct Panel {
+    left: f64,
+    top: f64,
+    width: f64,
+    height: f64,
+    x_max: f64,
+    y_max: f64,
+}
+
+impl Panel {
+    fn at(&self, x: f64, y: f64) -> (f64, f64) {
+        (self.left + x / self.x_max * self.width, self.top + self.height - y / self.y_max * self.height)
+    }
+
+    /// Title, axes, grid, tick labels and axis labels.
+    fn axes(&self, out: &mut String, title: &str, labels: (&str, &str), x_ticks: &[f64], y_ticks: &[f64]) {
+        let (l, t, r, b) = (self.left, self.top, self.left + self.width, self.top + self.height);
+        text(out, l + self.width / 2.0, t - 14.0, r#"text-anchor="middle" font-weight="bold""#, title);
+        for &y in y_ticks {
+            let y_px = self.at(0.0, y).1;
+            let _ = writeln!(out, r##"<line x1="{l}" y1="{y_px:.1}" x2="{r}" y2="{y_px:.1}" stroke="#eee"/>"##);
+            text(out, l - 6.0, y_px + 4.0, r#"text-anchor="end""#, y);
+        }
+        for &x in x_ticks {
+            text(out, self.at(x, 0.0).0, b + 16.0, MIDDLE, x);
+        }
+        let _ = writeln!(out, r##"<path d="M{l},{t} V{b} H{r}" fill="none" stroke="#333"/>"##);
+        text(out, l + self.width / 2.0, b + 36.0, MIDDLE, labels.0);
+        let (x, y) = (l - 48.0, t + self.height / 2.0);
+        let _ = writeln!(out, r#"<text transform="translate({x},{y}) rotate(-90)" {MIDDLE}>{}</text>"#, labels.1);
+    }
+
+    fn line(&self, out: &mut String, points: &[(f64, f64)], color: &str, dash: &str) {
+        let points: Vec<String> =
+            points.iter().map(|&(x, y)| self.at(x, y)).map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+        let _ = writeln!(
+            out,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>"#,
+            points.join(" ")
+        );
+    }
+}
+
+/// Round tick values from 0 to `max`, about five of them.
+fn ticks(max: f64) -> Vec<f64> {
+    let raw = max / 5.0;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * magnitude).find(|s| *s >= raw).unwrap_or(raw);
+    (0..).map(|i| i as f64 * step).take_while(|t| *t <= max).collect()
+}
+
+/// The chart: voice-to-voice CDF per session count (left); p50 and p95 vs. session count (right).
+pub fn svg(report: &BenchReport) -> String {
+    let samples = report.runs.iter().flat_map(|r| &r.voice_to_voice_samples_ms);
+    let latency_max = samples.copied().fold(report.p95_bound_ms.max(1.0), f64::max) * 1.05;
+    let sessions_max = report.runs.iter().map(|r| r.sessions).max().unwrap_or(1) as f64 * 1.05;
+    let cdf = Panel { left: 70.0, top: 40.0, width: 360.0, height: 260.0, x_max: latency_max, y_max: 1.0 };
+    let trend = Panel { left: 560.0, top: 40.0, width: 360.0, height: 260.0, x_max: sessions_max, y_max: latency_max };
+    let mut out = String::from(concat!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="960" height="360" font-family="sans-serif" font-size="12">"#,
+        "\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    ));
+    let latency_ticks = ticks(latency_max);
+    let fractions = [0.0, 0.25, 0.5, 0.75, 1.0];
+    cdf.axes(&mut out, "Voice-to-voice latency (CDF)", ("ms", "fraction of turns"), &latency_ticks, &fractions);
+    let session_ticks: Vec<f64> = report.runs.iter().map(|r| r.sessions as f64).collect();
+    trend.axes(&mut out, "Voice-to-voice vs. load", ("concurrent sessions", "ms"), &session_ticks, &latency_ticks);
+    for (i, run) in report.runs.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let s = sorted(&run.voice_to_voice_samples_ms);
+        let n = s.len() as f64;
+        let steps: Vec<(f64, f64)> =
+            s.iter().enumerate().flat_map(|(k, &v)| [(v, k as f64 / n), (v, (k + 1) as f64 / n)]).collect();
+        cdf.line(&mut out, &steps, color, "none");
+        let y = cdf.top + cdf.height - 10.0 - 16.0 * (report.runs.len() - 1 - i) as f64;
+        text(
+            &mut out,
+            cdf.left + cdf.width - 90.0,
+            y,
+            &format!(r#"fill="{color}""#),
+            format!("{} session(s)", run.sessions),
+        );
+    }
+    let series = |pick: fn(&Percentiles) -> Option<f64>| -> Vec<(f64, f64)> {
+        report.runs.iter().filter_map(|r| pick(&r.voice_to_voice_ms).map(|v| (r.sessions as f64, v))).collect()
+    };
+    let bound = [(0.0, report.p95_bound_ms), (sessions_max, report.p95_bound_ms)];
+    for (row, (label, color, points, dash)) in [
+        ("p50", COLORS[0], series(|p| p.p50), "none"),
+        ("p95", COLORS[1], series(|p| p.p95), "none"),
+        ("p95 bound", "#888", bound.to_vec(), "6 4"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        trend.line(&mut out, &points, color, dash);
+        text(&mut out, trend.left + 10.0, trend.top + 14.0 + 16.0 * row as f64, &format!(r#"fill="{color}""#), label);
+    }
+    out + "</svg>\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u32, received_ms: u64) -> ReceivedFrame {
+        ReceivedFrame { seq, timestamp_us: 0, received_us: received_ms * 1000 }
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let values: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        let p = Percentiles::of(&values);
+        assert_eq!((p.count, p.p50, p.p95, p.p99, p.max), (100, Some(50.0), Some(95.0), Some(99.0), Some(100.0)));
+        assert_eq!(percentile(&[7.0], 95.0), Some(7.0));
+        assert_eq!(percentile(&[1.0, 2.0, 3.0], 0.0), Some(1.0));
+        assert_eq!(Percentiles::of(&[]), Percentiles::default());
+    }
+
+    #[test]
+    fn stages_are_summarized_in_first_seen_order() {
+        let stages: Vec<(String, f64)> =
+            [("endpoint", 300.0), ("asr_final", 40.0), ("endpoint", 100.0), ("endpoint", 200.0)]
+                .map(|(s, ms)| (s.to_string(), ms))
+                .into();
+        let summary = stage_summaries(&stages);
+        assert_eq!(summary.iter().map(|s| s.stage.as_str()).collect::<Vec<_>>(), ["endpoint", "asr_final"]);
+        assert_eq!((summary[0].count, summary[0].median_ms, summary[0].p95_ms), (3, 200.0, 300.0));
+    }
+
+    #[test]
+    fn late_reply_frames_are_underruns() {
+        // Reply 1 starts at seq 10 (t = 1000 ms): seq 11 due 1020, seq 12 due 1040, seq 13 due 1060.
+        // Reply 2 starts at seq 14, arriving late by the old schedule but on its own first frame.
+        let frames =
+            [frame(3, 500), frame(10, 1000), frame(11, 1005), frame(12, 1050), frame(13, 1070), frame(14, 5000)];
+        let u = underruns(&frames, &[10, 14], 0);
+        assert_eq!(u, Underruns { frames: 5, count: 2, late_ms: 20.0 });
+        // An allowance absorbs lateness up to it.
+        assert_eq!(underruns(&frames, &[10, 14], 10_000).count, 0);
+        // A lost first frame: the player starts at the first frame that arrived.
+        assert_eq!(
+            underruns(&[frame(21, 100), frame(22, 120)], &[20], 0),
+            Underruns { frames: 2, count: 0, late_ms: 0.0 }
+        );
+        assert_eq!(underruns(&frames, &[], 0).frames, 0);
+    }
+
+    #[test]
+    fn process_metrics_are_read_from_prometheus_text() {
+        let before = "# HELP process_cpu_seconds_total CPU.\n# TYPE process_cpu_seconds_total counter\n\
+                      process_cpu_seconds_total 10.5\nprocess_resident_memory_bytes 1e8\n";
+        let after = "process_cpu_seconds_total_extra 99\nprocess_cpu_seconds_total 16.5\n\
+                     parley_stage_seconds_count{stage=\"x\"} 3\nprocess_resident_memory_bytes 2.5e+08\n\
+                     process_peak_resident_memory_bytes 300000000\n";
+        assert_eq!(metric_value(after, "process_cpu_seconds_total"), Some(16.5));
+        assert_eq!(metric_value(after, "parley_stage_seconds_count"), None);
+        let usage = ServerUsage::from_metrics(Some(before), Some(after), 3.0);
+        assert_eq!(
+            usage,
+            ServerUsage {
+                cpu_seconds: Some(6.0),
+                cpu_cores: Some(2.0),
+                rss_bytes: Some(2.5e8),
+                peak_rss_bytes: Some(3e8)
+            }
+        );
+        assert_eq!(ServerUsage::from_metrics(None, Some("parley_sessions_active 0\n"), 3.0), ServerUsage::default());
+    }
+
+    #[test]
+    fn metrics_address_comes_from_the_ws_url() {
+        assert_eq!(metrics_address("ws://127.0.0.1:8099").as_deref(), Some("127.0.0.1:8099"));
+        assert_eq!(metrics_address("ws://host:8080/v1/voice").as_deref(), Some("host:8080"));
+        assert_eq!(metrics_address("ws://host").as_deref(), Some("host:80"));
+        assert_eq!(metrics_address("ws://[::1]:9000/").as_deref(), Some("[::1]:9000"));
+        assert_eq!(metrics_address("wss://host:443"), None);
+    }
+
+    #[test]
+    fn the_sweep_names_the_largest_session_count_within_the_bound() {
+        assert!(within_bound(&[500.0; 20], 20, 1000.0));
+        assert!(!within_bound(&[500.0, 1500.0], 2, 1000.0));
+        // One turn in 20 without reply is within p95; two are not.
+        assert!(within_bound(&[500.0; 19], 20, 1000.0));
+        assert!(!within_bound(&[500.0; 18], 20, 1000.0));
+        assert!(!within_bound(&[], 0, 1000.0));
+        let run = |sessions, within_bound| RunSummary { sessions, within_bound, ..Default::default() };
+        assert_eq!(largest_within_bound(&[run(1, true), run(2, true), run(4, false), run(8, false)]), Some(2));
+        assert_eq!(largest_within_bound(&[run(1, false)]), None);
+    }
+
+    #[test]
+    fn sessions_are_summarized_with_failures_and_errors() {
+        use crate::report::{Latency, TurnReport};
+        let turn = |v2v: Option<f64>| TurnReport {
+            latency_ms: Latency {
+                voice_to_voice: v2v,
+                server_stages: vec![("endpoint".into(), 300.0)],
+                ..Latency::default()
+            },
+            ..TurnReport::default()
+        };
+        let mut ok = TalkResult::default();
+        ok.report.turns = vec![turn(Some(800.0)), turn(None)];
+        ok.seq_gaps = 1;
+        ok.frames = vec![frame(0, 100), frame(1, 200)];
+        ok.events = vec![
+            (90_000, ServerEvent::ResponseAudioStarted { turn: 1, first_seq: 0 }),
+            (95_000, ServerEvent::error(parley_protocol::ErrorCode::Busy, "queue full")),
+        ];
+        let closed = Err(TalkError::Closed { code: 1013, reason: "full".into() });
+        let run = summarize(2, &[Ok(ok), closed]);
+        assert_eq!((run.sessions, run.turns, run.turns_without_reply), (2, 4, 3));
+        assert_eq!(run.voice_to_voice_ms.p50, Some(800.0));
+        assert_eq!(
+            (run.errors.failed_sessions, run.errors.error_events, run.errors.abnormal_closes.clone()),
+            (1, 1, vec![1013])
+        );
+        assert_eq!(run.underruns, Underruns { frames: 2, count: 1, late_ms: 80.0 });
+        assert_eq!(run.frames_dropped, 1);
+        assert_eq!(run.stages_ms[0].count, 2);
+    }
+
+    #[test]
+    fn the_outputs_name_every_run() {
+        let run =
+            |sessions| RunSummary { sessions, voice_to_voice_samples_ms: vec![400.0, 900.0], ..Default::default() };
+        let report = BenchReport {
+            server: "ws://x".into(),
+            turns_per_session: 1,
+            jitter_allowance_ms: 0,
+            p95_bound_ms: 1000.0,
+            max_sessions_within_bound: Some(2),
+            runs: vec![run(1), run(2)],
+        };
+        let md = markdown(&report);
+        assert!(md.contains("| 2 | 0 |") && md.contains("**2**"), "{md}");
+        let svg = svg(&report);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n") && svg.matches("<polyline").count() == 5, "{svg}");
+    }
+}
