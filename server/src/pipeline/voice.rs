@@ -7,6 +7,10 @@
 //! so the worker keeps listening and can cancel the reply the moment the user speaks again
 //! (barge-in). The conversation history keeps only what the user actually heard.
 //!
+//! Ahead of the endpoint: after 160 ms of silence the speech so far is recognised, judged by the
+//! input gate and prefilled into the reply model, unseen; when the endpoint confirms the turn with
+//! no speech since, the reply starts from there (ASR, gate and prefill are off the critical path).
+//!
 //! Safety (policy in `safety/`): the input gate judges the user's words before any reply starts;
 //! a flagged request gets the policy's spoken response instead of the model's. The TTS stage
 //! judges every reply chunk before synthesizing it (a flagged chunk is never spoken: generation
@@ -25,7 +29,7 @@ use crate::models::tts::{Synthesizer, TtsBackend};
 use crate::models::vad::{CHUNK_SAMPLES, Vad, VadState};
 use crate::models::{Manifest, ModelError};
 use crate::safety::audit::AuditLog;
-use crate::safety::content::ContentClassifier;
+use crate::safety::content::{ContentClassifier, Verdict};
 use crate::safety::policy::Policy;
 use crate::safety::voice::{MIN_CHECK_MS, VoiceGate, check_windows};
 use crate::safety::{Decision, Recorder, SafetyConfig};
@@ -35,7 +39,7 @@ use serde::Deserialize;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -290,7 +294,13 @@ enum Turn {
 /// Speech recognised ahead of the endpoint, for the speech up to `last_voiced_end`.
 struct Speculation {
     last_voiced_end: u64,
-    transcript: JoinHandle<Result<Transcript, EngineError>>,
+    transcript: JoinHandle<Result<Recognition, EngineError>>,
+}
+
+/// Speech recognised ahead of the endpoint, and the input gate's verdict on it when it could run.
+struct Recognition {
+    transcript: Transcript,
+    verdict: Option<(Verdict, Duration)>,
 }
 
 /// A reply in progress: its task and the flag that stops it.
@@ -481,9 +491,10 @@ impl Worker {
         self.utterance[..keep].to_vec()
     }
 
-    /// The user paused: recognise the speech so far and prefill the reply model's prompt with it
-    /// (its prefix cache keeps the work), so both are done by the time the endpoint confirms the
-    /// turn. Nothing is sent; a later voiced chunk makes the guess stale and it is replaced.
+    /// The user paused: recognise the speech so far, judge it (input gate, on this partial result)
+    /// and prefill the reply model's prompt with it (its prefix cache keeps the work), so all three
+    /// are done by the time the endpoint confirms the turn. Nothing is sent or recorded before
+    /// then; a later voiced chunk makes the guess stale and it is replaced.
     fn speculate(&mut self, last_voiced_end: u64, position: u64) {
         if let Some(stale) = self.speculation.take() {
             self.engines.speculation_stale.fetch_add(1, Ordering::Relaxed);
@@ -496,7 +507,14 @@ impl Worker {
         let transcript = tokio::spawn(async move {
             let transcript = engines.asr.try_run(Priority::High, move |asr| asr.transcribe(&audio)).await?;
             let text = transcript.text.trim().to_string();
-            if !text.is_empty() {
+            if text.is_empty() {
+                return Ok(Recognition { transcript, verdict: None });
+            }
+            let started = Instant::now();
+            let judged = text.clone();
+            let verdict = engines.content.try_run(Priority::High, move |c| c.judge(&judged, false)).await;
+            let verdict = verdict.ok().map(|v| (v, started.elapsed()));
+            if verdict.as_ref().is_some_and(|(v, _)| v.flagged.is_none()) {
                 messages.push(Message::user(text));
                 // Prefill only: the first token stops it; the model keeps the prompt cached.
                 let prefill = engines
@@ -506,7 +524,7 @@ impl Worker {
                     tracing::debug!(error = %e, "speculative prefill failed");
                 }
             }
-            Ok(transcript)
+            Ok(Recognition { transcript, verdict })
         });
         self.speculation = Some(Speculation { last_voiced_end, transcript });
     }
@@ -591,7 +609,7 @@ impl Drop for Worker {
 /// What the user said: recorded speech, speech already being recognised, or typed text.
 enum Input {
     Speech(Vec<f32>),
-    Recognised(JoinHandle<Result<Transcript, EngineError>>),
+    Recognised(JoinHandle<Result<Recognition, EngineError>>),
     Text(String),
 }
 
@@ -628,6 +646,7 @@ impl ReplyContext {
 
     async fn run(mut self, input: Input) -> Result<(), SessionClosed> {
         let turn = self.turn;
+        let mut early_verdict = None;
         let user_text = match input {
             Input::Text(text) => text,
             Input::Speech(audio) => {
@@ -636,6 +655,10 @@ impl ReplyContext {
             }
             Input::Recognised(task) => {
                 let result = task.await.unwrap_or(Err(EngineError::Stopped("asr")));
+                let result = result.map(|r| {
+                    early_verdict = r.verdict;
+                    r.transcript
+                });
                 self.transcribed(result).await?
             }
         };
@@ -643,8 +666,15 @@ impl ReplyContext {
             // Nothing intelligible was said (or the user went on): no reply.
             return self.output.audio_end(turn).await;
         }
-        // Input gate: before any reply starts. A gate that cannot run fails closed: no reply.
-        let Some(decision) = self.gates.content(SafetyStage::Input, &user_text).await? else {
+        // Input gate: before any reply starts (judged ahead of the endpoint when the speech was).
+        // A gate that cannot run fails closed: no reply.
+        let decision = match early_verdict {
+            Some((verdict, took)) => {
+                Some(self.gates.record_verdict(SafetyStage::Input, &verdict, took, &user_text).await?)
+            }
+            None => self.gates.content(SafetyStage::Input, &user_text).await?,
+        };
+        let Some(decision) = decision else {
             return self.output.audio_end(turn).await;
         };
         self.marks.push((mark::INPUT_SAFE, Instant::now()));
@@ -814,15 +844,23 @@ impl Gates {
         let owned = text.to_string();
         let reply = stage == SafetyStage::Output;
         match self.engines.content.try_run(Priority::High, move |c| c.judge(&owned, reply)).await {
-            Ok(verdict) => {
-                let decision = Decision::content(&self.engines.policy, stage, &verdict, started.elapsed());
-                self.record(decision, text).await.map(Some)
-            }
+            Ok(verdict) => self.record_verdict(stage, &verdict, started.elapsed(), text).await.map(Some),
             Err(e) => {
                 self.output.event(engine_error("safety check failed", &e)).await?;
                 Ok(None)
             }
         }
+    }
+
+    /// Sends, logs and counts the decision on a verdict the classifier reached in `took`.
+    async fn record_verdict(
+        &self,
+        stage: SafetyStage,
+        verdict: &Verdict,
+        took: Duration,
+        text: &str,
+    ) -> Result<Decision, SessionClosed> {
+        self.record(Decision::content(&self.engines.policy, stage, verdict, took), text).await
     }
 
     /// Compares synthesized `audio` (at the voice's rate) with the enrolled voice. `None`: the
