@@ -39,8 +39,13 @@ fn bench(c: &mut Criterion) {
     assert_eq!((frames48.len(), frames22.len(), frames16.len()), (FRAMES, FRAMES, FRAMES), "clip shorter than 1 s");
     let mut encoder = OpusEncoder::new(48_000, 32_000, 5).unwrap();
     let mut packet = [0u8; MAX_PACKET];
-    let packets: Vec<Vec<u8>> =
-        frames48.iter().map(|f| packet[..encoder.encode(f, &mut packet).unwrap()].to_vec()).collect();
+    let packets: Vec<Vec<u8>> = frames48
+        .iter()
+        .map(|f| {
+            let n = encoder.encode(f, &mut packet).unwrap();
+            packet[..n].to_vec()
+        })
+        .collect();
     let arrived = Instant::now();
 
     let mut group = c.benchmark_group("audio");
