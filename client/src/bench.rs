@@ -93,8 +93,20 @@ pub struct Underruns {
     pub frames: usize,
     /// Frames that arrived after their due time (+ the jitter allowance).
     pub count: usize,
-    /// Sum over those frames of how late each arrived, ms.
+    /// Sum over those frames of how late each arrived, ms (on the fixed schedule, a slip of the
+    /// stream counts again for every frame after it).
     pub late_ms: f64,
+    /// The latest frame's lateness: the jitter buffer that would have avoided every underrun, ms.
+    pub max_late_ms: f64,
+}
+
+impl std::ops::AddAssign for Underruns {
+    fn add_assign(&mut self, other: Self) {
+        self.frames += other.frames;
+        self.count += other.count;
+        self.late_ms += other.late_ms;
+        self.max_late_ms = self.max_late_ms.max(other.max_late_ms);
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -142,12 +154,13 @@ impl ServerUsage {
     }
 }
 
-/// The nearest-rank percentile `p` (0–100) of sorted values.
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+/// The nearest-rank percentile `p` (0–1) of sorted values: always a measured value (unlike
+/// [`crate::eval::percentile`], which interpolates), and well defined with infinite values.
+pub fn nearest_rank(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    let rank = (p * sorted.len() as f64 - 1e-9).ceil() as usize; // 1e-9: 0.95 × 20 may round above 19
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
@@ -162,9 +175,9 @@ impl Percentiles {
         let s = sorted(values);
         Self {
             count: s.len(),
-            p50: percentile(&s, 50.0),
-            p95: percentile(&s, 95.0),
-            p99: percentile(&s, 99.0),
+            p50: nearest_rank(&s, 0.5),
+            p95: nearest_rank(&s, 0.95),
+            p99: nearest_rank(&s, 0.99),
             max: s.last().copied(),
         }
     }
@@ -185,8 +198,8 @@ pub fn stage_summaries(stages: &[(String, f64)]) -> Vec<StageSummary> {
             StageSummary {
                 stage: name.to_string(),
                 count: s.len(),
-                median_ms: percentile(&s, 50.0).unwrap_or_default(),
-                p95_ms: percentile(&s, 95.0).unwrap_or_default(),
+                median_ms: nearest_rank(&s, 0.5).unwrap_or_default(),
+                p95_ms: nearest_rank(&s, 0.95).unwrap_or_default(),
             }
         })
         .collect()
@@ -211,7 +224,9 @@ pub fn underruns(frames: &[ReceivedFrame], reply_starts: &[u32], allowance_us: u
         out.frames += 1;
         if frame.received_us > due {
             out.count += 1;
-            out.late_ms += (frame.received_us - due) as f64 / 1000.0;
+            let late_ms = (frame.received_us - due) as f64 / 1000.0;
+            out.late_ms += late_ms;
+            out.max_late_ms = out.max_late_ms.max(late_ms);
         }
     }
     out
@@ -234,7 +249,7 @@ pub fn metrics_address(server: &str) -> Option<String> {
 pub fn within_bound(latencies_ms: &[f64], turns: usize, bound_ms: f64) -> bool {
     let mut all = latencies_ms.to_vec();
     all.resize(turns.max(latencies_ms.len()), f64::INFINITY);
-    percentile(&sorted(&all), 95.0).is_some_and(|p95| p95 <= bound_ms)
+    nearest_rank(&sorted(&all), 0.95).is_some_and(|p95| p95 <= bound_ms)
 }
 
 /// The sweep's answer: the largest session count whose run was within the bound.
@@ -274,12 +289,7 @@ pub fn summarize(turns_per_session: usize, outcomes: &[Result<TalkResult, TalkEr
                 _ => {}
             }
         }
-        let u = underruns(&result.frames, &reply_starts, JITTER_ALLOWANCE_MS * 1000);
-        run.underruns = Underruns {
-            frames: run.underruns.frames + u.frames,
-            count: run.underruns.count + u.count,
-            late_ms: run.underruns.late_ms + u.late_ms,
-        };
+        run.underruns += underruns(&result.frames, &reply_starts, JITTER_ALLOWANCE_MS * 1000);
         run.frames_dropped += u64::from(result.seq_gaps);
     }
     run.errors.messages.sort();
@@ -396,19 +406,35 @@ fn mb(value: Option<f64>) -> String {
 
 /// The markdown summary: one row per run, then the stage breakdown (median / p95 per run).
 pub fn markdown(report: &BenchReport) -> String {
+    const COLUMNS: [&str; 13] = [
+        "sessions",
+        "turns",
+        "no reply",
+        "v2v p50",
+        "v2v p95",
+        "v2v p99",
+        "v2v max",
+        "underruns (late ms: total / max)",
+        "drops",
+        "errors",
+        "CPU cores",
+        "RSS MB",
+        "peak RSS MB",
+    ];
     let mut out = format!(
         "# parley bench: {}\n\n{} turn(s) per session; voice-to-voice in ms; underruns: reply frames later than \
-         due + {} ms (total lateness in ms).\n\n",
-        report.server, report.turns_per_session, report.jitter_allowance_ms
+         due + {} ms.\n\n| {} |\n|{}\n",
+        report.server,
+        report.turns_per_session,
+        report.jitter_allowance_ms,
+        COLUMNS.join(" | "),
+        "---:|".repeat(COLUMNS.len())
     );
-    out += "| sessions | turns | no reply | v2v p50 | v2v p95 | v2v p99 | v2v max | underruns (late ms) | drops \
-            | errors | CPU cores | RSS MB | peak RSS MB |\n";
-    out += &format!("|{}\n", "---:|".repeat(13));
     for r in &report.runs {
         let v = &r.voice_to_voice_ms;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} ({:.0}) | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} ({:.0} / {:.0}) | {} | {} | {} | {} | {} |",
             r.sessions,
             r.turns,
             r.turns_without_reply,
@@ -418,6 +444,7 @@ pub fn markdown(report: &BenchReport) -> String {
             ms(v.max),
             r.underruns.count,
             r.underruns.late_ms,
+            r.underruns.max_late_ms,
             r.frames_dropped,
             r.errors.total(),
             r.server_usage.cpu_cores.map_or("–".into(), |c| format!("{c:.2}")),
@@ -507,7 +534,8 @@ fn ticks(max: f64) -> Vec<f64> {
     (0..).map(|i| i as f64 * step).take_while(|t| *t <= max).collect()
 }
 
-/// The chart: voice-to-voice CDF per session count (left); p50 and p95 vs. session count (right).
+/// The chart: voice-to-voice CDF over the turns attempted per session count (left); p50 and p95
+/// vs. session count (right).
 pub fn svg(report: &BenchReport) -> String {
     let samples = report.runs.iter().flat_map(|r| &r.voice_to_voice_samples_ms);
     let latency_max = samples.copied().fold(report.p95_bound_ms.max(1.0), f64::max) * 1.05;
@@ -526,7 +554,7 @@ pub fn svg(report: &BenchReport) -> String {
     for (i, run) in report.runs.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let s = sorted(&run.voice_to_voice_samples_ms);
-        let n = s.len() as f64;
+        let n = run.turns.max(s.len()) as f64; // turns without reply keep the curve below 1
         let steps: Vec<(f64, f64)> =
             s.iter().enumerate().flat_map(|(k, &v)| [(v, k as f64 / n), (v, (k + 1) as f64 / n)]).collect();
         cdf.line(&mut out, &steps, color, "none");
@@ -543,7 +571,7 @@ pub fn svg(report: &BenchReport) -> String {
         report.runs.iter().filter_map(|r| pick(&r.voice_to_voice_ms).map(|v| (r.sessions as f64, v))).collect()
     };
     let bound = [(0.0, report.p95_bound_ms), (sessions_max, report.p95_bound_ms)];
-    for (row, (label, color, points, dash)) in [
+    for (column, (label, color, points, dash)) in [
         ("p50", COLORS[0], series(|p| p.p50), "none"),
         ("p95", COLORS[1], series(|p| p.p95), "none"),
         ("p95 bound", "#888", bound.to_vec(), "6 4"),
@@ -552,7 +580,8 @@ pub fn svg(report: &BenchReport) -> String {
     .enumerate()
     {
         trend.line(&mut out, &points, color, dash);
-        text(&mut out, trend.left + 10.0, trend.top + 14.0 + 16.0 * row as f64, &format!(r#"fill="{color}""#), label);
+        let (x, y) = (trend.left + 10.0 + 50.0 * column as f64, trend.top + trend.height - 10.0); // along the bottom
+        text(&mut out, x, y, &format!(r#"fill="{color}""#), label);
     }
     out + "</svg>\n"
 }
@@ -570,8 +599,9 @@ mod tests {
         let values: Vec<f64> = (1..=100).rev().map(f64::from).collect();
         let p = Percentiles::of(&values);
         assert_eq!((p.count, p.p50, p.p95, p.p99, p.max), (100, Some(50.0), Some(95.0), Some(99.0), Some(100.0)));
-        assert_eq!(percentile(&[7.0], 95.0), Some(7.0));
-        assert_eq!(percentile(&[1.0, 2.0, 3.0], 0.0), Some(1.0));
+        assert_eq!(nearest_rank(&[7.0], 0.95), Some(7.0));
+        assert_eq!(nearest_rank(&[1.0, 2.0, 3.0], 0.0), Some(1.0));
+        assert_eq!(nearest_rank(&[1.0, 2.0, 3.0, f64::INFINITY], 0.75), Some(3.0));
         assert_eq!(Percentiles::of(&[]), Percentiles::default());
     }
 
@@ -593,13 +623,13 @@ mod tests {
         let frames =
             [frame(3, 500), frame(10, 1000), frame(11, 1005), frame(12, 1050), frame(13, 1070), frame(14, 5000)];
         let u = underruns(&frames, &[10, 14], 0);
-        assert_eq!(u, Underruns { frames: 5, count: 2, late_ms: 20.0 });
+        assert_eq!(u, Underruns { frames: 5, count: 2, late_ms: 20.0, max_late_ms: 10.0 });
         // An allowance absorbs lateness up to it.
         assert_eq!(underruns(&frames, &[10, 14], 10_000).count, 0);
         // A lost first frame: the player starts at the first frame that arrived.
         assert_eq!(
             underruns(&[frame(21, 100), frame(22, 120)], &[20], 0),
-            Underruns { frames: 2, count: 0, late_ms: 0.0 }
+            Underruns { frames: 2, count: 0, late_ms: 0.0, max_late_ms: 0.0 }
         );
         assert_eq!(underruns(&frames, &[], 0).frames, 0);
     }
@@ -675,7 +705,7 @@ mod tests {
             (run.errors.failed_sessions, run.errors.error_events, run.errors.abnormal_closes.clone()),
             (1, 1, vec![1013])
         );
-        assert_eq!(run.underruns, Underruns { frames: 2, count: 1, late_ms: 80.0 });
+        assert_eq!(run.underruns, Underruns { frames: 2, count: 1, late_ms: 80.0, max_late_ms: 80.0 });
         assert_eq!(run.frames_dropped, 1);
         assert_eq!(run.stages_ms[0].count, 2);
     }

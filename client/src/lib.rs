@@ -7,6 +7,7 @@
 //! - [`talk`]: one session: stream clips, collect replies, per-frame round trips.
 //! - [`report`]: the per-turn JSON report of `parley talk --report`.
 //! - [`bench`]: `parley bench`: concurrent sessions as load; latency percentiles, underruns, server CPU/RSS.
+//! - [`transport`]: `parley bench --transport`: many echo streams; per-frame round trips.
 //! - [`eval`]: `parley eval safety`: a labelled prompt set run as text and as speech, scored.
 //! - `mic` (feature `mic`): live microphone and speaker through cpal.
 pub mod audio;
@@ -16,6 +17,7 @@ pub mod eval;
 pub mod mic;
 pub mod report;
 pub mod talk;
+pub mod transport;
 
 pub use report::{Report, TurnReport};
 pub use talk::{TalkError, TalkOptions, TalkResult, talk};

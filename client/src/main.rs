@@ -66,6 +66,13 @@ struct BenchArgs {
     /// Give up on a reply after this many ms.
     #[arg(long, default_value_t = 20_000)]
     reply_timeout_ms: u32,
+    /// Transport only: against a server with `--pipeline echo` (frame mode), every session
+    /// streams the first clip's frames for `--seconds`; reports per-frame round trips and losses.
+    #[arg(long)]
+    transport: bool,
+    /// Seconds each transport session streams.
+    #[arg(long, default_value_t = 10)]
+    seconds: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -146,6 +153,9 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(parley_protocol::is_supported_rate(args.rate), "--rate must be 16000, 24000 or 48000");
     let clips = parley_client::bench::load_clips(&args.input_dir, args.rate)?;
     let session_counts = if args.sweep.is_empty() { vec![args.sessions] } else { args.sweep.clone() };
+    if args.transport {
+        return transport(args, &clips, &session_counts);
+    }
     let options = BenchOptions {
         server: args.server.clone(),
         session_counts: session_counts.into_iter().map(usize::from).collect(),
@@ -161,6 +171,48 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     parley_client::bench::write_outputs(&report, &args.report)?;
     print!("{}", parley_client::bench::markdown(&report));
     println!("\nreport: {} (.md, .svg next to it)", args.report.display());
+    Ok(())
+}
+
+/// `parley bench --transport`: echo streams at each session count; a table and a JSON report.
+fn transport(args: &BenchArgs, clips: &[Clip], session_counts: &[u16]) -> anyhow::Result<()> {
+    use parley_client::transport::{TransportOptions, encode_packets, run};
+    let clip = clips.first().context("no clips in --input-dir")?;
+    let packets = encode_packets(&clip.samples, args.rate)?;
+    anyhow::ensure!(!packets.is_empty(), "the first clip is shorter than one 20 ms frame");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut reports = Vec::new();
+    println!(
+        "| streams | seconds | frames sent | echoed | lost | round trip p50 ms | p99 ms | max ms | failed sessions |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &streams in session_counts {
+        let options = TransportOptions {
+            server: args.server.clone(),
+            streams: streams.into(),
+            seconds: args.seconds,
+            ramp_ms: 2,
+            sample_rate: args.rate,
+        };
+        let r = runtime.block_on(run(&options, &packets));
+        let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |",
+            r.streams,
+            r.seconds,
+            r.frames_sent,
+            r.frames_received,
+            r.frames_lost,
+            ms(r.rtt_us_p50),
+            ms(r.rtt_us_p99),
+            ms(r.rtt_us_max),
+            r.failed_sessions
+        );
+        reports.push(r);
+    }
+    std::fs::write(&args.report, serde_json::to_string_pretty(&reports)? + "\n")
+        .with_context(|| format!("writing {}", args.report.display()))?;
+    println!("\nreport: {}", args.report.display());
     Ok(())
 }
 
