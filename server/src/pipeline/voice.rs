@@ -315,6 +315,8 @@ struct Worker {
     config: Arc<VoiceConfig>,
     io: SessionIo,
     vad_state: Option<VadState>,
+    /// The VAD failed on the last chunk (already reported; chunks count as silence meanwhile).
+    vad_failing: bool,
     chunk: [f32; CHUNK_SAMPLES],
     utterance: Vec<f32>,
     pre_roll: Vec<f32>,
@@ -332,6 +334,7 @@ impl Worker {
             config,
             io,
             vad_state: Some(VadState::new()),
+            vad_failing: false,
             chunk: [0.0; CHUNK_SAMPLES],
             utterance: Vec::with_capacity(MAX_UTTERANCE),
             pre_roll: Vec::with_capacity(PRE_ROLL_CHUNKS * CHUNK_SAMPLES),
@@ -435,21 +438,24 @@ impl Worker {
                 (state, prob)
             })
             .await;
-        match result {
+        let failure = match result {
             Ok((state, Ok(prob))) => {
                 self.vad_state = Some(state);
-                Ok(prob)
+                self.vad_failing = false;
+                return Ok(prob);
             }
             Ok((state, Err(e))) => {
                 self.vad_state = Some(state);
-                self.io.output.event(engine_error("voice activity detection failed", &e.into())).await?;
-                Ok(0.0)
+                EngineError::from(e)
             }
-            Err(e) => {
-                self.io.output.event(engine_error("voice activity detection failed", &e)).await?;
-                Ok(0.0)
-            }
+            Err(e) => e,
+        };
+        // One error per run of failures (not one per 32 ms chunk while the engine is busy).
+        if !self.vad_failing {
+            self.vad_failing = true;
+            self.io.output.event(engine_error("voice activity detection failed", &failure)).await?;
         }
+        Ok(0.0)
     }
 
     /// The user stopped speaking: announce it and start the reply.
