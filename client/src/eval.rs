@@ -540,6 +540,14 @@ async fn run_audio(options: &EvalOptions, job: &Job<'_>) -> Run {
 /// Says `text` with espeak-ng's `voice` into a temporary WAV; returns mono audio at `rate`, led by
 /// [`LEAD_SILENCE_MS`] of silence.
 pub fn synthesize(voice: &str, text: &str, rate: u32) -> anyhow::Result<Vec<f32>> {
+    let (speech, from) = espeak(voice, text)?;
+    let mut samples = vec![0.0; (rate * LEAD_SILENCE_MS / 1000) as usize];
+    samples.extend(crate::audio::resample(&speech, from, rate)?);
+    Ok(samples)
+}
+
+/// `text` said by the espeak-ng CLI in `voice`, through a temporary WAV: mono audio and its rate.
+pub fn espeak(voice: &str, text: &str) -> anyhow::Result<(Vec<f32>, u32)> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!("parley-eval-{}-{n}.wav", std::process::id()));
@@ -557,11 +565,9 @@ pub fn synthesize(voice: &str, text: &str, rate: u32) -> anyhow::Result<Vec<f32>
         Err(anyhow::anyhow!("espeak-ng -v {voice} failed: {}", String::from_utf8_lossy(&output.stderr).trim()))
     };
     let _ = std::fs::remove_file(&path);
-    let (speech, from) = result?;
+    let (speech, rate) = result?;
     anyhow::ensure!(!speech.is_empty(), "espeak-ng -v {voice} produced no audio for {text:?}");
-    let mut samples = vec![0.0; (rate * LEAD_SILENCE_MS / 1000) as usize];
-    samples.extend(crate::audio::resample(&speech, from, rate)?);
-    Ok(samples)
+    Ok((speech, rate))
 }
 
 fn espeak_error(e: std::io::Error) -> anyhow::Error {

@@ -72,9 +72,9 @@ pub async fn run(options: &TransportOptions, packets: &[Vec<u8>]) -> TransportRe
 }
 
 fn report(options: &TransportOptions, results: &[StreamResult]) -> TransportReport {
-    let mut rtts: Vec<u32> = results.iter().flat_map(|r| r.rtts.iter().copied()).collect();
-    rtts.sort_unstable();
-    let pct = |q: f64| rtts.get(((rtts.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0) as u64;
+    let mut rtts: Vec<f64> = results.iter().flat_map(|r| r.rtts.iter().map(|&us| f64::from(us))).collect();
+    rtts.sort_by(f64::total_cmp);
+    let pct = |q: f64| crate::bench::nearest_rank(&rtts, q).unwrap_or(0.0) as u64;
     let frames_sent: u64 = results.iter().map(|r| r.sent).sum();
     let frames_received = rtts.len() as u64;
     let errors: Vec<String> = results.iter().filter_map(|r| r.error.clone()).collect();
@@ -86,7 +86,7 @@ fn report(options: &TransportOptions, results: &[StreamResult]) -> TransportRepo
         frames_lost: frames_sent.saturating_sub(frames_received),
         rtt_us_p50: pct(0.5),
         rtt_us_p99: pct(0.99),
-        rtt_us_max: rtts.last().copied().unwrap_or(0) as u64,
+        rtt_us_max: rtts.last().copied().unwrap_or(0.0) as u64,
         failed_sessions: errors.len(),
         errors: errors.into_iter().take(10).collect(),
     }

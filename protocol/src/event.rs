@@ -192,7 +192,7 @@ pub enum ServerEvent {
     /// Final transcript of the user's turn.
     #[serde(rename = "conversation.item.input_audio_transcription.completed")]
     TranscriptionCompleted { turn: u64, transcript: String },
-    /// Reply text as it is generated.
+    /// The next chunk of reply text, sent once the chunk passed the safety gates (with its audio).
     #[serde(rename = "response.text.delta")]
     ResponseTextDelta { turn: u64, delta: String },
     /// The complete reply text (only what passed the output gate).

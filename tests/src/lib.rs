@@ -39,12 +39,7 @@ pub fn speech_clips() -> Vec<Clip> {
 
 /// Reads a 16-bit PCM WAV as mono f32 samples in [-1, 1] and its sample rate.
 pub fn read_wav(path: &Path) -> (Vec<f32>, u32) {
-    let mut reader = hound::WavReader::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let spec = reader.spec();
-    let channels = spec.channels as usize;
-    let samples: Vec<f32> = reader.samples::<i16>().map(|s| s.expect("wav sample") as f32 / 32768.0).collect();
-    let mono = samples.chunks(channels).map(|c| c.iter().sum::<f32>() / channels as f32).collect();
-    (mono, spec.sample_rate)
+    parley_client::audio::read_wav(path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Reads a clip that must already be 16 kHz (all pocketsphinx-testdata clips are).
@@ -83,14 +78,7 @@ pub fn word_errors(reference: &str, hypothesis: &str) -> (usize, usize) {
 /// `text` spoken by the espeak-ng voice `voice` (a different synthetic voice than the server's):
 /// mono samples and their rate (22 050 Hz).
 pub fn espeak(voice: &str, text: &str) -> (Vec<f32>, u32) {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("parley-espeak-{}-{n}.wav", std::process::id()));
-    let status = std::process::Command::new("espeak-ng").args(["-v", voice, "-w"]).arg(&path).arg(text).status();
-    assert!(status.is_ok_and(|s| s.success()), "espeak-ng failed: install the Debian package espeak-ng");
-    let audio = read_wav(&path);
-    let _ = std::fs::remove_file(&path);
-    audio
+    parley_client::eval::espeak(voice, text).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[cfg(test)]

@@ -508,8 +508,7 @@ impl Worker {
         }
         let audio = self.speech(last_voiced_end, position);
         let engines = self.engines.clone();
-        let mut messages = vec![Message::system(self.config.system_prompt.clone())];
-        messages.extend(self.history.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+        let mut messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()));
         let transcript = tokio::spawn(async move {
             let transcript = engines.asr.try_run(Priority::High, move |asr| asr.transcribe(&audio)).await?;
             let text = transcript.text.trim().to_string();
@@ -612,6 +611,13 @@ impl Drop for Worker {
     }
 }
 
+/// The reply model's input: the system prompt, then the conversation so far.
+fn prompt(config: &VoiceConfig, history: &[Message]) -> Vec<Message> {
+    let mut messages = vec![Message::system(config.system_prompt.clone())];
+    messages.extend(history.iter().cloned());
+    messages
+}
+
 /// What the user said: recorded speech, speech already being recognised, or typed text.
 enum Input {
     Speech(Vec<f32>),
@@ -695,9 +701,7 @@ impl ReplyContext {
             history.push(Message::user(user_text));
             let excess = history.len().saturating_sub(MAX_HISTORY_MESSAGES);
             history.drain(..excess);
-            let mut messages = vec![Message::system(self.config.system_prompt.clone())];
-            messages.extend(history.iter().cloned());
-            messages
+            prompt(&self.config, &history)
         };
         let spoken = self.speak(Script::Generate(messages)).await?;
         // History keeps only what the user heard.

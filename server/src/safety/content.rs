@@ -7,7 +7,7 @@
 //! violating examples reaches the category's calibrated threshold and beats its best cosine to
 //! any allowed example (near misses and everyday requests) by the spec's margin. Exact rules of
 //! the spec (regexes that must all match) are checked first and always win.
-use super::policy::{Exact, Policy, Style};
+use super::policy::{Exact, Policy};
 use crate::models::ModelError;
 use crate::models::text_embed::TextEmbedder;
 use std::sync::Arc;
@@ -63,6 +63,11 @@ impl ContentClassifier {
 
     pub fn policy(&self) -> &Arc<Policy> {
         &self.policy
+    }
+
+    /// Sets the spec's margin (calibration tries several; the examples stay embedded).
+    pub fn set_margin(&mut self, margin: f32) {
+        Arc::make_mut(&mut self.policy).margin = margin;
     }
 
     /// Judges `text` against the spec: a user's request (`reply` false) or a chunk of the
@@ -144,11 +149,6 @@ impl ContentClassifier {
         }
         let violating = violating.iter().zip(rules).map(|(top, (_, rule))| (top.mean(), rule)).collect();
         Scores { violating, allowed: allowed.mean() }
-    }
-
-    /// The response style of category `ci`.
-    pub fn style(&self, ci: usize) -> Style {
-        self.policy.categories[ci].style
     }
 }
 

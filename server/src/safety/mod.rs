@@ -128,10 +128,6 @@ impl Recorder {
         }
     }
 
-    pub fn audit_path(&self) -> &std::path::Path {
-        self.audit.path()
-    }
-
     /// Appends the decision to the audit log (flushed before this returns) and counts it. A failed
     /// write is logged and counted; the decision itself stands.
     pub fn record(&self, session: &str, turn: u64, decision: &Decision, judged: &str) {

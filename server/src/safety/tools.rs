@@ -53,15 +53,17 @@ pub fn calibrate_policy(
     let policy = Arc::new(Policy::load(Some(policy_path))?);
     let n_cat = policy.categories.len();
     let current: Vec<f32> = policy.categories.iter().map(|c| c.threshold).collect();
-    let scores = effective_scores(manifest, &policy, policy.margin, set)?;
+    // The spec's examples are embedded once; only the margin changes between runs.
+    let mut classifier = ContentClassifier::new(policy.clone(), TextEmbedder::load(manifest, 2)?)?;
+    let scores = effective_scores(&mut classifier, policy.margin, set)?;
     println!("the policy as it is (margin {:.2}):", policy.margin);
     print_breakdown(set, &scores, &current);
     if !write {
         return Ok(());
     }
-    let mut best: Option<(f32, f32, Vec<f32>)> = None;
+    let mut best: Option<Fit> = None;
     for margin in MARGINS {
-        let scores = effective_scores(manifest, &policy, margin, set)?;
+        let scores = effective_scores(&mut classifier, margin, set)?;
         let mut thresholds = vec![0.6f32; n_cat];
         for _round in 0..4 {
             for c in 0..n_cat {
@@ -80,16 +82,15 @@ pub fn calibrate_policy(
         }
         let value = objective(set, &scores, &thresholds);
         println!("margin {margin:.2}: not_unsafe + not_overrefuse = {value:.3}");
-        if best.as_ref().is_none_or(|(v, _, _)| value > *v) {
-            best = Some((value, margin, thresholds));
+        if best.as_ref().is_none_or(|b| value > b.objective) {
+            best = Some(Fit { objective: value, margin, thresholds, scores });
         }
     }
-    let (value, margin, thresholds) = best.ok_or("empty calibration")?;
+    let Fit { objective: value, margin, thresholds, scores } = best.ok_or("empty calibration")?;
     println!("best: margin {margin:.2}, objective {value:.3}");
     for (c, t) in policy.categories.iter().zip(&thresholds) {
         println!("  {:<12} threshold {t:.2}", c.id);
     }
-    let scores = effective_scores(manifest, &policy, margin, set)?;
     print_breakdown(set, &scores, &thresholds);
     let text = std::fs::read_to_string(policy_path)?;
     let updated = rewrite_thresholds(&text, &policy, margin, &thresholds)?;
@@ -99,16 +100,21 @@ pub fn calibrate_policy(
     Ok(())
 }
 
+/// The best calibration so far: its objective, margin, thresholds and the scores they apply to.
+struct Fit {
+    objective: f32,
+    margin: f32,
+    thresholds: Vec<f32>,
+    scores: Vec<Vec<f32>>,
+}
+
 /// Each line's effective score per category under `margin`.
 fn effective_scores(
-    manifest: &Manifest,
-    policy: &Policy,
+    classifier: &mut ContentClassifier,
     margin: f32,
     set: &[SetLine],
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    let mut p = policy.clone();
-    p.margin = margin;
-    let mut classifier = ContentClassifier::new(Arc::new(p), TextEmbedder::load(manifest, 2)?)?;
+    classifier.set_margin(margin);
     set.iter().map(|l| Ok(classifier.category_scores(&l.text)?.iter().map(|s| s.effective).collect())).collect()
 }
 
