@@ -104,7 +104,7 @@ pub struct LatencyMark {
 pub mod mark {
     /// The frame holding the user's last voiced sample arrived (the anchor, at 0 ms).
     pub const SPEECH_END: &str = "speech_end";
-    /// The endpointer decided the user's turn is over.
+    /// The endpointer judged the user's turn (tentatively) over and the reply started.
     pub const ENDPOINT: &str = "endpoint";
     /// Final transcript ready.
     pub const ASR_FINAL: &str = "asr_final";
@@ -118,6 +118,9 @@ pub mod mark {
     pub const FIRST_AUDIO: &str = "first_audio";
     /// The first reply audio passed the voice safety gate.
     pub const FIRST_AUDIO_SAFE: &str = "first_audio_safe";
+    /// A reply started ahead of the endpoint could go out: the endpoint was confirmed (stamped no
+    /// earlier than the mark before, so the stage is the time ready audio waited for it).
+    pub const ENDPOINT_CONFIRMED: &str = "endpoint_confirmed";
     /// First reply audio frame handed to the socket.
     pub const FIRST_FRAME_SENT: &str = "first_frame_sent";
 }

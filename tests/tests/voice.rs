@@ -115,10 +115,10 @@ async fn a_librivox_question_is_transcribed_and_answered_aloud() {
     let metrics = http_get(&server, "/metrics").await;
     assert!(metrics.contains("parley_turn_seconds_count 1"), "{metrics}");
     assert!(metrics.contains("parley_engine_jobs_refused_total{engine=\"llm\"} 0"), "{metrics}");
-    // The speech was recognised during the endpoint's silence, ahead of the endpoint.
+    // The reply started during the endpoint's silence, ahead of the endpoint, and was released.
     // (The pipeline and its counters are shared by this binary's tests: at least this turn's.)
-    let used = metrics.lines().find_map(|l| l.strip_prefix("parley_speculation_total{outcome=\"used\"} "));
-    assert!(used.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n >= 1), "{metrics}");
+    assert!(speculation(&server, "used").await >= 1, "{metrics}");
+    assert!(stages.contains(&"endpoint_confirmed"), "{stages:?}");
     server.stop().await;
 }
 
@@ -140,6 +140,40 @@ async fn a_second_turn_remembers_the_first() {
         "second reply {:?} forgot the dog's name",
         answer.reply_text
     );
+    server.stop().await;
+}
+
+/// The `parley_speculation_total` counter for `outcome` (shared by this binary's tests).
+async fn speculation(server: &TestServer, outcome: &str) -> u64 {
+    let metrics = http_get(server, "/metrics").await;
+    let prefix = format!("parley_speculation_total{{outcome=\"{outcome}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mid_sentence_pause_drops_the_reply_started_ahead_unseen() {
+    let server = server().await;
+    let stale_before = speculation(&server, "stale").await;
+    // "I have a cat and" · 400 ms pause · "a dog called Max.": the pause is long enough for a
+    // reply to start ahead (160 ms) and short of the endpoint (480 ms; the words trail off on
+    // "and", so the sooner endpoint for finished sentences does not apply).
+    let (mut speech, rate) = piper("I have a cat and").await;
+    let (rest, _) = piper("a dog called Max.").await;
+    let end = speech.iter().rposition(|x| x.abs() > 0.01).unwrap_or(0);
+    let start = rest.iter().position(|x| x.abs() > 0.01).unwrap_or(0);
+    speech.truncate(end + 1);
+    speech.extend(std::iter::repeat_n(0.0, rate as usize * 400 / 1000));
+    speech.extend_from_slice(&rest[start..]);
+    let result = parley_client::talk(&options(&server), &[clip("paused", &speech, rate)]).await.unwrap();
+    // One turn, recognised whole; nothing of the dropped reply reached the client.
+    assert_eq!(result.report.turns.len(), 1);
+    let transcript = result.report.turns[0].transcript.to_lowercase();
+    assert!(transcript.contains("cat") && transcript.contains("max"), "heard {transcript:?}");
+    let transcriptions = events(&result).filter(|e| matches!(e, ServerEvent::TranscriptionCompleted { .. })).count();
+    let input_decisions =
+        events(&result).filter(|e| matches!(e, ServerEvent::SafetyDecision { stage: SafetyStage::Input, .. })).count();
+    assert_eq!((transcriptions, input_decisions), (1, 1), "{:?}", result.events);
+    assert!(speculation(&server, "stale").await > stale_before, "no reply was started ahead in the pause");
     server.stop().await;
 }
 

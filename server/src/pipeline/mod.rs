@@ -16,6 +16,10 @@
 //!   and the turn's latency marks. The session resamples, Opus-encodes and paces the audio, and
 //!   sends `response.audio.started`/`done`, `turn.latency` (adding `first_frame_sent`) and
 //!   `reply.cancelled` itself.
+//! - **hold**: [`ReplyOutput::held`] gives a reply started ahead of the endpoint its own output,
+//!   whose sends wait in order until [`Hold::release`] (the endpoint confirmed the turn) or are
+//!   dropped by [`Hold::discard`] (the user went on), so a speculative reply can run its whole
+//!   pipeline during the user's pause without the client seeing any of it.
 //! - **barge-in**: [`ReplyOutput::cancel`] stops the reply at once (no further frame is sent;
 //!   queued audio of that turn, and any that arrives later, is dropped).
 //!   [`ReplyOutput::is_playing`] says whether reply audio is still playing at the client.
@@ -28,7 +32,7 @@ pub mod voice;
 
 use crate::audio::ring::AudioInput;
 use parley_protocol::ServerEvent;
-use parley_protocol::event::CancelReason;
+use parley_protocol::event::{CancelReason, mark};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
@@ -90,6 +94,95 @@ pub struct TurnMarks {
 pub struct ReplyOutput {
     tx: mpsc::Sender<Output>,
     control: Arc<ReplyControl>,
+    /// Set for a reply started ahead of the endpoint: its sends wait here until released.
+    hold: Option<Arc<Hold>>,
+}
+
+/// Work a held reply does once it is released (e.g. an audit-log entry), in order with its output.
+type Deferred = Box<dyn FnOnce() + Send>;
+
+/// The output of a reply started ahead of the endpoint: everything it sends (and every deferred
+/// action) waits in order until the endpoint confirms the turn, then goes out as sent; if the user
+/// goes on instead, it is all dropped. Bounded by the reply itself (at most `max_reply_tokens`).
+pub struct Hold {
+    tx: mpsc::Sender<Output>,
+    state: tokio::sync::Mutex<HoldState>,
+    discarded: std::sync::atomic::AtomicBool,
+    /// The reply's transcript reads as a finished utterance (0 unknown, 1 no, 2 yes).
+    complete: AtomicU8,
+}
+
+enum HoldState {
+    Held(Vec<Held>),
+    Released(Instant),
+    Discarded,
+}
+
+enum Held {
+    Out(Output),
+    Run(Deferred),
+}
+
+impl Hold {
+    /// The endpoint confirmed the turn: sends what waited, in order; later sends go straight on.
+    pub async fn release(&self) -> Result<(), SessionClosed> {
+        let mut state = self.state.lock().await;
+        let at = Instant::now();
+        let HoldState::Held(queue) = std::mem::replace(&mut *state, HoldState::Released(at)) else {
+            return Ok(());
+        };
+        for item in queue {
+            match item {
+                Held::Out(output) => self.forward(output, at).await?,
+                Held::Run(action) => action(),
+            }
+        }
+        Ok(())
+    }
+
+    /// The user went on: nothing held is sent, and nothing the reply sends from now on.
+    pub async fn discard(&self) {
+        self.discarded.store(true, Relaxed);
+        *self.state.lock().await = HoldState::Discarded;
+    }
+
+    pub fn is_discarded(&self) -> bool {
+        self.discarded.load(Relaxed)
+    }
+
+    /// Whether the reply's transcript reads as a finished utterance (`None`: not known yet).
+    pub fn complete(&self) -> Option<bool> {
+        match self.complete.load(Relaxed) {
+            0 => None,
+            n => Some(n == 2),
+        }
+    }
+
+    async fn send(&self, item: Held) -> Result<(), SessionClosed> {
+        let mut state = self.state.lock().await;
+        match &mut *state {
+            HoldState::Held(queue) => queue.push(item),
+            HoldState::Discarded => {}
+            HoldState::Released(at) => {
+                let at = *at;
+                match item {
+                    Held::Out(output) => self.forward(output, at).await?,
+                    Held::Run(action) => action(),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one output of a released reply; its latency marks gain `endpoint_confirmed`: when
+    /// the reply's audio could go out (the release, or the mark before if that came later).
+    async fn forward(&self, mut output: Output, released: Instant) -> Result<(), SessionClosed> {
+        if let Output::Marks(marks) = &mut output {
+            let last = marks.marks.iter().map(|(_, at)| *at).max().unwrap_or(released);
+            marks.marks.push((mark::ENDPOINT_CONFIRMED, released.max(last)));
+        }
+        self.tx.send(output).await.map_err(|_| SessionClosed)
+    }
 }
 
 /// The session is gone; the worker should return.
@@ -99,11 +192,51 @@ pub struct SessionClosed;
 
 impl ReplyOutput {
     pub(crate) fn new(tx: mpsc::Sender<Output>, control: Arc<ReplyControl>) -> Self {
-        Self { tx, control }
+        Self { tx, control, hold: None }
+    }
+
+    /// An output for a reply started ahead of the endpoint: what it sends waits in the returned
+    /// [`Hold`] until released.
+    pub fn held(&self) -> (ReplyOutput, Arc<Hold>) {
+        let hold = Arc::new(Hold {
+            tx: self.tx.clone(),
+            state: tokio::sync::Mutex::new(HoldState::Held(Vec::new())),
+            discarded: Default::default(),
+            complete: AtomicU8::new(0),
+        });
+        (Self { tx: self.tx.clone(), control: self.control.clone(), hold: Some(hold.clone()) }, hold)
     }
 
     pub async fn send(&self, output: Output) -> Result<(), SessionClosed> {
-        self.tx.send(output).await.map_err(|_| SessionClosed)
+        match &self.hold {
+            Some(hold) => hold.send(Held::Out(output)).await,
+            None => self.tx.send(output).await.map_err(|_| SessionClosed),
+        }
+    }
+
+    /// Runs `action` now, or for a held reply once it is released (never if it is discarded), in
+    /// order with what the reply sends.
+    pub async fn when_released(&self, action: impl FnOnce() + Send + 'static) -> Result<(), SessionClosed> {
+        match &self.hold {
+            Some(hold) => hold.send(Held::Run(Box::new(action))).await,
+            None => {
+                action();
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether this is a held reply the user went on from (its output goes nowhere).
+    pub fn discarded(&self) -> bool {
+        self.hold.as_ref().is_some_and(|h| h.is_discarded())
+    }
+
+    /// A held reply says whether its transcript reads as a finished utterance (the endpointer
+    /// may then confirm the turn sooner).
+    pub fn set_complete(&self, complete: bool) {
+        if let Some(hold) = &self.hold {
+            hold.complete.store(if complete { 2 } else { 1 }, Relaxed);
+        }
     }
 
     pub async fn event(&self, event: ServerEvent) -> Result<(), SessionClosed> {

@@ -7,9 +7,11 @@
 //! so the worker keeps listening and can cancel the reply the moment the user speaks again
 //! (barge-in). The conversation history keeps only what the user actually heard.
 //!
-//! Ahead of the endpoint: after 160 ms of silence the speech so far is recognised, judged by the
-//! input gate and prefilled into the reply model, unseen; when the endpoint confirms the turn with
-//! no speech since, the reply starts from there (ASR, gate and prefill are off the critical path).
+//! Ahead of the endpoint: after a short pause (160 ms) the turn is judged tentatively over and
+//! its whole reply starts — ASR, gates, LLM, TTS — with its output held (`ReplyOutput::held`).
+//! When the endpoint confirms the turn the held output goes out at once; if the user speaks again
+//! first, it is dropped unseen and the turn goes on. The endpoint comes sooner when the
+//! transcript reads as a finished utterance (`endpoint_complete_ms`) than when it trails off.
 //!
 //! Safety (policy in `safety/`): the input gate judges the user's words before any reply starts;
 //! a flagged request gets the policy's spoken response instead of the model's. The TTS stage
@@ -19,7 +21,7 @@
 //! text reaches the client chunk by chunk, only once its audio passed. A gate that cannot run
 //! fails closed.
 use super::chunker::Chunker;
-use super::{Command, Pipeline, SessionClosed, SessionIo, TurnMarks};
+use super::{Command, Hold, Pipeline, ReplyOutput, SessionClosed, SessionIo, TurnMarks};
 use crate::audio::PIPELINE_RATE;
 use crate::engine::{Engine, EngineError, Priority};
 use crate::models::asr::{Asr, Transcript};
@@ -72,9 +74,12 @@ pub struct VoiceConfig {
     pub min_speech_ms: u32,
     /// Silence after the last voiced chunk that ends a turn, in ms.
     pub endpoint_silence_ms: u32,
-    /// Silence after which the turn's end is guessed and its speech recognised (and the reply
-    /// model's prompt prefilled) ahead of the endpoint, in ms; nothing reaches the client before
-    /// the endpoint, and the guess is dropped if the user goes on. 0: off.
+    /// Silence that ends a turn whose transcript reads as finished (a full sentence, not trailing
+    /// off on "and", "the", "um"…), in ms; needs the reply started ahead (`speculate_after_ms`).
+    pub endpoint_complete_ms: u32,
+    /// Silence after which the turn is judged tentatively over and its reply starts, held: nothing
+    /// reaches the client before the endpoint confirms the turn, and the reply is dropped unseen
+    /// if the user goes on, in ms. 0: off (replies start at the endpoint).
     pub speculate_after_ms: u32,
     /// Most tokens in one reply.
     pub max_reply_tokens: usize,
@@ -101,6 +106,7 @@ impl Default for VoiceConfig {
             vad_off: 0.35,
             min_speech_ms: 96,
             endpoint_silence_ms: 480,
+            endpoint_complete_ms: 256,
             speculate_after_ms: 160,
             max_reply_tokens: 60,
             system_prompt: "You are Parley, a friendly voice assistant. Answer in one or two short spoken \
@@ -132,7 +138,7 @@ pub struct Engines {
     pub policy: Arc<Policy>,
     /// Audit log and metrics of the safety decisions.
     pub recorder: Recorder,
-    /// Turns whose speech was recognised ahead of the endpoint: used, and dropped as stale.
+    /// Replies started ahead of the endpoint: released, and dropped because the user went on.
     pub speculation_used: AtomicU64,
     pub speculation_stale: AtomicU64,
 }
@@ -261,7 +267,7 @@ impl Pipeline for VoicePipeline {
             out.push_str(&format!("parley_engine_jobs_refused_total{{engine=\"{engine}\"}} {refused}\n"));
         }
         out.push_str(&format!(
-            "# HELP parley_speculation_total Speech recognised ahead of the endpoint: used, or stale (the user went on).\n\
+            "# HELP parley_speculation_total Replies started ahead of the endpoint: used, or stale (the user went on).\n\
              # TYPE parley_speculation_total counter\n\
              parley_speculation_total{{outcome=\"used\"}} {}\nparley_speculation_total{{outcome=\"stale\"}} {}\n",
             e.speculation_used.load(Ordering::Relaxed),
@@ -291,23 +297,13 @@ enum Turn {
     Speech { turn: u64, last_voiced_end: u64, last_voiced_seen: Instant, silence_ms: u32 },
 }
 
-/// Speech recognised ahead of the endpoint, for the speech up to `last_voiced_end`.
-struct Speculation {
-    last_voiced_end: u64,
-    transcript: JoinHandle<Result<Recognition, EngineError>>,
-}
-
-/// Speech recognised ahead of the endpoint, and the input gate's verdict on it when it could run.
-struct Recognition {
-    transcript: Transcript,
-    verdict: Option<(Verdict, Duration)>,
-}
-
 /// A reply in progress: its task and the flag that stops it.
 struct Reply {
     turn: u64,
     cancel: Arc<AtomicBool>,
     task: JoinHandle<()>,
+    /// Set while the reply was started ahead of the endpoint and its output is still held.
+    hold: Option<Arc<Hold>>,
 }
 
 struct Worker {
@@ -324,7 +320,6 @@ struct Worker {
     turn: u64,
     history: Arc<Mutex<Vec<Message>>>,
     reply: Option<Reply>,
-    speculation: Option<Speculation>,
 }
 
 impl Worker {
@@ -342,7 +337,6 @@ impl Worker {
             turn: 0,
             history: Arc::new(Mutex::new(Vec::new())),
             reply: None,
-            speculation: None,
         }
     }
 
@@ -356,13 +350,14 @@ impl Worker {
                 _ = self.io.audio.wait_for(CHUNK_SAMPLES) => {}
                 command = self.io.commands.recv() => match command {
                     Some(Command::Text(text)) => {
-                        self.cancel_reply(CancelReason::BargeIn);
+                        self.cancel_reply(CancelReason::BargeIn).await;
                         self.turn += 1;
                         let now = Instant::now();
                         let marks = vec![(mark::ENDPOINT, now)];
-                        self.start_reply(self.turn, Input::Text(text), now, marks, 0);
+                        let output = self.io.output.clone();
+                        self.start_reply(self.turn, Input::Text(text), now, marks, 0, output, None);
                     }
-                    Some(Command::Cancel) => self.cancel_reply(CancelReason::ClientCancel),
+                    Some(Command::Cancel) => self.cancel_reply(CancelReason::ClientCancel).await,
                     None => return Ok(()),
                 },
             }
@@ -384,7 +379,7 @@ impl Worker {
                 if *voiced as u32 * CHUNK_MS >= config.min_speech_ms {
                     let start = position.saturating_sub((*voiced * CHUNK_SAMPLES) as u64);
                     // Barge-in: the user talks over the reply; it stops now.
-                    self.cancel_reply(CancelReason::BargeIn);
+                    self.cancel_reply(CancelReason::BargeIn).await;
                     self.turn += 1;
                     let turn = self.turn;
                     self.utterance.clear();
@@ -409,17 +404,23 @@ impl Worker {
                 } else {
                     *silence_ms += CHUNK_MS;
                 }
+                let (turn, last_voiced_end, last_voiced_seen, silence_ms) =
+                    (*turn, *last_voiced_end, *last_voiced_seen, *silence_ms);
+                if silence_ms == 0 {
+                    // The user went on: a reply started ahead is dropped unseen.
+                    self.discard_held().await;
+                }
+                let held = self.reply.as_ref().and_then(|r| r.hold.as_ref());
+                let complete = held.and_then(|h| h.complete()) == Some(true);
                 let full = self.utterance.len() + CHUNK_SAMPLES > MAX_UTTERANCE;
-                if *silence_ms >= config.endpoint_silence_ms || full {
-                    let (turn, last_voiced_end, last_voiced_seen) = (*turn, *last_voiced_end, *last_voiced_seen);
+                if silence_ms >= config.endpoint_silence_ms
+                    || (complete && silence_ms >= config.endpoint_complete_ms)
+                    || full
+                {
                     self.state = Turn::Idle { voiced: 0 };
                     self.end_turn(turn, last_voiced_end, last_voiced_seen, position).await?;
-                } else if config.speculate_after_ms > 0
-                    && *silence_ms >= config.speculate_after_ms
-                    && self.speculation.as_ref().is_none_or(|s| s.last_voiced_end != *last_voiced_end)
-                {
-                    let last_voiced_end = *last_voiced_end;
-                    self.speculate(last_voiced_end, position);
+                } else if config.speculate_after_ms > 0 && silence_ms >= config.speculate_after_ms && held.is_none() {
+                    self.start_held(turn, last_voiced_end, last_voiced_seen, position);
                 }
             }
         }
@@ -458,7 +459,7 @@ impl Worker {
         Ok(0.0)
     }
 
-    /// The user stopped speaking: announce it and start the reply.
+    /// The user stopped speaking: announce it, then release the reply started ahead or start one.
     async fn end_turn(
         &mut self,
         turn: u64,
@@ -467,27 +468,28 @@ impl Worker {
         position: u64,
     ) -> Result<(), SessionClosed> {
         let endpoint = Instant::now();
-        let stamp = self.io.audio.stamp_at(last_voiced_end.saturating_sub(1));
-        let anchor = stamp.map_or(last_voiced_seen, |s| s.arrived);
         let audio_end_ms = last_voiced_end * 1000 / PIPELINE_RATE as u64;
         self.io.output.event(ServerEvent::SpeechStopped { turn, audio_end_ms }).await?;
-        // The speech recognised ahead of time is used only if it covers all of the speech.
-        let input = match self.speculation.take() {
-            Some(s) if s.last_voiced_end == last_voiced_end => {
-                self.engines.speculation_used.fetch_add(1, Ordering::Relaxed);
-                Input::Recognised(s.transcript)
-            }
-            other => {
-                if let Some(stale) = other {
-                    self.engines.speculation_stale.fetch_add(1, Ordering::Relaxed);
-                    stale.transcript.abort();
-                }
-                Input::Speech(self.speech(last_voiced_end, position))
-            }
-        };
+        // A held reply covers all of the speech: any voiced chunk since would have dropped it.
+        if let Some(hold) = self.reply.as_mut().and_then(|r| r.hold.take()) {
+            self.engines.speculation_used.fetch_add(1, Ordering::Relaxed);
+            // Off the worker: what waited may fill the pacer's queue.
+            tokio::spawn(async move { hold.release().await });
+            return Ok(());
+        }
+        let (anchor, ref_ts_us) = self.anchor(last_voiced_end, last_voiced_seen);
         let marks = vec![(mark::SPEECH_END, last_voiced_seen), (mark::ENDPOINT, endpoint)];
-        self.start_reply(turn, input, anchor, marks, stamp.map_or(0, |s| s.client_ts_us));
+        let input = Input::Speech(self.speech(last_voiced_end, position));
+        let output = self.io.output.clone();
+        self.start_reply(turn, input, anchor, marks, ref_ts_us, output, None);
         Ok(())
+    }
+
+    /// The turn's latency anchor: when the frame holding the last voiced sample arrived, and the
+    /// client's timestamp of that frame.
+    fn anchor(&self, last_voiced_end: u64, last_voiced_seen: Instant) -> (Instant, u64) {
+        let stamp = self.io.audio.stamp_at(last_voiced_end.saturating_sub(1));
+        (stamp.map_or(last_voiced_seen, |s| s.arrived), stamp.map_or(0, |s| s.client_ts_us))
     }
 
     /// The utterance's speech and ~100 ms after it (the trailing silence only costs encoder time).
@@ -497,43 +499,28 @@ impl Worker {
         self.utterance[..keep].to_vec()
     }
 
-    /// The user paused: recognise the speech so far, judge it (input gate, on this partial result)
-    /// and prefill the reply model's prompt with it (its prefix cache keeps the work), so all three
-    /// are done by the time the endpoint confirms the turn. Nothing is sent or recorded before
-    /// then; a later voiced chunk makes the guess stale and it is replaced.
-    fn speculate(&mut self, last_voiced_end: u64, position: u64) {
-        if let Some(stale) = self.speculation.take() {
-            self.engines.speculation_stale.fetch_add(1, Ordering::Relaxed);
-            stale.transcript.abort();
-        }
-        let audio = self.speech(last_voiced_end, position);
-        let engines = self.engines.clone();
-        let mut messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()));
-        let transcript = tokio::spawn(async move {
-            let transcript = engines.asr.try_run(Priority::High, move |asr| asr.transcribe(&audio)).await?;
-            let text = transcript.text.trim().to_string();
-            if text.is_empty() {
-                return Ok(Recognition { transcript, verdict: None });
-            }
-            let started = Instant::now();
-            let judged = text.clone();
-            let verdict = engines.content.try_run(Priority::High, move |c| c.judge(&judged, false)).await;
-            let verdict = verdict.ok().map(|v| (v, started.elapsed()));
-            if verdict.as_ref().is_some_and(|(v, _)| v.flagged.is_none()) {
-                messages.push(Message::user(text));
-                // Prefill only: the first token stops it; the model keeps the prompt cached.
-                let prefill = engines
-                    .llm
-                    .try_run(Priority::Low, move |llm| llm.generate(&messages, 1, |_| ControlFlow::Break(())));
-                if let Err(e) = prefill.await {
-                    tracing::debug!(error = %e, "speculative prefill failed");
-                }
-            }
-            Ok(Recognition { transcript, verdict })
-        });
-        self.speculation = Some(Speculation { last_voiced_end, transcript });
+    /// The user paused: the turn is judged tentatively over and its reply starts now, held, so
+    /// recognition, the gates, generation and synthesis run during the pause.
+    fn start_held(&mut self, turn: u64, last_voiced_end: u64, last_voiced_seen: Instant, position: u64) {
+        let (anchor, ref_ts_us) = self.anchor(last_voiced_end, last_voiced_seen);
+        let marks = vec![(mark::SPEECH_END, last_voiced_seen), (mark::ENDPOINT, Instant::now())];
+        let input = Input::Speech(self.speech(last_voiced_end, position));
+        let (output, hold) = self.io.output.held();
+        self.start_reply(turn, input, anchor, marks, ref_ts_us, output, Some(hold));
     }
 
+    /// Drops a reply whose output is still held (the user went on): nothing of it is sent.
+    async fn discard_held(&mut self) {
+        if let Some(reply) = &mut self.reply
+            && let Some(hold) = reply.hold.take()
+        {
+            reply.cancel.store(true, Ordering::Relaxed);
+            hold.discard().await;
+            self.engines.speculation_stale.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn start_reply(
         &mut self,
         turn: u64,
@@ -541,19 +528,21 @@ impl Worker {
         anchor: Instant,
         marks: Vec<(&'static str, Instant)>,
         ref_ts_us: u64,
+        output: ReplyOutput,
+        hold: Option<Arc<Hold>>,
     ) {
         let cancel = Arc::new(AtomicBool::new(false));
         let previous = self.reply.take().map(|r| r.task);
         let gates = Gates {
             engines: self.engines.clone(),
-            output: self.io.output.clone(),
+            output: output.clone(),
             session: self.io.session_id.as_str().into(),
             turn,
         };
         let ctx = ReplyContext {
             engines: self.engines.clone(),
             config: self.config.clone(),
-            output: self.io.output.clone(),
+            output,
             history: self.history.clone(),
             cancel: cancel.clone(),
             gates,
@@ -575,11 +564,12 @@ impl Worker {
             }
             .instrument(span),
         );
-        self.reply = Some(Reply { turn, cancel, task });
+        self.reply = Some(Reply { turn, cancel, task, hold });
     }
 
     /// Stops the reply in progress, if any: generation stops and unsent audio is dropped.
-    fn cancel_reply(&mut self, reason: CancelReason) {
+    async fn cancel_reply(&mut self, reason: CancelReason) {
+        self.discard_held().await;
         if let Some(reply) = &self.reply
             && (!reply.task.is_finished() || self.io.output.is_playing() == Some(reply.turn))
         {
@@ -601,9 +591,6 @@ fn engine_error(what: &str, e: &EngineError) -> ServerEvent {
 /// on its engine thread, which checks the cancel flag at every token.
 impl Drop for Worker {
     fn drop(&mut self) {
-        if let Some(speculation) = self.speculation.take() {
-            speculation.transcript.abort();
-        }
         if let Some(reply) = self.reply.take() {
             reply.cancel.store(true, Ordering::Relaxed);
             reply.task.abort();
@@ -618,10 +605,9 @@ fn prompt(config: &VoiceConfig, history: &[Message]) -> Vec<Message> {
     messages
 }
 
-/// What the user said: recorded speech, speech already being recognised, or typed text.
+/// What the user said: recorded speech or typed text.
 enum Input {
     Speech(Vec<f32>),
-    Recognised(JoinHandle<Result<Recognition, EngineError>>),
     Text(String),
 }
 
@@ -658,19 +644,10 @@ impl ReplyContext {
 
     async fn run(mut self, input: Input) -> Result<(), SessionClosed> {
         let turn = self.turn;
-        let mut early_verdict = None;
         let user_text = match input {
             Input::Text(text) => text,
             Input::Speech(audio) => {
                 let result = self.engines.asr.try_run(Priority::High, move |asr| asr.transcribe(&audio)).await;
-                self.transcribed(result).await?
-            }
-            Input::Recognised(task) => {
-                let result = task.await.unwrap_or(Err(EngineError::Stopped("asr")));
-                let result = result.map(|r| {
-                    early_verdict = r.verdict;
-                    r.transcript
-                });
                 self.transcribed(result).await?
             }
         };
@@ -678,15 +655,8 @@ impl ReplyContext {
             // Nothing intelligible was said (or the user went on): no reply.
             return self.output.audio_end(turn).await;
         }
-        // Input gate: before any reply starts (judged ahead of the endpoint when the speech was).
-        // A gate that cannot run fails closed: no reply.
-        let decision = match early_verdict {
-            Some((verdict, took)) => {
-                Some(self.gates.record_verdict(SafetyStage::Input, &verdict, took, &user_text).await?)
-            }
-            None => self.gates.content(SafetyStage::Input, &user_text).await?,
-        };
-        let Some(decision) = decision else {
+        // Input gate: before any reply starts. A gate that cannot run fails closed: no reply.
+        let Some(decision) = self.gates.content(SafetyStage::Input, &user_text).await? else {
             return self.output.audio_end(turn).await;
         };
         self.marks.push((mark::INPUT_SAFE, Instant::now()));
@@ -696,20 +666,22 @@ impl ReplyContext {
             self.speak(Script::Say(response)).await?;
             return Ok(());
         }
-        let messages = {
-            let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-            history.push(Message::user(user_text));
-            let excess = history.len().saturating_sub(MAX_HISTORY_MESSAGES);
-            history.drain(..excess);
-            prompt(&self.config, &history)
-        };
+        let mut messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()));
+        messages.push(Message::user(user_text.clone()));
         let spoken = self.speak(Script::Generate(messages)).await?;
+        if self.output.discarded() {
+            // Started ahead of an endpoint that never came: the exchange did not happen.
+            return Ok(());
+        }
         // History keeps only what the user heard.
         let heard = spoken.trim().to_string();
         let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.push(Message::user(user_text));
         if !heard.is_empty() {
             history.push(Message::assistant(heard));
         }
+        let excess = history.len().saturating_sub(MAX_HISTORY_MESSAGES);
+        history.drain(..excess);
         Ok(())
     }
 
@@ -719,6 +691,7 @@ impl ReplyContext {
             Ok(transcript) => {
                 self.marks.push((mark::ASR_FINAL, Instant::now()));
                 let transcript = transcript.text.trim().to_string();
+                self.output.set_complete(reads_finished(&transcript));
                 let turn = self.turn;
                 self.output.event(ServerEvent::TranscriptionCompleted { turn, transcript: transcript.clone() }).await?;
                 Ok(transcript)
@@ -761,6 +734,9 @@ impl ReplyContext {
             self.output.event(engine_error("reply generation failed", &e)).await?;
         }
         let spoken = stage.await.unwrap_or_default();
+        if self.output.discarded() {
+            return Ok(String::new());
+        }
         self.output.event(ServerEvent::ResponseTextDone { turn, text: join_text(&spoken) }).await?;
         self.output.audio_end(turn).await?;
         if !self.cancelled() {
@@ -900,8 +876,11 @@ impl Gates {
         }
     }
 
+    /// Audits and counts the decision (for a held reply: once it is released), then sends it.
     async fn record(&self, decision: Decision, judged: &str) -> Result<Decision, SessionClosed> {
-        self.engines.recorder.record(&self.session, self.turn, &decision, judged);
+        let (engines, session, turn) = (self.engines.clone(), self.session.clone(), self.turn);
+        let (audited, judged) = (decision.clone(), judged.to_string());
+        self.output.when_released(move || engines.recorder.record(&session, turn, &audited, &judged)).await?;
         self.output.event(decision.event(self.turn)).await?;
         Ok(decision)
     }
@@ -1068,6 +1047,26 @@ impl TtsStage {
     }
 }
 
+/// Words after which an utterance is not finished, even before a full stop (Whisper punctuates
+/// what it hears; a trailing "and" or "the" means the speaker paused mid-thought).
+const HANGING_WORDS: &[&str] = &[
+    "a", "about", "an", "and", "are", "as", "at", "because", "but", "for", "from", "if", "in", "into", "is", "like",
+    "my", "of", "on", "or", "our", "so", "than", "that", "the", "then", "to", "uh", "um", "was", "were", "which",
+    "with", "your",
+];
+
+/// Whether a transcript reads as a finished utterance: it ends a sentence and not on a word that
+/// leaves it hanging.
+fn reads_finished(text: &str) -> bool {
+    let text = text.trim();
+    if text.ends_with("...") || text.ends_with('…') || !text.ends_with(['.', '?', '!']) {
+        return false;
+    }
+    let last = text.split_whitespace().last().unwrap_or("");
+    let last = last.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
+    !last.is_empty() && !HANGING_WORDS.contains(&last.as_str())
+}
+
 fn join_text(spoken: &[Spoken]) -> String {
     spoken.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ")
 }
@@ -1101,6 +1100,17 @@ mod tests {
 
     fn spoken(parts: &[(&str, f64)]) -> Vec<Spoken> {
         parts.iter().map(|(text, audio_ms)| Spoken { text: text.to_string(), audio_ms: *audio_ms }).collect()
+    }
+
+    #[test]
+    fn finished_utterances_end_a_sentence_without_hanging() {
+        assert!(reads_finished("What is the capital of France?"));
+        assert!(reads_finished("Tell me a joke."));
+        assert!(!reads_finished("I want to go to the"));
+        assert!(!reads_finished("I went to the store and..."));
+        assert!(!reads_finished("Tell me about the."));
+        assert!(!reads_finished("So, um."));
+        assert!(!reads_finished(""));
     }
 
     #[test]
