@@ -66,6 +66,18 @@ pub struct RunSummary {
     pub within_bound: bool,
     /// Every voice-to-voice latency measured, ms (the chart's data).
     pub voice_to_voice_samples_ms: Vec<f64>,
+    /// Every turn: what was said and answered, and its latency with the server's stages.
+    pub turn_samples: Vec<TurnSample>,
+}
+
+/// One turn of one session, for reading a run turn by turn.
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnSample {
+    pub session: usize,
+    pub input: String,
+    pub transcript: String,
+    pub reply_text: String,
+    pub latency_ms: crate::report::Latency,
 }
 
 /// Nearest-rank percentiles; `None` without samples.
@@ -262,7 +274,7 @@ pub fn summarize(turns_per_session: usize, outcomes: &[Result<TalkResult, TalkEr
     let mut run =
         RunSummary { sessions: outcomes.len(), turns: outcomes.len() * turns_per_session, ..Default::default() };
     let mut stages = Vec::new();
-    for outcome in outcomes {
+    for (session, outcome) in outcomes.iter().enumerate() {
         let result = match outcome {
             Ok(result) => result,
             Err(error) => {
@@ -277,6 +289,13 @@ pub fn summarize(turns_per_session: usize, outcomes: &[Result<TalkResult, TalkEr
         for turn in &result.report.turns {
             run.voice_to_voice_samples_ms.extend(turn.latency_ms.voice_to_voice);
             stages.extend(turn.latency_ms.server_stages.iter().cloned());
+            run.turn_samples.push(TurnSample {
+                session,
+                input: turn.input.clone(),
+                transcript: turn.transcript.clone(),
+                reply_text: turn.reply_text.clone(),
+                latency_ms: turn.latency_ms.clone(),
+            });
         }
         let mut reply_starts = Vec::new();
         for (_, event) in &result.events {

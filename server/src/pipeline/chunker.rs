@@ -1,10 +1,14 @@
 //! Cuts streamed reply text into speakable chunks for the TTS: the first clause goes out alone
-//! (time to first audio), later text goes out by sentence. Markdown and emoji the voice cannot
+//! (time to first audio: 4 to 8 words, about a second of speech), later text goes out by sentence. Markdown and emoji the voice cannot
 //! say are dropped here, so nothing unspeakable reaches the synthesizer.
 
-/// Words a clause needs before a comma-like break may end the first chunk (shorter clauses
-/// sound clipped and cost a TTS call each).
-const MIN_CLAUSE_WORDS: usize = 3;
+/// Words the first chunk needs before a break (comma-like or a sentence end) may end it: fewer
+/// make well under a second of audio, which sounds clipped and which the voice gate cannot judge
+/// alone, so the first frame would wait for the next chunk's synthesis as well.
+const MIN_FIRST_WORDS: usize = 4;
+/// Words after which the first chunk is cut at the next space, break or not (a long first sentence
+/// would hold the first audio back for all of its tokens and its synthesis).
+const MAX_FIRST_WORDS: usize = 8;
 /// A chunk longer than this many words is cut at the next space, sentence end or not.
 const MAX_CHUNK_WORDS: usize = 40;
 
@@ -45,13 +49,15 @@ impl Chunker {
     /// Byte index just past the next chunk boundary in `pending`, if one is complete.
     fn boundary(&self) -> Option<usize> {
         let text = &self.pending;
+        let first = self.chunks_out == 0;
+        let max_words = if first { MAX_FIRST_WORDS } else { MAX_CHUNK_WORDS };
         let mut words = 0;
         let mut in_word = false;
         let mut chars = text.char_indices().peekable();
         while let Some((i, c)) = chars.next() {
             if c.is_whitespace() {
                 in_word = false;
-                if words >= MAX_CHUNK_WORDS {
+                if words >= max_words {
                     return Some(i);
                 }
                 continue;
@@ -67,7 +73,9 @@ impl Chunker {
             }
             let sentence_end = matches!(c, '.' | '!' | '?');
             let clause_end = matches!(c, ',' | ';' | ':' | '—');
-            if sentence_end || (clause_end && self.chunks_out == 0 && words >= MIN_CLAUSE_WORDS) {
+            if (sentence_end && (!first || words >= MIN_FIRST_WORDS))
+                || (clause_end && first && words >= MIN_FIRST_WORDS)
+            {
                 return Some(next_i);
             }
         }
@@ -107,8 +115,21 @@ mod tests {
     }
 
     #[test]
+    fn a_short_first_sentence_waits_for_more_words() {
+        assert_eq!(feed("Sure. The capital is Paris. Yes."), ["Sure. The capital is Paris.", "Yes."]);
+    }
+
+    #[test]
+    fn a_long_first_sentence_is_cut_after_a_few_words() {
+        assert_eq!(
+            feed("And Mr. John Dashwood had then leisure to consider how much there was."),
+            ["And Mr. John Dashwood had then leisure to", "consider how much there was."]
+        );
+    }
+
+    #[test]
     fn markdown_and_emoji_are_dropped() {
-        assert_eq!(feed("**Hello** there 😀. # Bye"), ["Hello there .", "Bye"]);
+        assert_eq!(feed("**Hello** there, my friend 😀. # Bye"), ["Hello there, my friend .", "Bye"]);
     }
 
     #[test]

@@ -107,7 +107,7 @@ fn windows(len: usize, max: usize, min: usize) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-fn to_16k(audio: &[f32], rate: u32) -> Result<Vec<f32>, ModelError> {
+pub(crate) fn to_16k(audio: &[f32], rate: u32) -> Result<Vec<f32>, ModelError> {
     let mut resampler = Resampler::new(rate, SAMPLE_RATE).map_err(|e| ModelError::Invalid(e.to_string()))?;
     let mut out = Vec::with_capacity(audio.len() * SAMPLE_RATE as usize / rate.max(1) as usize + 1024);
     resampler.process(audio, &mut out).map_err(|e| ModelError::Invalid(e.to_string()))?;

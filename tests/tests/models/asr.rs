@@ -43,7 +43,7 @@ fn wer_in(mode: AsrMode) -> (usize, usize) {
             t.decode_ms,
             t.tokens,
             t.stop,
-            if t.fell_back { " (30 s fallback)" } else { "" },
+            if t.fell_back { " (decoded again)" } else { "" },
             t.text
         );
         assert!(!has_loop(&t.text), "{mode:?}: {} loops: {:?}", clip.path.display(), t.text);
