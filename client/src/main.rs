@@ -66,7 +66,7 @@ struct BenchArgs {
     /// Give up on a reply after this many ms.
     #[arg(long, default_value_t = 20_000)]
     reply_timeout_ms: u32,
-    /// Transport only: against a server with `--pipeline echo` (frame mode), every session
+    /// Transport only: against a server with `--pipeline echo` (`frame` or `packet` mode), every session
     /// streams the first clip's frames for `--seconds`; reports per-frame round trips and losses.
     #[arg(long)]
     transport: bool,

@@ -1,8 +1,9 @@
 //! Transport-only load (`parley bench --transport`): N concurrent sessions against a server
-//! running the echo pipeline in `frame` mode, each sending real speech as 20 ms Opus frames at
-//! real-time pace. Every frame comes back through the server's whole audio path (Opus decode,
-//! resample, ring, pipeline, pacer, resample, Opus encode) with the send time in its header, so
-//! the round trip of each frame is what the server (and the loopback socket) adds. The frames
+//! running the echo pipeline, each sending real speech as 20 ms Opus frames at real-time pace.
+//! In `frame` mode every frame comes back through the server's whole audio path (Opus decode,
+//! resample, ring, pipeline, pacer, resample, Opus encode); in `packet` mode it comes back as sent
+//! (the transport alone). Either way it carries its send time in its header, so the round trip of
+//! each frame is what the server (and the loopback socket) adds. The frames
 //! are encoded once and shared by all sessions, so the load generator itself stays cheap.
 use futures_util::{SinkExt, StreamExt};
 use parley_protocol::{FrameHeader, frame_samples};
@@ -35,7 +36,7 @@ pub struct TransportReport {
     /// Frames sent but never echoed back before the session ended.
     pub frames_lost: u64,
     /// Round trip per frame (send → echo received), µs: what the server's audio path and the
-    /// loopback socket add (frame mode answers each frame as soon as it is decoded).
+    /// loopback socket add (the echo answers each frame as soon as it has it).
     pub rtt_us_p50: u64,
     pub rtt_us_p99: u64,
     pub rtt_us_max: u64,

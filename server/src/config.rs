@@ -28,8 +28,13 @@ impl PipelineKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum EchoMode {
-    /// Every input frame is sent straight back (the transport benchmark: per-frame overhead).
+    /// Every input frame is sent straight back through the whole audio path (Opus decode,
+    /// resample, ring, pacer, resample, Opus encode): the per-frame cost of a voice session
+    /// without its models.
     Frame,
+    /// Every audio message is sent straight back as received, header and Opus packet, without
+    /// decoding: what the transport itself (WebSocket, session, send queue) adds per frame.
+    Packet,
     /// An energy VAD finds each utterance; after its end the utterance is played back as a reply
     /// (turns, latency events and barge-in, without models).
     Utterance,

@@ -143,6 +143,8 @@ struct Session {
     last_seq: Option<u32>,
     consecutive_errors: u32,
     overflowing: bool,
+    /// Echo `packet` mode: audio messages go straight back, undecoded.
+    passthrough: bool,
 }
 
 impl Session {
@@ -198,6 +200,8 @@ impl Session {
             last_seq: None,
             consecutive_errors: 0,
             overflowing: false,
+            passthrough: config.pipeline == crate::config::PipelineKind::Echo
+                && config.echo.mode == crate::config::EchoMode::Packet,
             config: config.clone(),
         };
         session.outbox.event(&session.created());
@@ -340,6 +344,15 @@ impl Session {
                 ));
             }
             lost = seq - last - 1;
+        }
+        if self.passthrough {
+            // Validated (header, order, size), counted, and sent back as it came.
+            self.last_seq = Some(seq);
+            self.metrics.frames_lost.fetch_add(lost as u64, Relaxed);
+            self.metrics.frames_received.fetch_add(1, Relaxed);
+            self.outbox.audio(data);
+            self.metrics.input_frame_seconds.observe(arrived.elapsed());
+            return Ok(());
         }
         let frame = self.decoder.frame_len();
         if lost > 0 {

@@ -226,6 +226,32 @@ async fn frame_echo_returns_the_speech_with_sequence_and_timestamps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_echo_returns_every_frame_as_sent() {
+    let mut config = Config::default();
+    config.echo.mode = EchoMode::Packet;
+    let server = start(config).await;
+    let clips = speech(1);
+    let options = TalkOptions { server: server.url(), pause_ms: 600, wait_for_reply: false, ..TalkOptions::default() };
+    let result = parley_client::talk(&options, &clips).await.unwrap();
+    // Nothing is decoded or re-encoded: every frame comes back, in order, with the client's own
+    // header (the last may still be in flight when the client closes).
+    let (echoed, sent) = (result.frames.len(), result.sent_us.len());
+    assert!(echoed <= sent && echoed + 1 >= sent, "{echoed} of {sent} frames echoed");
+    assert_eq!(result.seq_gaps, 0);
+    let sent_at: std::collections::HashSet<u64> = result.sent_us.iter().copied().collect();
+    for pair in result.frames.windows(2) {
+        assert!(pair[0].seq < pair[1].seq && pair[0].timestamp_us <= pair[1].timestamp_us, "{pair:?}");
+    }
+    for frame in &result.frames {
+        assert!(sent_at.contains(&frame.timestamp_us), "timestamp {} was never sent", frame.timestamp_us);
+        assert!(frame.received_us > frame.timestamp_us);
+    }
+    let correlation = best_correlation(&envelope(&clips[0].samples), &envelope(&result.reply_audio), 25);
+    assert!(correlation > 0.8, "envelope correlation {correlation}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn utterance_echo_reports_turns_with_latency() {
     let server = start(utterance_config()).await;
     let clips = speech(2);

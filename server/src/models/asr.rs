@@ -22,6 +22,7 @@ use super::{Manifest, ModelError};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 use serde::Deserialize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// Seconds of silence appended to the audio in [`AsrMode::Variable`] (measured on the LibriVox,
@@ -66,6 +67,8 @@ pub enum Stop {
     Loop,
     /// The duration-based token bound was reached.
     TokenBound,
+    /// The caller gave up on the result (see [`Asr::transcribe_unless`]): the text is partial.
+    Cancelled,
 }
 
 /// One transcribed utterance.
@@ -162,6 +165,12 @@ impl Asr {
     /// Empty, very short, silent or noise-only audio gives an empty transcript; audio longer
     /// than 30 s is an error (split it first, e.g. at VAD pauses). Non-finite samples count as 0.
     pub fn transcribe(&mut self, audio_16k: &[f32]) -> Result<Transcript, ModelError> {
+        self.transcribe_unless(audio_16k, &AtomicBool::new(false))
+    }
+
+    /// [`Asr::transcribe`], stopping early (between decoder steps, [`Stop::Cancelled`]) once
+    /// `cancel` is set: for speech recognised ahead that may turn out stale.
+    pub fn transcribe_unless(&mut self, audio_16k: &[f32], cancel: &AtomicBool) -> Result<Transcript, ModelError> {
         if audio_16k.len() > self.meta.max_samples {
             return Err(ModelError::Invalid(format!(
                 "asr: {:.1} s of audio; Whisper transcribes at most {:.0} s per call: split the audio first",
@@ -196,7 +205,7 @@ impl Asr {
             let t0 = Instant::now();
             let (cross_k, cross_v) = self.encode(audio_16k, padding)?;
             let t1 = Instant::now();
-            let attempt = self.decode(&cross_k, &cross_v, max_tokens)?;
+            let attempt = self.decode(&cross_k, &cross_v, max_tokens, cancel)?;
             transcript.encode_ms += ms(t1 - t0);
             transcript.decode_ms += ms(t1.elapsed());
             transcript.decoder_steps += attempt.steps;
@@ -243,7 +252,13 @@ impl Asr {
     }
 
     /// Greedy decoding with the self-attention KV cache and the guards described in the module doc.
-    fn decode(&mut self, cross_k: &DynValue, cross_v: &DynValue, max_tokens: usize) -> Result<Decoded, ModelError> {
+    fn decode(
+        &mut self,
+        cross_k: &DynValue,
+        cross_v: &DynValue,
+        max_tokens: usize,
+        cancel: &AtomicBool,
+    ) -> Result<Decoded, ModelError> {
         let m = &self.meta;
         let empty = || Tensor::<f32>::from_array(([m.n_layers, 1, m.n_heads, 0, m.head_dim], Vec::<f32>::new()));
         let mut past_k: DynValue = empty()?.into_dyn();
@@ -255,6 +270,10 @@ impl Asr {
         // Step 0 feeds <|startoftranscript|> (its logits give the no-speech probability), step 1
         // <|notimestamps|>, then each decoded token.
         for step in 0..max_tokens + 2 {
+            if cancel.load(Ordering::Relaxed) {
+                decoded.stop = Stop::Cancelled;
+                return Ok(decoded);
+            }
             let tokens = Tensor::from_array(([1usize, 1], vec![feed]))?;
             let mut out = self.decoder.run(ort::inputs! {
                 "tokens" => tokens,

@@ -205,6 +205,9 @@ impl Manifest {
         let session = ort::session::Session::builder(env)?
             .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Level3)?
             .with_intra_threads(threads)?
+            // Idle pool threads sleep instead of spinning: six engines share two cores, and a
+            // spinning pool takes the cores the engine that has work needs.
+            .with_intra_op_spinning(false)?
             .with_inter_threads(1)?
             .commit_from_file(&path)?;
         let names = |outlets: &[ort::value::Outlet]| outlets.iter().map(|o| o.name().to_string()).collect::<Vec<_>>();

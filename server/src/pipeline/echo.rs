@@ -1,5 +1,6 @@
 //! The echo pipeline: transport without models. In `frame` mode every 20 ms of input goes
-//! straight back (the per-frame overhead benchmark); in `utterance` mode an energy VAD cuts the
+//! straight back (the per-frame overhead benchmark); in `packet` mode the session itself returns
+//! each audio message undecoded and nothing reaches this worker; in `utterance` mode an energy VAD cuts the
 //! input into turns and plays each utterance back after its end, with the same events,
 //! latency marks and barge-in a voice pipeline has. Typed text is echoed as reply text.
 use super::{Command, Pipeline, SessionClosed, SessionIo, TurnMarks};
@@ -86,7 +87,7 @@ impl Worker {
             while self.io.audio.available() >= FRAME {
                 self.io.audio.pop(&mut self.frame);
                 match self.config.mode {
-                    EchoMode::Frame => {
+                    EchoMode::Frame | EchoMode::Packet => {
                         let ts = self.io.audio.last_stamp().map_or(0, |s| s.client_ts_us);
                         self.io.output.audio(0, self.frame.to_vec(), PIPELINE_RATE, ts).await?;
                     }
