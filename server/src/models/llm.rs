@@ -4,9 +4,13 @@
 //!   default system prompt when the history does not start with one, and followed by the assistant
 //!   generation prompt. Control-token spellings inside message text (`<|im_end|>` …) are defused so a
 //!   user cannot forge a turn.
-//! - **Prefix cache**: the KV cache of the previous call is kept with its tokens. A new call reuses the
-//!   longest common token prefix (at least the system prompt; after a reply, the whole previous
-//!   conversation) and prefills only the tokens after it.
+//! - **Prefix cache, per conversation**: each conversation (a key; [`Llm::generate`] uses key 0)
+//!   keeps its own KV cache with its tokens, for up to [`MAX_CONVERSATIONS`] conversations (the least
+//!   recently used gives its buffers up). A new call reuses the longest common token prefix (at
+//!   least the system prompt; after a reply, the whole previous conversation) and prefills only the
+//!   tokens after it.
+//! - **Resumable decoding**: [`Llm::start`] prefills and [`Llm::resume`] decodes a few tokens at a
+//!   time, so one engine thread can interleave the replies of several sessions token by token.
 //! - **KV cache in place**: one buffer per layer for K and V, of `max_context` positions, bound as both
 //!   the graph's `past_*` input and `present_*` output; ORT's `GroupQueryAttention` writes the new
 //!   positions into it, so a step copies nothing, and dropping cached positions is only a shorter
@@ -29,6 +33,8 @@ use std::time::Instant;
 /// Default bound on prompt + reply tokens (the model was trained on 8192). The KV cache takes
 /// 46 KB per position (47 MB at 1024) and attention cost grows with it.
 pub const DEFAULT_MAX_CONTEXT: usize = 1024;
+/// Conversations whose KV cache is kept at once (47 MB each at 1024 positions).
+pub const MAX_CONVERSATIONS: usize = 6;
 /// Undecodable tokens held back at most this long before their text is emitted anyway.
 const MAX_PENDING_TOKENS: usize = 8;
 
@@ -122,19 +128,54 @@ struct Meta {
     chat_template: ChatTemplate,
 }
 
-/// SmolLM2 with its tokenizer and the KV cache of the last conversation.
+/// SmolLM2 with its tokenizer and the KV caches of the last conversations.
 pub struct Llm {
     session: Session,
-    /// The KV buffers bound in place (input and output), and the `logits` output.
-    binding: IoBinding,
     tokenizer: tokenizers::Tokenizer,
     meta: Meta,
     /// Positions of the KV buffers: the bound on prompt + reply.
     max_context: usize,
-    /// The tokens whose keys and values fill the first positions of the KV buffers.
-    cached: Vec<u32>,
+    slots: Vec<Slot>,
+    /// Counts slot uses (least recently used = smallest stamp).
+    clock: u64,
     /// Extra token to stop on: end-of-text never belongs in a reply.
     end_of_text: Option<u32>,
+}
+
+/// One conversation's KV cache.
+struct Slot {
+    key: u64,
+    /// The KV buffers bound in place (input and output), and the `logits` output.
+    binding: IoBinding,
+    /// The tokens whose keys and values fill the first positions of the KV buffers.
+    cached: Vec<u32>,
+    used: u64,
+}
+
+/// A reply being decoded ([`Llm::start`], then [`Llm::resume`] until it is done).
+pub struct Decoding {
+    key: u64,
+    /// The prompt and the tokens decoded so far: what the conversation's cache must hold.
+    context: Vec<u32>,
+    /// The next token, not yet emitted.
+    next: u32,
+    max_tokens: usize,
+    stream: Stream,
+    steps: usize,
+    decode_ms: f64,
+    done: bool,
+    generation: Generation,
+}
+
+impl Decoding {
+    /// The reply ended (its [`Generation`] is final).
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    pub fn generation(&self) -> &Generation {
+        &self.generation
+    }
 }
 
 impl Llm {
@@ -147,8 +188,7 @@ impl Llm {
         let session = manifest.session("llm", "model", threads)?;
         let end_of_text = tokenizer.token_to_id("<|endoftext|>");
         let max_context = DEFAULT_MAX_CONTEXT.min(meta.max_context);
-        let binding = bind(&session, &meta, max_context)?;
-        Ok(Llm { session, binding, tokenizer, meta, max_context, cached: Vec::new(), end_of_text })
+        Ok(Llm { session, tokenizer, meta, max_context, slots: Vec::new(), clock: 0, end_of_text })
     }
 
     /// The bound on prompt + reply tokens.
@@ -159,16 +199,34 @@ impl Llm {
     /// Sets the bound on prompt + reply tokens (at least 64, at most the model's own context), and
     /// reallocates the KV cache to that size.
     pub fn set_max_context(&mut self, tokens: usize) -> Result<(), ModelError> {
-        let tokens = tokens.clamp(64, self.meta.max_context.max(64));
-        self.reset_cache();
-        self.binding = bind(&self.session, &self.meta, tokens)?;
-        self.max_context = tokens;
+        self.max_context = tokens.clamp(64, self.meta.max_context.max(64));
+        self.slots.clear();
         Ok(())
     }
 
-    /// Forgets the cached prefix: the next call prefills its whole prompt.
+    /// Forgets every cached prefix: the next call prefills its whole prompt.
     pub fn reset_cache(&mut self) {
-        self.cached.clear();
+        self.slots.iter_mut().for_each(|slot| slot.cached.clear());
+    }
+
+    /// The slot of conversation `key`: its own, a new one, or the least recently used one.
+    fn slot(&mut self, key: u64) -> Result<usize, ModelError> {
+        self.clock += 1;
+        let used = self.clock;
+        if let Some(i) = self.slots.iter().position(|slot| slot.key == key) {
+            self.slots[i].used = used;
+            return Ok(i);
+        }
+        if self.slots.len() < MAX_CONVERSATIONS {
+            let binding = bind(&self.session, &self.meta, self.max_context)?;
+            self.slots.push(Slot { key, binding, cached: Vec::new(), used });
+            return Ok(self.slots.len() - 1);
+        }
+        let i = (0..self.slots.len()).min_by_key(|&i| self.slots[i].used).unwrap_or(0);
+        let slot = &mut self.slots[i];
+        (slot.key, slot.used) = (key, used);
+        slot.cached.clear();
+        Ok(i)
     }
 
     /// The default system prompt, used when `history` does not start with a system message.
@@ -183,20 +241,28 @@ impl Llm {
 
     /// Generates the assistant's reply to `history`, greedily, at most `max_tokens` tokens, calling
     /// `on_token` with each piece of new text; a `ControlFlow::Break` stops generation after it.
+    /// Uses conversation key 0.
     pub fn generate(
         &mut self,
         history: &[Message],
         max_tokens: usize,
-        mut on_token: impl FnMut(&str) -> ControlFlow<()>,
+        on_token: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation, ModelError> {
+        let mut decoding = self.start(0, history, max_tokens)?;
+        self.resume(&mut decoding, usize::MAX, on_token)?;
+        Ok(decoding.generation)
+    }
+
+    /// Prefills `history` in conversation `key`'s cache (the prefill yields the first token, not yet
+    /// emitted); [`Llm::resume`] then decodes the reply.
+    pub fn start(&mut self, key: u64, history: &[Message], max_tokens: usize) -> Result<Decoding, ModelError> {
         // Room for at least one reply token; the rest of the context is the prompt's budget.
         let max_tokens = max_tokens.clamp(1, self.max_context / 2);
         let (prompt, dropped_messages) = self.prompt(history, self.max_context - max_tokens)?;
-
+        let slot = self.slot(key)?;
         // Reuse the cached prefix; at least one token must run to give the next token's logits.
-        let reused = common_prefix(&self.cached, &prompt).min(prompt.len() - 1);
-        self.cached.truncate(reused);
-
+        let reused = common_prefix(&self.slots[slot].cached, &prompt).min(prompt.len() - 1);
+        self.slots[slot].cached.truncate(reused);
         let mut generation = Generation {
             text: String::new(),
             stop: Stop::MaxTokens,
@@ -209,65 +275,106 @@ impl Llm {
             per_token_ms: 0.0,
         };
         let t0 = Instant::now();
-        let mut next = self.step(&prompt[reused..])?;
+        let next = self.step(slot, &prompt[reused..])?;
         generation.prefill_ms = ms(t0);
+        let stream = Stream::default();
+        Ok(Decoding {
+            key,
+            context: prompt,
+            next,
+            max_tokens,
+            stream,
+            steps: 0,
+            decode_ms: 0.0,
+            done: false,
+            generation,
+        })
+    }
 
-        let mut stream = Stream::default();
-        let t1 = Instant::now();
-        let mut steps = 0usize;
-        loop {
+    /// Decodes up to `tokens` more tokens of `decoding`, calling `on_token` with each piece of new
+    /// text (a `ControlFlow::Break` ends the reply after it); returns whether the reply is done.
+    /// Other conversations may run between calls; should one have taken this conversation's cache,
+    /// it is prefilled again.
+    pub fn resume(
+        &mut self,
+        decoding: &mut Decoding,
+        tokens: usize,
+        mut on_token: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<bool, ModelError> {
+        let d = decoding;
+        if d.done {
+            return Ok(true);
+        }
+        let t0 = Instant::now();
+        let slot = self.slot(d.key)?;
+        let cached = &self.slots[slot].cached;
+        let reused = common_prefix(cached, &d.context);
+        if reused < d.context.len() || cached.len() != d.context.len() {
+            self.slots[slot].cached.truncate(reused.min(d.context.len() - 1));
+            let from = self.slots[slot].cached.len();
+            d.next = self.step(slot, &d.context[from..])?;
+        }
+        let mut decoded = 0;
+        while decoded < tokens {
+            let next = d.next;
             if self.is_stop(next) {
-                generation.stop = Stop::EndOfTurn;
+                (d.generation.stop, d.done) = (Stop::EndOfTurn, true);
                 break;
             }
-            generation.generated_tokens += 1;
-            let flow = match stream.push(&self.tokenizer, next)? {
+            d.generation.generated_tokens += 1;
+            let flow = match d.stream.push(&self.tokenizer, next)? {
                 Some(delta) => {
-                    generation.text.push_str(&delta);
+                    d.generation.text.push_str(&delta);
                     on_token(&delta)
                 }
                 None => ControlFlow::Continue(()),
             };
             if flow.is_break() {
-                generation.stop = Stop::Caller;
+                (d.generation.stop, d.done) = (Stop::Caller, true);
                 break;
             }
-            if generation.generated_tokens >= max_tokens {
-                generation.stop = Stop::MaxTokens;
+            if d.generation.generated_tokens >= d.max_tokens {
+                (d.generation.stop, d.done) = (Stop::MaxTokens, true);
                 break;
             }
-            if self.cached.len() >= self.max_context {
-                generation.stop = Stop::ContextFull;
+            if self.slots[slot].cached.len() >= self.max_context {
+                (d.generation.stop, d.done) = (Stop::ContextFull, true);
                 break;
             }
-            next = self.step(&[next])?;
-            steps += 1;
+            d.next = self.step(slot, &[next])?;
+            d.context.push(next);
+            d.steps += 1;
+            decoded += 1;
         }
-        if let Some(rest) = stream.flush(&self.tokenizer)? {
-            generation.text.push_str(&rest);
-            if generation.stop != Stop::Caller {
-                let _ = on_token(&rest);
+        d.decode_ms += ms(t0);
+        if d.done {
+            if let Some(rest) = d.stream.flush(&self.tokenizer)? {
+                d.generation.text.push_str(&rest);
+                if d.generation.stop != Stop::Caller {
+                    let _ = on_token(&rest);
+                }
+            }
+            if d.steps > 0 {
+                d.generation.per_token_ms = d.decode_ms / d.steps as f64;
             }
         }
-        if steps > 0 {
-            generation.per_token_ms = ms(t1) / steps as f64;
-        }
-        Ok(generation)
+        Ok(d.done)
     }
 
-    /// Runs `tokens` after the cached ones, appends them to the cache, and returns the greedy next token.
-    /// A failed run leaves the cache empty.
-    fn step(&mut self, tokens: &[u32]) -> Result<u32, ModelError> {
-        let next = self.run(tokens);
+    /// Runs `tokens` after the ones cached in `slot`, appends them to its cache, and returns the
+    /// greedy next token. A failed run leaves that cache empty.
+    fn step(&mut self, slot: usize, tokens: &[u32]) -> Result<u32, ModelError> {
+        let next = self.run(slot, tokens);
         if next.is_err() {
-            self.reset_cache();
+            self.slots[slot].cached.clear();
         }
         next
     }
 
-    fn run(&mut self, tokens: &[u32]) -> Result<u32, ModelError> {
+    fn run(&mut self, slot: usize, tokens: &[u32]) -> Result<u32, ModelError> {
         let m = &self.meta;
-        let past = self.cached.len();
+        let Slot { binding, cached, .. } = &mut self.slots[slot];
+        let past = cached.len();
         if tokens.is_empty() || past + tokens.len() > self.max_context {
             return Err(ModelError::Invalid(format!(
                 "llm: {} new tokens after {past} do not fit the context of {}",
@@ -278,15 +385,15 @@ impl Llm {
         let ids =
             Tensor::from_array(([1usize, tokens.len()], tokens.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()))?;
         let past_len = Tensor::from_array(([1usize], vec![past as i64]))?;
-        self.binding.bind_input("input_ids", &ids)?;
-        self.binding.bind_input("past_len", &past_len)?;
-        let out = self.session.run_binding(&self.binding)?;
+        binding.bind_input("input_ids", &ids)?;
+        binding.bind_input("past_len", &past_len)?;
+        let out = self.session.run_binding(binding)?;
         let logits = out["logits"].try_extract_tensor::<f32>()?.1;
         if logits.len() != m.vocab {
             return Err(ModelError::Invalid(format!("llm: {} logits, expected {}", logits.len(), m.vocab)));
         }
         let next = argmax(logits);
-        self.cached.extend_from_slice(tokens);
+        cached.extend_from_slice(tokens);
         Ok(next)
     }
 

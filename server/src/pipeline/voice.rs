@@ -60,6 +60,8 @@ const CHUNK_MS: u32 = (CHUNK_SAMPLES as u32 * 1000) / PIPELINE_RATE;
 const DELTA_QUEUE: usize = 256;
 /// Clauses buffered between the reply task and its TTS stage.
 const CLAUSE_QUEUE: usize = 32;
+/// Conversation keys of the LLM's per-conversation KV caches (key 0 is `Llm::generate`'s).
+static NEXT_CONVERSATION: AtomicU64 = AtomicU64::new(1);
 /// Longest the reply model waits for the first chunk's synthesis (a bound, should the stage stall).
 const MAX_FIRST_AUDIO_WAIT: Duration = Duration::from_millis(1500);
 /// Messages of history kept per session (a memory bound; the LLM itself drops the oldest turns
@@ -362,6 +364,8 @@ struct Worker {
     state: Turn,
     turn: u64,
     history: Arc<Mutex<Vec<Message>>>,
+    /// This session's key for the LLM's per-conversation KV cache.
+    conversation: u64,
     reply: Option<Reply>,
     early_asr: Option<EarlyAsr>,
 }
@@ -380,6 +384,7 @@ impl Worker {
             state: Turn::Idle { voiced: 0 },
             turn: 0,
             history: Arc::new(Mutex::new(Vec::new())),
+            conversation: NEXT_CONVERSATION.fetch_add(1, Ordering::Relaxed),
             reply: None,
             early_asr: None,
         }
@@ -634,6 +639,7 @@ impl Worker {
             config: self.config.clone(),
             output,
             history: self.history.clone(),
+            conversation: self.conversation,
             cancel: cancel.clone(),
             gates,
             turn,
@@ -709,6 +715,7 @@ struct ReplyContext {
     config: Arc<VoiceConfig>,
     output: super::ReplyOutput,
     history: Arc<Mutex<Vec<Message>>>,
+    conversation: u64,
     cancel: Arc<AtomicBool>,
     gates: Gates,
     turn: u64,
@@ -869,11 +876,13 @@ impl ReplyContext {
         let (delta_tx, mut delta_rx) = mpsc::channel::<String>(DELTA_QUEUE);
         let cancel = self.cancel.clone();
         let wait = first_audio.clone();
-        let max_tokens = self.config.max_reply_tokens;
+        let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
         let llm = self.engines.llm.clone();
         let generation = tokio::spawn(async move {
             llm.try_run(Priority::High, move |llm| {
-                llm.generate(&messages, max_tokens, |delta| {
+                // In this session's own KV cache: other sessions' replies do not evict its prefix.
+                let mut decoding = llm.start(key, &messages, max_tokens)?;
+                llm.resume(&mut decoding, usize::MAX, |delta| {
                     wait.wait(MAX_FIRST_AUDIO_WAIT);
                     let stop = cancel.load(Ordering::Relaxed) || halt.load(Ordering::Relaxed);
                     if stop || delta_tx.blocking_send(delta.to_string()).is_err() {

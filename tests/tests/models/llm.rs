@@ -102,6 +102,35 @@ fn the_cached_and_uncached_paths_give_the_same_reply() {
 }
 
 #[test]
+fn conversations_interleaved_token_by_token_keep_their_own_caches() {
+    let mut llm = llm();
+    let questions = ["What is the capital of France?", "What is two plus two?", "Name a colour."];
+    let histories: Vec<Vec<Message>> =
+        questions.iter().map(|q| vec![Message::system(SYSTEM), Message::user(*q)]).collect();
+    let alone: Vec<String> =
+        histories.iter().map(|h| llm.generate(h, 20, |_| ControlFlow::Continue(())).unwrap().text).collect();
+    // One token of each in turn, each conversation with its own key.
+    let mut decodings: Vec<_> =
+        histories.iter().enumerate().map(|(i, h)| llm.start(100 + i as u64, h, 20).unwrap()).collect();
+    while decodings.iter().any(|d| !d.is_done()) {
+        for d in decodings.iter_mut() {
+            llm.resume(d, 1, |_| ControlFlow::Continue(())).unwrap();
+        }
+    }
+    let interleaved: Vec<String> = decodings.iter().map(|d| d.generation().text.clone()).collect();
+    assert_eq!(interleaved, alone);
+    // More conversations than cache slots: an evicted one is prefilled again and goes on unchanged.
+    let mut first = llm.start(200, &histories[0], 20).unwrap();
+    llm.resume(&mut first, 2, |_| ControlFlow::Continue(())).unwrap();
+    for key in 300..300 + parley_server::models::llm::MAX_CONVERSATIONS as u64 {
+        llm.generate(&histories[1], 1, |_| ControlFlow::Continue(())).unwrap();
+        llm.start(key, &histories[2], 1).unwrap();
+    }
+    while !llm.resume(&mut first, 4, |_| ControlFlow::Continue(())).unwrap() {}
+    assert_eq!(first.generation().text, alone[0]);
+}
+
+#[test]
 fn odd_input_does_not_panic_and_context_stays_bounded() {
     let mut llm = llm();
     let big = "All work and no play makes Jack a dull boy. ".repeat(400); // ~4800 tokens
