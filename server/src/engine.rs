@@ -152,6 +152,12 @@ impl<M: 'static> Engine<M> {
         Ok(())
     }
 
+    /// Jobs waiting to run (not counting the one running).
+    pub fn waiting(&self) -> usize {
+        let queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.high.len() + queue.low.len()
+    }
+
     /// Jobs refused because the queue was full, since start.
     pub fn refused(&self) -> u64 {
         self.shared.refused.load(Ordering::Relaxed)

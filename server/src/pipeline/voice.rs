@@ -391,6 +391,7 @@ impl Worker {
     }
 
     async fn run(mut self) -> Result<(), SessionClosed> {
+        self.prefill_system_prompt();
         loop {
             while self.io.audio.available() >= CHUNK_SAMPLES {
                 self.io.audio.pop(&mut self.chunk);
@@ -412,6 +413,18 @@ impl Worker {
                 },
             }
         }
+    }
+
+    /// Puts the system prompt into this session's KV cache while the user is still speaking, so the
+    /// first reply prefills only the user's words (a background job; nothing waits for it).
+    fn prefill_system_prompt(&self) {
+        let (llm, key, messages) = (self.engines.llm.clone(), self.conversation, prompt(&self.config, &[]));
+        tokio::spawn(async move {
+            let prefill = llm.try_run(Priority::Low, move |llm| llm.start(key, &messages, 1).map(drop)).await;
+            if let Err(e) = prefill {
+                tracing::debug!(error = %e, "system prompt prefill failed");
+            }
+        });
     }
 
     /// Scores one 32 ms chunk and advances the turn state.
@@ -878,12 +891,13 @@ impl ReplyContext {
         let wait = first_audio.clone();
         let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
         let llm = self.engines.llm.clone();
+        let engine = llm.clone();
         let generation = tokio::spawn(async move {
             llm.try_run(Priority::High, move |llm| {
                 // In this session's own KV cache: other sessions' replies do not evict its prefix.
                 let mut decoding = llm.start(key, &messages, max_tokens)?;
                 llm.resume(&mut decoding, usize::MAX, |delta| {
-                    wait.wait(MAX_FIRST_AUDIO_WAIT);
+                    wait.wait(MAX_FIRST_AUDIO_WAIT, || engine.waiting() > 0);
                     let stop = cancel.load(Ordering::Relaxed) || halt.load(Ordering::Relaxed);
                     if stop || delta_tx.blocking_send(delta.to_string()).is_err() {
                         ControlFlow::Break(())
@@ -937,7 +951,8 @@ enum Piece {
 
 /// The reply model pauses between tokens while the first chunk is synthesized: on two cores its
 /// next tokens (not needed until that audio has played) would take the cores the first audio
-/// needs. Measured on this machine: first audio ~100 ms sooner, with the TTS on 2 threads.
+/// needs. Measured on this machine: first audio ~100 ms sooner, with the TTS on 2 threads. It does
+/// not pause while other sessions' jobs wait for the model (the engine would idle in front of them).
 #[derive(Default)]
 struct FirstAudioWait {
     pending: Mutex<bool>,
@@ -955,10 +970,16 @@ impl FirstAudioWait {
         self.done.notify_all();
     }
 
-    /// Blocks (the engine thread) while the first chunk is being synthesized, at most `limit`.
-    fn wait(&self, limit: Duration) {
-        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self.done.wait_timeout_while(pending, limit, |pending| *pending);
+    /// Blocks (the engine thread) while the first chunk is being synthesized, at most `limit`,
+    /// and only as long as `others_waiting` says no.
+    fn wait(&self, limit: Duration, others_waiting: impl Fn() -> bool) {
+        let deadline = Instant::now() + limit;
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        while *pending && !others_waiting() {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { return };
+            let slice = left.min(Duration::from_millis(10));
+            pending = self.done.wait_timeout(pending, slice).unwrap_or_else(|e| e.into_inner()).0;
+        }
     }
 }
 
