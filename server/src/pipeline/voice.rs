@@ -678,7 +678,12 @@ impl Worker {
 
     /// Stops the reply in progress, if any: generation stops and unsent audio is dropped.
     async fn cancel_reply(&mut self, reason: CancelReason) {
-        self.discard_held().await;
+        if self.reply.as_ref().is_some_and(|r| r.hold.is_some()) {
+            // Nothing of a held reply reached the session: dropping it is all (cancelling its turn
+            // at the pacer would also drop the reply that turn gets once the user stops).
+            self.discard_held().await;
+            return;
+        }
         if let Some(reply) = &self.reply
             && (!reply.task.is_finished() || self.io.output.is_playing() == Some(reply.turn))
         {
