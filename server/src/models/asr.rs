@@ -168,8 +168,8 @@ impl Asr {
         self.transcribe_unless(audio_16k, &AtomicBool::new(false))
     }
 
-    /// [`Asr::transcribe`], stopping early (between decoder steps, [`Stop::Cancelled`]) once
-    /// `cancel` is set: for speech recognised ahead that may turn out stale.
+    /// [`Asr::transcribe`], stopping early ([`Stop::Cancelled`]: before encoding, or between
+    /// decoder steps) once `cancel` is set: for speech recognised ahead that may turn out stale.
     pub fn transcribe_unless(&mut self, audio_16k: &[f32], cancel: &AtomicBool) -> Result<Transcript, ModelError> {
         if audio_16k.len() > self.meta.max_samples {
             return Err(ModelError::Invalid(format!(
@@ -191,6 +191,10 @@ impl Asr {
         let seconds = audio_16k.len() as f32 / self.meta.sample_rate as f32;
         let peak = audio_16k.iter().filter(|x| x.is_finite()).fold(0.0f32, |m, x| m.max(x.abs()));
         if seconds < MIN_SECONDS || peak < SILENCE_PEAK {
+            return Ok(transcript);
+        }
+        if cancel.load(Ordering::Relaxed) {
+            transcript.stop = Stop::Cancelled;
             return Ok(transcript);
         }
         let max_tokens = ((seconds * MAX_TOKENS_PER_S) as usize + MAX_TOKENS_BASE).min(self.meta.n_text_ctx / 2);

@@ -1,8 +1,8 @@
 //! The echo pipeline: transport without models. In `frame` mode every 20 ms of input goes
 //! straight back (the per-frame overhead benchmark); in `packet` mode the session itself returns
-//! each audio message undecoded and nothing reaches this worker; in `utterance` mode an energy VAD cuts the
-//! input into turns and plays each utterance back after its end, with the same events,
-//! latency marks and barge-in a voice pipeline has. Typed text is echoed as reply text.
+//! each audio message undecoded and nothing reaches this worker; in `utterance` mode an energy
+//! VAD cuts the input into turns and plays each utterance back after its end, with the same
+//! events, latency marks and barge-in a voice pipeline has. Typed text is echoed as reply text.
 use super::{Command, Pipeline, SessionClosed, SessionIo, TurnMarks};
 use crate::audio::PIPELINE_RATE;
 use crate::config::{EchoConfig, EchoMode};

@@ -9,8 +9,8 @@
 //!
 //! Ahead of the endpoint: at the first sign of a pause (64 ms of silence) the speech so far is
 //! recognised (dropped, mid-decode, if the user goes on); after a short pause (160 ms) the turn is
-//! judged tentatively over and
-//! its whole reply starts — ASR, gates, LLM, TTS — with its output held (`ReplyOutput::held`).
+//! judged tentatively over and its whole reply starts — ASR, gates, LLM, TTS — with its output
+//! held (`ReplyOutput::held`).
 //! When the endpoint confirms the turn the held output goes out at once; if the user speaks again
 //! first, it is dropped unseen and the turn goes on. The endpoint comes sooner when the
 //! transcript reads as a finished utterance (`endpoint_complete_ms`) than when it trails off.
@@ -33,7 +33,7 @@ use crate::models::tts::{Synthesizer, TtsBackend};
 use crate::models::vad::{CHUNK_SAMPLES, Vad, VadState};
 use crate::models::{Manifest, ModelError};
 use crate::safety::audit::AuditLog;
-use crate::safety::content::{ContentClassifier, Verdict};
+use crate::safety::content::ContentClassifier;
 use crate::safety::policy::Policy;
 use crate::safety::voice::{MIN_CHECK_MS, VoiceGate, check_windows};
 use crate::safety::{Decision, Recorder, SafetyConfig};
@@ -581,15 +581,10 @@ impl Worker {
         let audio = self.speech(last_voiced_end, position);
         let cancel = Arc::new(AtomicBool::new(false));
         let (asr, flag) = (self.engines.asr.clone(), cancel.clone());
-        let task = tokio::spawn(async move {
-            asr.try_run(Priority::High, move |asr| {
-                if flag.load(Ordering::Relaxed) {
-                    return Err(ModelError::Invalid("asr: cancelled before it started".into()));
-                }
-                asr.transcribe_unless(&audio, &flag)
-            })
-            .await
-        });
+        let task =
+            tokio::spawn(
+                async move { asr.try_run(Priority::High, move |asr| asr.transcribe_unless(&audio, &flag)).await },
+            );
         self.early_asr = Some(EarlyAsr { last_voiced_end, cancel, task });
     }
 
@@ -1005,23 +1000,15 @@ impl Gates {
         let owned = text.to_string();
         let reply = stage == SafetyStage::Output;
         match self.engines.content.try_run(Priority::High, move |c| c.judge(&owned, reply)).await {
-            Ok(verdict) => self.record_verdict(stage, &verdict, started.elapsed(), text).await.map(Some),
+            Ok(verdict) => {
+                let decision = Decision::content(&self.engines.policy, stage, &verdict, started.elapsed());
+                self.record(decision, text).await.map(Some)
+            }
             Err(e) => {
                 self.output.event(engine_error("safety check failed", &e)).await?;
                 Ok(None)
             }
         }
-    }
-
-    /// Sends, logs and counts the decision on a verdict the classifier reached in `took`.
-    async fn record_verdict(
-        &self,
-        stage: SafetyStage,
-        verdict: &Verdict,
-        took: Duration,
-        text: &str,
-    ) -> Result<Decision, SessionClosed> {
-        self.record(Decision::content(&self.engines.policy, stage, verdict, took), text).await
     }
 
     /// Compares synthesized `audio` (at the voice's rate) with the enrolled voice. `None`: the
