@@ -345,10 +345,15 @@ impl Session {
             }
             lost = seq - last - 1;
         }
+        if lost > 0 {
+            self.metrics.frames_lost.fetch_add(lost as u64, Relaxed);
+            let handled = if self.passthrough { "passed on without them" } else { "concealed" };
+            let message = format!("{lost} frame(s) before {seq} missing; {handled}");
+            self.outbox.event(&ServerEvent::frame_error(ErrorCode::FramesLost, seq, message));
+        }
         if self.passthrough {
             // Validated (header, order, size), counted, and sent back as it came.
             self.last_seq = Some(seq);
-            self.metrics.frames_lost.fetch_add(lost as u64, Relaxed);
             self.metrics.frames_received.fetch_add(1, Relaxed);
             self.outbox.audio(data);
             self.metrics.input_frame_seconds.observe(arrived.elapsed());
@@ -356,9 +361,6 @@ impl Session {
         }
         let frame = self.decoder.frame_len();
         if lost > 0 {
-            self.metrics.frames_lost.fetch_add(lost as u64, Relaxed);
-            let message = format!("{lost} frame(s) before {seq} missing; concealed");
-            self.outbox.event(&ServerEvent::frame_error(ErrorCode::FramesLost, seq, message));
             // Decoder packet-loss concealment keeps the stream's timing across short gaps.
             let mut plc = [0.0f32; 960];
             for _ in 0..lost.min(MAX_CONCEALED_FRAMES) {

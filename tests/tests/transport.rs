@@ -248,6 +248,14 @@ async fn packet_echo_returns_every_frame_as_sent() {
     }
     let correlation = best_correlation(&envelope(&clips[0].samples), &envelope(&result.reply_audio), 25);
     assert!(correlation > 0.8, "envelope correlation {correlation}");
+    // A gap is reported as in the decoding modes, and frames out of order are refused.
+    let mut ws = connect(&server).await;
+    let mut encoder = encoder();
+    ws.send(tone_frame(&mut encoder, 5)).await.unwrap();
+    ws.send(tone_frame(&mut encoder, 3)).await.unwrap();
+    assert_eq!(next_error(&mut ws).await, ErrorCode::FrameOutOfOrder);
+    ws.send(tone_frame(&mut encoder, 8)).await.unwrap();
+    assert_eq!(next_error(&mut ws).await, ErrorCode::FramesLost);
     server.stop().await;
 }
 
