@@ -18,6 +18,11 @@
 //!
 //! Silence and noise give an empty transcript: the model's own no-speech probability (the
 //! `<|nocaptions|>` token after `<|startoftranscript|>`) is checked before any text is decoded.
+//!
+//! Speech still being spoken can be recognised in passes over what there is so far
+//! ([`Asr::transcribe_partial`]): the tokens two passes in a row agree on are [`Settled`] (local
+//! agreement). Later passes, and the transcription at the end, force them (one decoder step for
+//! all) and decode only the rest.
 use super::{Manifest, ModelError};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
@@ -77,6 +82,8 @@ pub struct Transcript {
     pub text: String,
     /// Text tokens decoded (prompt excluded).
     pub tokens: usize,
+    /// Their ids (the forced prefix included).
+    pub ids: Vec<u32>,
     /// Encoder time, including a 30 s fallback pass if there was one.
     pub encode_ms: f64,
     /// Decoder time (all steps, including the prompt).
@@ -105,6 +112,15 @@ struct Meta {
     eot: usize,
     suppress_ids: Vec<usize>,
     suppress_ids_begin: Vec<usize>,
+}
+
+/// The start of a transcript that passes over speech still being spoken agree on.
+#[derive(Debug, Clone, Default)]
+pub struct Settled {
+    /// Token ids of the latest pass.
+    latest: Vec<u32>,
+    /// Token ids the latest two passes agree on.
+    pub ids: Vec<u32>,
 }
 
 /// Whisper encoder + decoder sessions and the tokenizer. Not `Sync`: one per owning thread.
@@ -165,12 +181,19 @@ impl Asr {
     /// Empty, very short, silent or noise-only audio gives an empty transcript; audio longer
     /// than 30 s is an error (split it first, e.g. at VAD pauses). Non-finite samples count as 0.
     pub fn transcribe(&mut self, audio_16k: &[f32]) -> Result<Transcript, ModelError> {
-        self.transcribe_unless(audio_16k, &AtomicBool::new(false))
+        self.transcribe_unless(audio_16k, &[], &AtomicBool::new(false))
     }
 
-    /// [`Asr::transcribe`], stopping early ([`Stop::Cancelled`]: before encoding, or between
-    /// decoder steps) once `cancel` is set: for speech recognised ahead that may turn out stale.
-    pub fn transcribe_unless(&mut self, audio_16k: &[f32], cancel: &AtomicBool) -> Result<Transcript, ModelError> {
+    /// [`Asr::transcribe`] with the text starting with `prefix` (token ids of an earlier
+    /// transcript of the same speech's start, forced in one decoder step), stopping early
+    /// ([`Stop::Cancelled`]: before encoding, or between decoder steps) once `cancel` is set: for
+    /// speech recognised ahead that may turn out stale.
+    pub fn transcribe_unless(
+        &mut self,
+        audio_16k: &[f32],
+        prefix: &[u32],
+        cancel: &AtomicBool,
+    ) -> Result<Transcript, ModelError> {
         if audio_16k.len() > self.meta.max_samples {
             return Err(ModelError::Invalid(format!(
                 "asr: {:.1} s of audio; Whisper transcribes at most {:.0} s per call: split the audio first",
@@ -181,6 +204,7 @@ impl Asr {
         let mut transcript = Transcript {
             text: String::new(),
             tokens: 0,
+            ids: Vec::new(),
             encode_ms: 0.0,
             decode_ms: 0.0,
             decoder_steps: 0,
@@ -209,7 +233,7 @@ impl Asr {
             let t0 = Instant::now();
             let (cross_k, cross_v) = self.encode(audio_16k, padding)?;
             let t1 = Instant::now();
-            let attempt = self.decode(&cross_k, &cross_v, max_tokens, cancel)?;
+            let attempt = self.decode(&cross_k, &cross_v, prefix, max_tokens, cancel)?;
             transcript.encode_ms += ms(t1 - t0);
             transcript.decode_ms += ms(t1.elapsed());
             transcript.decoder_steps += attempt.steps;
@@ -225,13 +249,34 @@ impl Asr {
         transcript.stop = decoded.stop;
         transcript.no_speech_prob = decoded.no_speech_prob;
         transcript.tokens = decoded.tokens.len();
-        transcript.text = self
-            .tokenizer
-            .decode(&decoded.tokens, true)
-            .map_err(|e| ModelError::Invalid(format!("asr: detokenizing: {e}")))?
-            .trim()
-            .to_string();
+        transcript.text = self.text(&decoded.tokens)?;
+        transcript.ids = decoded.tokens;
         Ok(transcript)
+    }
+
+    /// A pass over speech still being spoken (its audio so far): decodes after the settled tokens,
+    /// then settles those this pass and the one before agree on. A pass that was stopped, looped
+    /// or hit its token bound leaves `settled` as it was.
+    pub fn transcribe_partial(
+        &mut self,
+        audio_16k: &[f32],
+        settled: &mut Settled,
+        cancel: &AtomicBool,
+    ) -> Result<(), ModelError> {
+        let transcript = self.transcribe_unless(audio_16k, &settled.ids, cancel)?;
+        if transcript.stop == Stop::EndOfText {
+            let agreed = settled.latest.iter().zip(&transcript.ids).take_while(|(a, b)| a == b).count();
+            settled.ids = transcript.ids[..agreed.max(settled.ids.len())].to_vec();
+            settled.latest = transcript.ids;
+        }
+        Ok(())
+    }
+
+    /// The text of token ids of a transcript.
+    pub fn text(&self, ids: &[u32]) -> Result<String, ModelError> {
+        let text =
+            self.tokenizer.decode(ids, true).map_err(|e| ModelError::Invalid(format!("asr: detokenizing: {e}")))?;
+        Ok(text.trim().to_string())
     }
 
     /// Runs the encoder on the audio plus `padding` seconds of silence (`None`: padded to 30 s);
@@ -255,11 +300,13 @@ impl Asr {
         Ok((take(&mut out, "cross_k")?, take(&mut out, "cross_v")?))
     }
 
-    /// Greedy decoding with the self-attention KV cache and the guards described in the module doc.
+    /// Greedy decoding with the self-attention KV cache and the guards described in the module
+    /// doc, the text starting with `prefix`.
     fn decode(
         &mut self,
         cross_k: &DynValue,
         cross_v: &DynValue,
+        prefix: &[u32],
         max_tokens: usize,
         cancel: &AtomicBool,
     ) -> Result<Decoded, ModelError> {
@@ -269,16 +316,17 @@ impl Asr {
         let mut past_v: DynValue = empty()?.into_dyn();
         let (sot, no_timestamps, eot) = (m.sot, m.no_timestamps, m.eot);
         let mut decoded = Decoded { tokens: Vec::new(), stop: Stop::TokenBound, steps: 0, no_speech_prob: 0.0 };
-        let mut feed = sot;
+        let prefix = &prefix[..prefix.len().min(max_tokens)];
+        let mut feed = vec![sot];
         let mut logits = Vec::new();
         // Step 0 feeds <|startoftranscript|> (its logits give the no-speech probability), step 1
-        // <|notimestamps|>, then each decoded token.
-        for step in 0..max_tokens + 2 {
+        // <|notimestamps|> and the forced prefix, then each decoded token.
+        for step in 0..max_tokens + 2 - prefix.len() {
             if cancel.load(Ordering::Relaxed) {
                 decoded.stop = Stop::Cancelled;
                 return Ok(decoded);
             }
-            let tokens = Tensor::from_array(([1usize, 1], vec![feed]))?;
+            let tokens = Tensor::from_array(([1usize, feed.len()], std::mem::take(&mut feed)))?;
             let mut out = self.decoder.run(ort::inputs! {
                 "tokens" => tokens,
                 "cross_k" => cross_k,
@@ -305,7 +353,9 @@ impl Asr {
                     decoded.stop = Stop::NoSpeech;
                     return Ok(decoded);
                 }
-                feed = no_timestamps;
+                feed.push(no_timestamps);
+                feed.extend(prefix.iter().map(|&t| i64::from(t)));
+                decoded.tokens.extend_from_slice(prefix);
                 continue;
             }
             let first = decoded.tokens.is_empty();
@@ -335,7 +385,7 @@ impl Asr {
                 decoded.stop = Stop::Loop;
                 return Ok(decoded);
             }
-            feed = best as i64;
+            feed.push(best as i64);
         }
         Ok(decoded)
     }

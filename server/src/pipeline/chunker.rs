@@ -107,12 +107,7 @@ mod tests {
     fn first_clause_alone_then_sentences() {
         assert_eq!(
             feed("Sure, the capital is Paris, a city of light. It has 2.1 million people! Anything else?"),
-            [
-                "Sure, the capital is Paris,",
-                "a city of light.",
-                "It has 2.1 million people!",
-                "Anything else?"
-            ]
+            ["Sure, the capital is Paris,", "a city of light.", "It has 2.1 million people!", "Anything else?"]
         );
     }
 

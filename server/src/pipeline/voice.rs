@@ -7,8 +7,10 @@
 //! so the worker keeps listening and can cancel the reply the moment the user speaks again
 //! (barge-in). The conversation history keeps only what the user actually heard.
 //!
-//! Ahead of the endpoint: at the first sign of a pause (64 ms of silence) the speech so far is
-//! recognised (dropped, mid-decode, if the user goes on); after a short pause (160 ms) the turn is
+//! Ahead of the endpoint: while the user speaks, the speech so far is recognised every second;
+//! the text two passes agree on is settled (not decoded again later) and the reply model prefills
+//! it as the start of the user's message. At the first sign of a pause (64 ms of silence) the
+//! speech so far is recognised (dropped, mid-decode, if the user goes on); after a short pause (160 ms) the turn is
 //! judged tentatively over and its whole reply starts — ASR, gates, LLM, TTS — with its output
 //! held (`ReplyOutput::held`).
 //! When the endpoint confirms the turn the held output goes out at once; if the user speaks again
@@ -26,7 +28,7 @@ use super::chunker::Chunker;
 use super::{Command, Hold, Pipeline, ReplyOutput, SessionClosed, SessionIo, TurnMarks};
 use crate::audio::PIPELINE_RATE;
 use crate::engine::{Engine, EngineError, Priority};
-use crate::models::asr::{Asr, Transcript};
+use crate::models::asr::{Asr, Settled, Transcript};
 use crate::models::llm::{Llm, Message};
 use crate::models::text_embed::TextEmbedder;
 use crate::models::tts::{Synthesizer, TtsBackend};
@@ -83,6 +85,10 @@ pub struct VoiceConfig {
     /// Silence that ends a turn whose transcript reads as finished (a full sentence, not trailing
     /// off on "and", "the", "um"…), in ms; needs the reply started ahead (`speculate_after_ms`).
     pub endpoint_complete_ms: u32,
+    /// Speech between passes of recognition while the user is still speaking, in ms. The text two
+    /// passes in a row agree on is settled: the recognition at the pause does not decode it again,
+    /// and the reply model prefills it as the start of the user's message. 0: off.
+    pub partial_every_ms: u32,
     /// Silence after which the speech so far is recognised ahead of the reply, in ms (the result
     /// is dropped, mid-decode, if the user goes on; the reply started ahead takes it). 0: off.
     pub asr_ahead_ms: u32,
@@ -117,6 +123,7 @@ impl Default for VoiceConfig {
             min_speech_ms: 96,
             endpoint_silence_ms: 480,
             endpoint_complete_ms: 256,
+            partial_every_ms: 1000,
             asr_ahead_ms: 64,
             speculate_after_ms: 160,
             max_reply_tokens: 60,
@@ -342,6 +349,22 @@ struct EarlyAsr {
     task: JoinHandle<Result<Transcript, EngineError>>,
 }
 
+/// Speech recognised while the user is still speaking, every `partial_every_ms` of it.
+#[derive(Default)]
+struct Partial {
+    /// Utterance samples the latest pass started from.
+    covered: usize,
+    settled: Settled,
+    running: Option<Pass>,
+}
+
+/// A pass in progress: the flag that stops it, and its task (what is settled after it, as tokens
+/// and as text).
+struct Pass {
+    cancel: Arc<AtomicBool>,
+    task: JoinHandle<Result<(Settled, String), EngineError>>,
+}
+
 /// A reply in progress: its task and the flag that stops it.
 struct Reply {
     turn: u64,
@@ -367,6 +390,7 @@ struct Worker {
     /// This session's key for the LLM's per-conversation KV cache.
     conversation: u64,
     reply: Option<Reply>,
+    partial: Partial,
     early_asr: Option<EarlyAsr>,
 }
 
@@ -386,6 +410,7 @@ impl Worker {
             history: Arc::new(Mutex::new(Vec::new())),
             conversation: NEXT_CONVERSATION.fetch_add(1, Ordering::Relaxed),
             reply: None,
+            partial: Partial::default(),
             early_asr: None,
         }
     }
@@ -447,6 +472,7 @@ impl Worker {
                     let turn = self.turn;
                     self.utterance.clear();
                     self.utterance.extend_from_slice(&self.pre_roll);
+                    self.drop_partial();
                     self.pre_roll.clear();
                     self.state = Turn::Speech {
                         turn,
@@ -473,6 +499,10 @@ impl Worker {
                     // The user went on: speech recognised and a reply started ahead are dropped.
                     self.drop_early_asr();
                     self.discard_held().await;
+                    self.listen_ahead().await;
+                } else if let Some(pass) = &self.partial.running {
+                    // A pass still running would hold up the recognition at the pause.
+                    pass.cancel.store(true, Ordering::Relaxed);
                 }
                 let held = self.reply.as_ref().and_then(|r| r.hold.as_ref());
                 let complete = held.and_then(|h| h.complete()) == Some(true);
@@ -570,7 +600,7 @@ impl Worker {
                 if let Some(stale) = other {
                     stale.cancel.store(true, Ordering::Relaxed);
                 }
-                Input::Speech(self.speech(last_voiced_end, position))
+                Input::Speech(self.speech(last_voiced_end, position), self.partial.settled.ids.clone())
             }
         }
     }
@@ -580,12 +610,67 @@ impl Worker {
     fn start_early_asr(&mut self, last_voiced_end: u64, position: u64) {
         let audio = self.speech(last_voiced_end, position);
         let cancel = Arc::new(AtomicBool::new(false));
-        let (asr, flag) = (self.engines.asr.clone(), cancel.clone());
-        let task =
-            tokio::spawn(
-                async move { asr.try_run(Priority::High, move |asr| asr.transcribe_unless(&audio, &flag)).await },
-            );
+        let (asr, flag, settled) = (self.engines.asr.clone(), cancel.clone(), self.partial.settled.ids.clone());
+        let task = tokio::spawn(async move {
+            asr.try_run(Priority::High, move |asr| asr.transcribe_unless(&audio, &settled, &flag)).await
+        });
         self.early_asr = Some(EarlyAsr { last_voiced_end, cancel, task });
+    }
+
+    /// While the user speaks: takes in the pass over the speech so far that finished, and starts
+    /// the next when `partial_every_ms` more speech came (and the recognizer has nothing queued).
+    async fn listen_ahead(&mut self) {
+        if let Some(pass) = self.partial.running.take_if(|pass| pass.task.is_finished())
+            && let Ok(Ok((settled, text))) = pass.task.await
+        {
+            if settled.ids.len() > self.partial.settled.ids.len() {
+                self.prefill_user_start(text);
+            }
+            self.partial.settled = settled;
+        }
+        let every = (self.config.partial_every_ms * PIPELINE_RATE / 1000) as usize;
+        if every == 0
+            || self.partial.running.is_some()
+            || self.utterance.len() < self.partial.covered + every
+            || self.engines.asr.waiting() > 0
+        {
+            return;
+        }
+        let audio = self.utterance.clone();
+        self.partial.covered = audio.len();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (asr, flag, mut settled) = (self.engines.asr.clone(), cancel.clone(), self.partial.settled.clone());
+        let task = tokio::spawn(async move {
+            asr.try_run(Priority::Low, move |asr| {
+                asr.transcribe_partial(&audio, &mut settled, &flag)?;
+                let text = asr.text(&settled.ids)?;
+                Ok((settled, text))
+            })
+            .await
+        });
+        self.partial.running = Some(Pass { cancel, task });
+    }
+
+    /// Puts the settled start of what the user is saying into this session's KV cache, so the
+    /// reply prefills only the rest (a background job; nothing waits for it).
+    fn prefill_user_start(&self, text: String) {
+        let mut messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()));
+        messages.push(Message::user(text));
+        let (llm, key) = (self.engines.llm.clone(), self.conversation);
+        tokio::spawn(async move {
+            let prefill = llm.try_run(Priority::Low, move |llm| llm.start(key, &messages, 1).map(drop)).await;
+            if let Err(e) = prefill {
+                tracing::debug!(error = %e, "prefill of the user's words failed");
+            }
+        });
+    }
+
+    /// A new utterance: what was recognised of the last one is dropped.
+    fn drop_partial(&mut self) {
+        if let Some(pass) = self.partial.running.take() {
+            pass.cancel.store(true, Ordering::Relaxed);
+        }
+        self.partial = Partial::default();
     }
 
     /// The user went on: speech recognised ahead is stale; its decoding stops at the next token.
@@ -701,6 +786,7 @@ fn engine_error(what: &str, e: &EngineError) -> ServerEvent {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.drop_early_asr();
+        self.drop_partial();
         if let Some(reply) = self.reply.take() {
             reply.cancel.store(true, Ordering::Relaxed);
             reply.task.abort();
@@ -717,7 +803,8 @@ fn prompt(config: &VoiceConfig, history: &[Message]) -> Vec<Message> {
 
 /// What the user said: recorded speech, speech already being recognised, or typed text.
 enum Input {
-    Speech(Vec<f32>),
+    /// The speech, and the token ids of its start already settled (see `Partial`).
+    Speech(Vec<f32>, Vec<u32>),
     Recognised(JoinHandle<Result<Transcript, EngineError>>),
     Text(String),
 }
@@ -758,8 +845,13 @@ impl ReplyContext {
         let turn = self.turn;
         let user_text = match input {
             Input::Text(text) => text,
-            Input::Speech(audio) => {
-                let result = self.engines.asr.try_run(Priority::High, move |asr| asr.transcribe(&audio)).await;
+            Input::Speech(audio, settled) => {
+                let never = AtomicBool::new(false);
+                let result = self
+                    .engines
+                    .asr
+                    .try_run(Priority::High, move |asr| asr.transcribe_unless(&audio, &settled, &never))
+                    .await;
                 self.transcribed(result).await?
             }
             Input::Recognised(task) => {
