@@ -16,9 +16,13 @@
 //!   positions into it, so a step copies nothing, and dropping cached positions is only a shorter
 //!   `past_len`.
 //! - **Context bound**: prompt plus reply never exceed `max_context` tokens (default
-//!   [`DEFAULT_MAX_CONTEXT`]). When they would, the oldest turns after the system prompt are dropped
-//!   (whole turns, oldest first); a single message too long on its own keeps only its last tokens, and
-//!   the system prompt at most half of the budget.
+//!   [`DEFAULT_MAX_CONTEXT`]). When they would, the oldest turns after the system prompt are dropped,
+//!   [`DROP_BLOCK`] messages at a time and with room kept for the last message whatever its length
+//!   (up to [`LAST_MESSAGE_RESERVE`]): so the kept conversation, and with it the cached prefix,
+//!   changes only every few turns, and a prefill of the user's first words drops the same turns as
+//!   the reply to all of them (dropping one turn per call would re-prefill the whole conversation
+//!   on every turn once it is full: ~2.6 s at 1024 tokens). A single message too long on its own
+//!   keeps only its last tokens, and the system prompt at most half of the budget.
 //! - **Stops** on `<|im_end|>`/end-of-text, at `max_tokens`, when the context is full, or when the
 //!   `on_token` callback breaks.
 //! - **Streaming**: `on_token` receives text deltas; a character split across tokens is held back
@@ -35,6 +39,11 @@ use std::time::Instant;
 pub const DEFAULT_MAX_CONTEXT: usize = 1024;
 /// Conversations whose KV cache is kept at once (47 MB each at 1024 positions).
 pub const MAX_CONVERSATIONS: usize = 6;
+/// Older messages are dropped this many at a time (see the module doc).
+pub const DROP_BLOCK: usize = 8;
+/// Room kept for the conversation's last message when older ones are dropped, in tokens (at most a
+/// quarter of the budget).
+pub const LAST_MESSAGE_RESERVE: usize = 160;
 /// Undecodable tokens held back at most this long before their text is emitted anyway.
 const MAX_PENDING_TOKENS: usize = 8;
 
@@ -438,11 +447,16 @@ impl Llm {
         }
         let mut turns = rest.iter().map(|m| turn(m.role, &m.text, Keep::All)).collect::<Result<Vec<_>, _>>()?;
         let fixed = system.len() + generation_prompt.len();
+        let last = turns.last().map_or(0, |t| t.len().max(LAST_MESSAGE_RESERVE.min(budget / 4)));
+        let room = budget.saturating_sub(fixed + last);
+        let earlier = turns.len().saturating_sub(1);
+        let mut kept: usize = turns[..earlier].iter().map(Vec::len).sum();
         let mut dropped = 0;
-        while turns.len() > 1 && fixed + turns.iter().map(Vec::len).sum::<usize>() > budget {
-            turns.remove(0);
+        while dropped < earlier && (kept > room || dropped % DROP_BLOCK != 0) {
+            kept -= turns[dropped].len();
             dropped += 1;
         }
+        turns.drain(..dropped);
         if let (Some(last), Some(message)) = (turns.last_mut(), rest.last())
             && fixed + last.len() > budget
         {

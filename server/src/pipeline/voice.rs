@@ -29,7 +29,7 @@ use super::{Command, Hold, Pipeline, ReplyOutput, SessionClosed, SessionIo, Turn
 use crate::audio::PIPELINE_RATE;
 use crate::engine::{Engine, EngineError, Priority};
 use crate::models::asr::{Asr, Settled, Transcript};
-use crate::models::llm::{Llm, Message};
+use crate::models::llm::{DROP_BLOCK, Llm, Message};
 use crate::models::text_embed::TextEmbedder;
 use crate::models::tts::{Synthesizer, TtsBackend};
 use crate::models::vad::{CHUNK_SAMPLES, Vad, VadState};
@@ -67,8 +67,10 @@ static NEXT_CONVERSATION: AtomicU64 = AtomicU64::new(1);
 /// Longest the reply model waits for the first chunk's synthesis (a bound, should the stage stall).
 const MAX_FIRST_AUDIO_WAIT: Duration = Duration::from_millis(1500);
 /// Messages of history kept per session (a memory bound; the LLM itself drops the oldest turns
-/// that do not fit its context, and trimming here earlier would defeat its prefix cache).
+/// that do not fit its context, and trimming here earlier would defeat its prefix cache). Past it,
+/// the older half goes: a whole number of the LLM's drop blocks, so the turns it keeps stay put.
 const MAX_HISTORY_MESSAGES: usize = 64;
+const _: () = assert!((MAX_HISTORY_MESSAGES / 2).is_multiple_of(DROP_BLOCK));
 
 /// Settings of the voice pipeline (`[voice]` in the config file).
 #[derive(Debug, Clone, Deserialize)]
@@ -416,7 +418,7 @@ impl Worker {
     }
 
     async fn run(mut self) -> Result<(), SessionClosed> {
-        self.prefill_system_prompt();
+        self.prefill(String::new());
         loop {
             while self.io.audio.available() >= CHUNK_SAMPLES {
                 self.io.audio.pop(&mut self.chunk);
@@ -440,18 +442,6 @@ impl Worker {
         }
     }
 
-    /// Puts the system prompt into this session's KV cache while the user is still speaking, so the
-    /// first reply prefills only the user's words (a background job; nothing waits for it).
-    fn prefill_system_prompt(&self) {
-        let (llm, key, messages) = (self.engines.llm.clone(), self.conversation, prompt(&self.config, &[]));
-        tokio::spawn(async move {
-            let prefill = llm.try_run(Priority::Low, move |llm| llm.start(key, &messages, 1).map(drop)).await;
-            if let Err(e) = prefill {
-                tracing::debug!(error = %e, "system prompt prefill failed");
-            }
-        });
-    }
-
     /// Scores one 32 ms chunk and advances the turn state.
     async fn on_chunk(&mut self) -> Result<(), SessionClosed> {
         let prob = self.vad().await?;
@@ -467,12 +457,17 @@ impl Worker {
                 if *voiced as u32 * CHUNK_MS >= config.min_speech_ms {
                     let start = position.saturating_sub((*voiced * CHUNK_SAMPLES) as u64);
                     // Barge-in: the user talks over the reply; it stops now.
+                    let replying = self.reply.as_ref().is_some_and(|r| !r.task.is_finished());
                     self.cancel_reply(CancelReason::BargeIn).await;
                     self.turn += 1;
                     let turn = self.turn;
                     self.utterance.clear();
                     self.utterance.extend_from_slice(&self.pre_roll);
                     self.drop_partial();
+                    if !replying {
+                        // The history is final (a cut reply writes what was heard once it stops).
+                        self.prefill(String::new());
+                    }
                     self.pre_roll.clear();
                     self.state = Turn::Speech {
                         turn,
@@ -624,7 +619,7 @@ impl Worker {
             && let Ok(Ok((settled, text))) = pass.task.await
         {
             if settled.ids.len() > self.partial.settled.ids.len() {
-                self.prefill_user_start(text);
+                self.prefill(text);
             }
             self.partial.settled = settled;
         }
@@ -651,16 +646,18 @@ impl Worker {
         self.partial.running = Some(Pass { cancel, task });
     }
 
-    /// Puts the settled start of what the user is saying into this session's KV cache, so the
-    /// reply prefills only the rest (a background job; nothing waits for it).
-    fn prefill_user_start(&self, text: String) {
+    /// Puts the conversation so far and the start of what the user is saying into this session's
+    /// KV cache, so the reply prefills only the rest: at session start (the system prompt), when
+    /// the user starts speaking (the last exchange, or older turns dropped to make room) and as
+    /// their words settle. A background job; nothing waits for it.
+    fn prefill(&self, user_start: String) {
         let mut messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()));
-        messages.push(Message::user(text));
-        let (llm, key) = (self.engines.llm.clone(), self.conversation);
+        messages.push(Message::user(user_start));
+        let (llm, key, max_tokens) = (self.engines.llm.clone(), self.conversation, self.config.max_reply_tokens);
         tokio::spawn(async move {
-            let prefill = llm.try_run(Priority::Low, move |llm| llm.start(key, &messages, 1).map(drop)).await;
+            let prefill = llm.try_run(Priority::Low, move |llm| llm.start(key, &messages, max_tokens).map(drop)).await;
             if let Err(e) = prefill {
-                tracing::debug!(error = %e, "prefill of the user's words failed");
+                tracing::debug!(error = %e, "prefill failed");
             }
         });
     }
@@ -888,8 +885,9 @@ impl ReplyContext {
         if !heard.is_empty() {
             history.push(Message::assistant(heard));
         }
-        let excess = history.len().saturating_sub(MAX_HISTORY_MESSAGES);
-        history.drain(..excess);
+        if history.len() > MAX_HISTORY_MESSAGES {
+            history.drain(..MAX_HISTORY_MESSAGES / 2);
+        }
         Ok(())
     }
 

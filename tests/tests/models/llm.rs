@@ -1,6 +1,6 @@
 //! Tests of the `llm` model.
 use crate::manifest;
-use parley_server::models::llm::{Llm, Message, Stop};
+use parley_server::models::llm::{DROP_BLOCK, Llm, Message, Stop};
 use std::ops::ControlFlow;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -163,6 +163,42 @@ fn odd_input_does_not_panic_and_context_stays_bounded() {
     let g = llm.generate(&cases[7], 1000, |_| ControlFlow::Continue(())).unwrap();
     assert!(g.dropped_messages > 0 && g.prompt_tokens + g.generated_tokens <= 128, "{g:?}");
     llm.set_max_context(usize::MAX).unwrap();
+    llm.set_max_context(parley_server::models::llm::DEFAULT_MAX_CONTEXT).unwrap();
+}
+
+/// A conversation longer than the context drops its oldest turns a block at a time: the kept turns,
+/// and so the cached prefix, stay put between drops (dropping one turn per call would re-prefill
+/// the whole conversation on every turn), and a prefill of the user's first words drops the same
+/// turns as the reply to all of them.
+#[test]
+fn a_full_conversation_keeps_its_cached_prefix_between_drops() {
+    let mut llm = llm();
+    llm.set_max_context(256).unwrap();
+    let (key, max_tokens) = (7, 16);
+    let mut history = vec![Message::system(SYSTEM)];
+    let (mut drops, mut last_dropped) = (0, 0);
+    for i in 0..40 {
+        let user = format!("Exchange {i}: tell me something short about the number {i} please.");
+        let mut first_words = history.clone();
+        first_words.push(Message::user(user.split_whitespace().take(3).collect::<Vec<_>>().join(" ")));
+        let early = llm.start(key, &first_words, max_tokens).unwrap();
+        history.push(Message::user(user));
+        let reply = llm.start(key, &history, max_tokens).unwrap();
+        let (early, reply) = (early.generation(), reply.generation());
+        assert_eq!(early.dropped_messages, reply.dropped_messages, "turn {i}: {early:?} {reply:?}");
+        assert!(reply.prompt_tokens + max_tokens <= 256, "{reply:?}");
+        if reply.dropped_messages != last_dropped {
+            assert_eq!(reply.dropped_messages % DROP_BLOCK, 0, "{reply:?}");
+            drops += 1;
+            last_dropped = reply.dropped_messages;
+        } else {
+            assert!(reply.prefilled_tokens <= 40, "turn {i}: the cached conversation was not reused: {reply:?}");
+        }
+        history
+            .push(Message::assistant(format!("The number {i} is a fine number, and it comes after {}.", i.max(1) - 1)));
+    }
+    println!("{drops} drops over 40 exchanges");
+    assert!((1..=10).contains(&drops), "{drops} drops over 40 exchanges");
     llm.set_max_context(parley_server::models::llm::DEFAULT_MAX_CONTEXT).unwrap();
 }
 
