@@ -33,6 +33,8 @@ type Job<M> = Box<dyn FnOnce(&mut M) + Send>;
 struct Queue<M> {
     high: VecDeque<Job<M>>,
     low: VecDeque<Job<M>>,
+    /// A job is running on the thread.
+    running: bool,
     closed: bool,
 }
 
@@ -64,7 +66,7 @@ impl<M: 'static> Engine<M> {
         load: impl FnOnce() -> Result<M, ModelError> + Send + 'static,
     ) -> Result<Engine<M>, ModelError> {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { high: VecDeque::new(), low: VecDeque::new(), closed: false }),
+            queue: Mutex::new(Queue { high: VecDeque::new(), low: VecDeque::new(), running: false, closed: false }),
             ready: Condvar::new(),
             capacity,
             refused: AtomicU64::new(0),
@@ -158,6 +160,12 @@ impl<M: 'static> Engine<M> {
         queue.high.len() + queue.low.len()
     }
 
+    /// Whether no job is running or waiting.
+    pub fn idle(&self) -> bool {
+        let queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        !queue.running && queue.high.is_empty() && queue.low.is_empty()
+    }
+
     /// Jobs refused because the queue was full, since start.
     pub fn refused(&self) -> u64 {
         self.shared.refused.load(Ordering::Relaxed)
@@ -173,8 +181,10 @@ impl<M: 'static> Engine<M> {
 impl<M> Shared<M> {
     fn next_job(&self) -> Option<Job<M>> {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.running = false;
         loop {
             if let Some(job) = queue.high.pop_front().or_else(|| queue.low.pop_front()) {
+                queue.running = true;
                 return Some(job);
             }
             if queue.closed {

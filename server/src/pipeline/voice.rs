@@ -613,7 +613,9 @@ impl Worker {
     }
 
     /// While the user speaks: takes in the pass over the speech so far that finished, and starts
-    /// the next when `partial_every_ms` more speech came (and the recognizer has nothing queued).
+    /// the next when `partial_every_ms` more speech came and the recognizer, the reply model and
+    /// the synthesizer are idle (passes are a head start, not worth slowing any reply for: under
+    /// load they would make other sessions' reply audio late).
     async fn listen_ahead(&mut self) {
         if let Some(pass) = self.partial.running.take_if(|pass| pass.task.is_finished())
             && let Ok(Ok((settled, text))) = pass.task.await
@@ -627,7 +629,7 @@ impl Worker {
         if every == 0
             || self.partial.running.is_some()
             || self.utterance.len() < self.partial.covered + every
-            || self.engines.asr.waiting() > 0
+            || ![self.engines.asr.idle(), self.engines.llm.idle(), self.engines.tts.idle()].iter().all(|&idle| idle)
         {
             return;
         }
