@@ -202,6 +202,7 @@ mod tests {
     #[test]
     fn high_priority_jobs_run_first_and_full_queues_refuse() {
         let engine = Engine::spawn("test", 2, || Ok(Vec::<&'static str>::new())).unwrap();
+        assert!(engine.idle());
         // Hold the engine busy so the next jobs queue up behind this one.
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
@@ -213,6 +214,7 @@ mod tests {
             })
         });
         started_rx.recv().unwrap();
+        assert!(!engine.idle(), "a job is running");
         engine.submit(Priority::Low, Box::new(|log| log.push("low"))).unwrap();
         engine.submit(Priority::High, Box::new(|log| log.push("high"))).unwrap();
         engine.submit(Priority::Low, Box::new(|log| log.push("low2"))).unwrap();
@@ -228,6 +230,11 @@ mod tests {
             }
         };
         assert_eq!(order, ["high", "low", "low2"]);
+        // The last job may still be finishing on the thread.
+        while !engine.idle() {
+            thread::yield_now();
+        }
+        assert_eq!(engine.waiting(), 0);
     }
 
     #[test]
