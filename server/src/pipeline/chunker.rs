@@ -1,7 +1,9 @@
 //! Cuts streamed reply text into speakable chunks for the TTS: the first clause goes out alone
-//! (time to first audio: 4 or 5 words, 1–2 s of speech), later text goes out by sentence.
-//! Markdown and emoji the voice cannot say are dropped here, so nothing unspeakable reaches the
-//! synthesizer.
+//! (time to first audio: 4 or 5 words, 1–2 s of speech), later text goes out by sentence, with
+//! chunks at most twice as long as the one before (10, 20, then 40 words: each is synthesized
+//! while the one before plays, so a short first chunk is not followed by a gap). A chunk cut at
+//! its bound ends at its last clause break, if it has one. Markdown and emoji the voice cannot
+//! say are dropped here, so nothing unspeakable reaches the synthesizer.
 
 /// Words the first chunk needs before a break (comma-like or a sentence end) may end it: fewer
 /// make well under a second of audio, which sounds clipped and which the voice gate cannot judge
@@ -52,15 +54,16 @@ impl Chunker {
     fn boundary(&self) -> Option<usize> {
         let text = &self.pending;
         let first = self.chunks_out == 0;
-        let max_words = if first { MAX_FIRST_WORDS } else { MAX_CHUNK_WORDS };
+        let max_words = (MAX_FIRST_WORDS << self.chunks_out.min(4)).min(MAX_CHUNK_WORDS);
         let mut words = 0;
         let mut in_word = false;
+        let mut last_clause_end = None;
         let mut chars = text.char_indices().peekable();
         while let Some((i, c)) = chars.next() {
             if c.is_whitespace() {
                 in_word = false;
                 if words >= max_words {
-                    return Some(i);
+                    return Some(last_clause_end.unwrap_or(i));
                 }
                 continue;
             }
@@ -79,6 +82,11 @@ impl Chunker {
                 || (clause_end && first && words >= MIN_FIRST_WORDS)
             {
                 return Some(next_i);
+            }
+            if clause_end && !first {
+                // (The first chunk is cut at its bound: a clause break before it is under
+                // `MIN_FIRST_WORDS`, too short to be heard or checked alone.)
+                last_clause_end = Some(next_i);
             }
         }
         None
@@ -117,6 +125,11 @@ mod tests {
     }
 
     #[test]
+    fn a_first_chunk_is_never_cut_at_an_early_clause_break() {
+        assert_eq!(feed("Sure, the capital of France is Paris."), ["Sure, the capital of France", "is Paris."]);
+    }
+
+    #[test]
     fn a_long_first_sentence_is_cut_after_a_few_words() {
         assert_eq!(
             feed("And Mr. John Dashwood had then leisure to consider how much there was."),
@@ -130,11 +143,24 @@ mod tests {
     }
 
     #[test]
-    fn long_run_on_text_is_cut() {
+    fn long_run_on_text_is_cut_in_growing_chunks() {
         let text = "word ".repeat(100);
-        let chunks = feed(&text);
-        assert!(chunks.len() >= 2);
-        assert!(chunks.iter().all(|c| c.split_whitespace().count() <= MAX_CHUNK_WORDS));
+        let sizes: Vec<usize> = feed(&text).iter().map(|c| c.split_whitespace().count()).collect();
+        assert_eq!(sizes, [5, 10, 20, 40, 25]);
+    }
+
+    #[test]
+    fn a_chunk_cut_at_its_bound_ends_at_its_last_clause_break() {
+        assert_eq!(
+            feed(
+                "Well there you are my friend, and here is a long clause, then more words that go on and on without end."
+            ),
+            [
+                "Well there you are my",
+                "friend, and here is a long clause,",
+                "then more words that go on and on without end."
+            ]
+        );
     }
 
     #[test]
