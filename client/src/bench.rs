@@ -78,6 +78,8 @@ pub struct TurnSample {
     pub transcript: String,
     pub reply_text: String,
     pub latency_ms: crate::report::Latency,
+    /// This turn's reply frames that reached a real-time player late.
+    pub underruns: Underruns,
 }
 
 /// Nearest-rank percentiles; `None` without samples.
@@ -244,6 +246,18 @@ pub fn underruns(frames: &[ReceivedFrame], reply_starts: &[u32], allowance_us: u
     out
 }
 
+/// [`underruns`] of each reply (frames from its first sequence number up to the next reply's).
+fn underruns_per_reply(frames: &[ReceivedFrame], reply_starts: &[u32]) -> Vec<Underruns> {
+    (0..reply_starts.len())
+        .map(|i| {
+            let end = reply_starts.get(i + 1).copied().unwrap_or(u32::MAX);
+            let from = frames.partition_point(|f| f.seq < reply_starts[i]);
+            let to = frames.partition_point(|f| f.seq < end);
+            underruns(&frames[from..to.max(from)], &reply_starts[i..=i], JITTER_ALLOWANCE_MS * 1000)
+        })
+        .collect()
+}
+
 /// The value of an unlabelled sample `name` in Prometheus text.
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
@@ -286,21 +300,14 @@ pub fn summarize(turns_per_session: usize, outcomes: &[Result<TalkResult, TalkEr
                 continue;
             }
         };
-        for turn in &result.report.turns {
-            run.voice_to_voice_samples_ms.extend(turn.latency_ms.voice_to_voice);
-            stages.extend(turn.latency_ms.server_stages.iter().cloned());
-            run.turn_samples.push(TurnSample {
-                session,
-                input: turn.input.clone(),
-                transcript: turn.transcript.clone(),
-                reply_text: turn.reply_text.clone(),
-                latency_ms: turn.latency_ms.clone(),
-            });
-        }
         let mut reply_starts = Vec::new();
+        let mut reply_turns = Vec::new();
         for (_, event) in &result.events {
             match event {
-                ServerEvent::ResponseAudioStarted { first_seq, .. } => reply_starts.push(*first_seq),
+                ServerEvent::ResponseAudioStarted { turn, first_seq } => {
+                    reply_starts.push(*first_seq);
+                    reply_turns.push(*turn);
+                }
                 ServerEvent::Error { error } => {
                     run.errors.error_events += 1;
                     run.errors.messages.push(format!("{:?}: {}", error.code, error.message));
@@ -308,7 +315,26 @@ pub fn summarize(turns_per_session: usize, outcomes: &[Result<TalkResult, TalkEr
                 _ => {}
             }
         }
-        run.underruns += underruns(&result.frames, &reply_starts, JITTER_ALLOWANCE_MS * 1000);
+        let per_reply = underruns_per_reply(&result.frames, &reply_starts);
+        for turn in &result.report.turns {
+            run.voice_to_voice_samples_ms.extend(turn.latency_ms.voice_to_voice);
+            stages.extend(turn.latency_ms.server_stages.iter().cloned());
+            let mut late = Underruns::default();
+            for (reply, _) in reply_turns.iter().enumerate().filter(|(_, t)| turn.server_turns.contains(t)) {
+                late += per_reply[reply];
+            }
+            run.turn_samples.push(TurnSample {
+                session,
+                input: turn.input.clone(),
+                transcript: turn.transcript.clone(),
+                reply_text: turn.reply_text.clone(),
+                latency_ms: turn.latency_ms.clone(),
+                underruns: late,
+            });
+        }
+        for late in per_reply {
+            run.underruns += late;
+        }
         run.frames_dropped += u64::from(result.seq_gaps);
     }
     run.errors.messages.sort();

@@ -8,14 +8,18 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
+use std::time::Instant;
 
 use crate::models::ModelError;
 
-/// How urgent a job is. `High` jobs (final ASR, first TTS chunk) run before any `Low` job.
+/// How urgent a job is. `High` jobs (final ASR, first TTS chunk) run before any other; the rest
+/// run earliest deadline first, a `Low` job's deadline being when it was submitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
     High,
     Low,
+    /// Needed by then (a later reply chunk: when the audio before it will have played).
+    By(Instant),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +36,8 @@ type Job<M> = Box<dyn FnOnce(&mut M) + Send>;
 
 struct Queue<M> {
     high: VecDeque<Job<M>>,
-    low: VecDeque<Job<M>>,
+    /// By deadline; equal deadlines in the order submitted.
+    low: VecDeque<(Instant, Job<M>)>,
     /// A job is running on the thread.
     running: bool,
     closed: bool,
@@ -141,15 +146,23 @@ impl<M: 'static> Engine<M> {
         if queue.closed {
             return Err(EngineError::Stopped(self.name));
         }
-        let lane = match priority {
-            Priority::High => &mut queue.high,
-            Priority::Low => &mut queue.low,
+        let deadline = match priority {
+            Priority::High => None,
+            Priority::Low => Some(Instant::now()),
+            Priority::By(deadline) => Some(deadline),
         };
-        if lane.len() >= self.shared.capacity {
+        let waiting = if deadline.is_some() { queue.low.len() } else { queue.high.len() };
+        if waiting >= self.shared.capacity {
             self.shared.refused.fetch_add(1, Ordering::Relaxed);
             return Err(EngineError::Busy(self.name));
         }
-        lane.push_back(job);
+        match deadline {
+            None => queue.high.push_back(job),
+            Some(deadline) => {
+                let at = queue.low.partition_point(|(due, _)| *due <= deadline);
+                queue.low.insert(at, (deadline, job));
+            }
+        }
         self.shared.ready.notify_one();
         Ok(())
     }
@@ -158,6 +171,11 @@ impl<M: 'static> Engine<M> {
     pub fn waiting(&self) -> usize {
         let queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
         queue.high.len() + queue.low.len()
+    }
+
+    /// Whether `High` jobs are waiting.
+    pub fn urgent_waiting(&self) -> bool {
+        !self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).high.is_empty()
     }
 
     /// Whether no job is running or waiting.
@@ -183,7 +201,7 @@ impl<M> Shared<M> {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         queue.running = false;
         loop {
-            if let Some(job) = queue.high.pop_front().or_else(|| queue.low.pop_front()) {
+            if let Some(job) = queue.high.pop_front().or_else(|| queue.low.pop_front().map(|(_, job)| job)) {
                 queue.running = true;
                 return Some(job);
             }
@@ -200,7 +218,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn high_priority_jobs_run_first_and_full_queues_refuse() {
+    fn high_priority_jobs_run_first_then_by_deadline_and_full_queues_refuse() {
         let engine = Engine::spawn("test", 2, || Ok(Vec::<&'static str>::new())).unwrap();
         assert!(engine.idle());
         // Hold the engine busy so the next jobs queue up behind this one.
@@ -215,21 +233,23 @@ mod tests {
         });
         started_rx.recv().unwrap();
         assert!(!engine.idle(), "a job is running");
+        let later = Priority::By(Instant::now() + std::time::Duration::from_secs(1));
+        engine.submit(later, Box::new(|log| log.push("later"))).unwrap();
         engine.submit(Priority::Low, Box::new(|log| log.push("low"))).unwrap();
         engine.submit(Priority::High, Box::new(|log| log.push("high"))).unwrap();
-        engine.submit(Priority::Low, Box::new(|log| log.push("low2"))).unwrap();
         assert!(matches!(engine.submit(Priority::Low, Box::new(|_| {})), Err(EngineError::Busy("test"))));
         assert_eq!(engine.refused(), 1);
         release_tx.send(()).unwrap();
         blocker.join().unwrap().unwrap();
         // The queued jobs may still be waiting (the lane is full until they run): retry.
         let order = loop {
-            match engine.run_blocking(Priority::Low, |log| log.clone()) {
+            let last = Priority::By(Instant::now() + std::time::Duration::from_secs(2));
+            match engine.run_blocking(last, |log| log.clone()) {
                 Err(EngineError::Busy(_)) => thread::yield_now(),
                 other => break other.unwrap(),
             }
         };
-        assert_eq!(order, ["high", "low", "low2"]);
+        assert_eq!(order, ["high", "low", "later"]);
         // The last job may still be finishing on the thread.
         while !engine.idle() {
             thread::yield_now();

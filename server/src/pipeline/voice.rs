@@ -928,6 +928,7 @@ impl ReplyContext {
             ref_ts_us: self.ref_ts_us,
             marks: TurnMarks { turn, anchor: self.anchor, marks: std::mem::take(&mut self.marks) },
             marks_sent: false,
+            audio_since: None,
             spoken: Vec::new(),
             pending: Vec::new(),
         };
@@ -979,26 +980,42 @@ impl ReplyContext {
         pieces: &mpsc::Sender<Piece>,
     ) -> Option<EngineError> {
         let (delta_tx, mut delta_rx) = mpsc::channel::<String>(DELTA_QUEUE);
-        let cancel = self.cancel.clone();
-        let wait = first_audio.clone();
-        let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
         let llm = self.engines.llm.clone();
-        let engine = llm.clone();
+        let first_chunk_out = Arc::new(AtomicBool::new(false));
+        // The engine jobs hold the only sender: the deltas end when the generation does.
+        let slices = Arc::new(DeltaSink {
+            cancel: self.cancel.clone(),
+            halt,
+            first_audio: first_audio.clone(),
+            first_chunk_out: first_chunk_out.clone(),
+            engine: llm.clone(),
+            deltas: delta_tx,
+        });
+        let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
         let generation = tokio::spawn(async move {
-            llm.try_run(Priority::High, move |llm| {
-                // In this session's own KV cache: other sessions' replies do not evict its prefix.
-                let mut decoding = llm.start(key, &messages, max_tokens)?;
-                llm.resume(&mut decoding, usize::MAX, |delta| {
-                    wait.wait(MAX_FIRST_AUDIO_WAIT, || engine.waiting() > 0);
-                    let stop = cancel.load(Ordering::Relaxed) || halt.load(Ordering::Relaxed);
-                    if stop || delta_tx.blocking_send(delta.to_string()).is_err() {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
-                    }
-                })
-            })
-            .await
+            // In this session's own KV cache: other sessions' replies do not evict its prefix.
+            let mut decoding = llm.try_run(Priority::High, move |llm| llm.start(key, &messages, max_tokens)).await?;
+            // Until its first chunk is out the reply is urgent; then it gives way to other
+            // sessions' urgent first words, keeping its place before jobs that came after it.
+            let started = Priority::By(Instant::now());
+            loop {
+                let sink = slices.clone();
+                let first = !sink.first_chunk_out.load(Ordering::Relaxed);
+                let (slice, done) = llm
+                    .try_run(if first { Priority::High } else { started }, move |llm| {
+                        while !llm.resume(&mut decoding, 1, |delta| sink.push(delta))? {
+                            if sink.may_yield() {
+                                return Ok((decoding, false));
+                            }
+                        }
+                        Ok((decoding, true))
+                    })
+                    .await?;
+                if done {
+                    return Ok::<_, EngineError>(());
+                }
+                decoding = slice;
+            }
         });
         let mut chunker = Chunker::new();
         let mut first_token_seen = false;
@@ -1013,6 +1030,7 @@ impl ReplyContext {
                     // The first chunk goes to synthesis: the model waits until its audio exists.
                     first_chunk_sent = true;
                     first_audio.begin();
+                    first_chunk_out.store(true, Ordering::Relaxed);
                 }
                 if pieces.send(Piece::Clause(clause)).await.is_err() {
                     break;
@@ -1024,7 +1042,7 @@ impl ReplyContext {
         }
         first_audio.end();
         match generation.await {
-            Ok(Ok(_)) => None,
+            Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
             Err(e) => Some(EngineError::Stopped(if e.is_panic() { "llm (panicked)" } else { "llm" })),
         }
@@ -1039,6 +1057,36 @@ enum Piece {
     Clause(String),
     /// The policy's own words: spoken without the output gate (the voice gate still applies).
     Say(String),
+}
+
+/// Where the reply model's text goes, from the LLM engine thread.
+struct DeltaSink {
+    cancel: Arc<AtomicBool>,
+    halt: Arc<AtomicBool>,
+    first_audio: Arc<FirstAudioWait>,
+    /// The first chunk went to synthesis: from here on the reply is ahead of its listener.
+    first_chunk_out: Arc<AtomicBool>,
+    engine: Engine<Llm>,
+    deltas: mpsc::Sender<String>,
+}
+
+impl DeltaSink {
+    /// Hands one piece of text on; `Break` ends the reply (cancelled, halted by a gate, or gone).
+    fn push(&self, delta: &str) -> ControlFlow<()> {
+        self.first_audio.wait(MAX_FIRST_AUDIO_WAIT, || self.engine.waiting() > 0);
+        let stop = self.cancel.load(Ordering::Relaxed) || self.halt.load(Ordering::Relaxed);
+        if stop || self.deltas.blocking_send(delta.to_string()).is_err() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    /// Whether the reply should give the engine to other sessions' first words: once its own first
+    /// chunk is out, its later words are not needed before that audio has played.
+    fn may_yield(&self) -> bool {
+        self.first_chunk_out.load(Ordering::Relaxed) && self.engine.urgent_waiting()
+    }
 }
 
 /// The reply model pauses between tokens while the first chunk is synthesized: on two cores its
@@ -1163,6 +1211,9 @@ struct TtsStage {
     ref_ts_us: u64,
     marks: TurnMarks,
     marks_sent: bool,
+    /// When the first chunk's audio existed, and how much audio the chunks so far make: the next
+    /// chunk is needed by the time that has played.
+    audio_since: Option<(Instant, Duration)>,
     /// Chunks handed to the session, in order.
     spoken: Vec<Spoken>,
     /// Synthesized chunks not yet checked by the voice gate (less than [`MIN_CHECK_MS`] of audio).
@@ -1224,7 +1275,11 @@ impl TtsStage {
             self.marks.marks.push((mark::FIRST_CHUNK_SAFE, Instant::now()));
         }
         let first = self.spoken.is_empty() && self.pending.is_empty();
-        let priority = if first { Priority::High } else { Priority::Low };
+        // Later chunks by when they will be heard: another session's next chunk may be due first.
+        let priority = match self.audio_since {
+            Some((start, audio)) if !first => Priority::By(start + audio),
+            _ => Priority::High,
+        };
         let owned = text.clone();
         let audio = self.engines.tts.try_run(priority, move |tts| tts.synthesize(&owned)).await;
         self.first_audio.end();
@@ -1238,6 +1293,9 @@ impl TtsStage {
         if first {
             self.marks.marks.push((mark::FIRST_AUDIO, Instant::now()));
         }
+        let (start, before) = *self.audio_since.get_or_insert((Instant::now(), Duration::ZERO));
+        let seconds = audio.len() as f64 / self.engines.tts_rate as f64;
+        self.audio_since = Some((start, before + Duration::from_secs_f64(seconds)));
         self.pending.push(Pending { text, audio });
         let pending_ms =
             self.pending.iter().map(|p| p.audio.len()).sum::<usize>() as f64 * 1000.0 / self.engines.tts_rate as f64;
