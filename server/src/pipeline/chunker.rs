@@ -1,7 +1,7 @@
 //! Cuts streamed reply text into speakable chunks for the TTS: the first clause goes out alone
 //! (time to first audio: 4 or 5 words, 1–2 s of speech), later text goes out by sentence, with
-//! chunks at most twice as long as the one before (10, 20, then 40 words: each is synthesized
-//! while the one before plays, so a short first chunk is not followed by a gap). A chunk cut at
+//! chunks at most twice as long as the one before (10, then 20 words: each is synthesized while
+//! the one before plays, so a short first chunk is not followed by a gap). A chunk cut at
 //! its bound ends at its last clause break, if it has one. Markdown and emoji the voice cannot
 //! say are dropped here, so nothing unspeakable reaches the synthesizer.
 
@@ -13,8 +13,10 @@ const MIN_FIRST_WORDS: usize = 4;
 /// would hold the first audio back for all of its tokens and its synthesis: 8 words cost ~90 ms
 /// more to first audio than 5).
 const MAX_FIRST_WORDS: usize = 5;
-/// A chunk longer than this many words is cut at the next space, sentence end or not.
-const MAX_CHUNK_WORDS: usize = 40;
+/// A chunk longer than this many words is cut at the next space, sentence end or not. Synthesis
+/// cannot be interrupted, so this bounds how long another session's first chunk waits for the
+/// synthesizer (~20 ms a word alone, more with other models running).
+const MAX_CHUNK_WORDS: usize = 20;
 
 /// Accumulates text deltas; [`Chunker::push`] returns the chunks completed by a delta.
 #[derive(Debug, Default)]
@@ -146,7 +148,7 @@ mod tests {
     fn long_run_on_text_is_cut_in_growing_chunks() {
         let text = "word ".repeat(100);
         let sizes: Vec<usize> = feed(&text).iter().map(|c| c.split_whitespace().count()).collect();
-        assert_eq!(sizes, [5, 10, 20, 40, 25]);
+        assert_eq!(sizes, [5, 10, 20, 20, 20, 20, 5]);
     }
 
     #[test]
