@@ -677,6 +677,10 @@ mod tests {
             Underruns { frames: 2, count: 0, late_ms: 0.0, max_late_ms: 0.0 }
         );
         assert_eq!(underruns(&frames, &[], 0).frames, 0);
+        // Per reply: the late frames are reply 1's; together they are the whole run's.
+        let per_reply = underruns_per_reply(&frames, &[10, 14]);
+        assert_eq!(per_reply[0], Underruns { frames: 4, count: 2, late_ms: 20.0, max_late_ms: 10.0 });
+        assert_eq!((per_reply[1].frames, per_reply[1].count), (1, 0));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! it as the start of the user's message. At the first sign of a pause (64 ms of silence) the
 //! speech so far is recognised (dropped, mid-decode, if the user goes on); after a short pause (160 ms) the turn is
 //! judged tentatively over and its whole reply starts — ASR, gates, LLM, TTS — with its output
-//! held (`ReplyOutput::held`).
+//! held (`ReplyOutput::held`); both come sooner (32 and 64 ms) while no reply is being generated.
 //! When the endpoint confirms the turn the held output goes out at once; if the user speaks again
 //! first, it is dropped unseen and the turn goes on. The endpoint comes sooner when the
 //! transcript reads as a finished utterance (`endpoint_complete_ms`) than when it trails off.
