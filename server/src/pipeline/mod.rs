@@ -261,6 +261,14 @@ impl ReplyOutput {
         self.control.cancel(turn, reason);
     }
 
+    /// A safety gate cut the reply: its turn stops at the pacer. For a held reply, only once it is
+    /// released: a discarded one never reached the pacer, and its turn gets the reply started next
+    /// (cancelling the turn now would silence that one).
+    pub async fn cut(&self, turn: u64) -> Result<(), SessionClosed> {
+        let control = self.control.clone();
+        self.when_released(move || control.cancel(turn, CancelReason::Safety)).await
+    }
+
     /// After [`ReplyOutput::cancel`]: how much of `turn`'s audio the user heard, in ms, once the
     /// pacer has stopped it; `None` if the pacer never had audio of that turn (nothing was heard).
     pub async fn played_ms_after_cancel(&self, turn: u64) -> Option<u64> {
@@ -377,5 +385,25 @@ pub fn from_config(config: &crate::config::Config) -> Result<Arc<dyn Pipeline>, 
             let manifest = crate::models::Manifest::load(&dir)?;
             Ok(Arc::new(voice::VoicePipeline::load(manifest, config.voice.clone(), &config.safety)?))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cut_in_a_discarded_held_reply_leaves_the_turn_to_the_next_reply() {
+        let (tx, _rx) = mpsc::channel(16);
+        let output = ReplyOutput::new(tx, Arc::new(ReplyControl::new(48_000)));
+        let (held, hold) = output.held();
+        held.cut(4).await.unwrap();
+        hold.discard().await;
+        assert_eq!(output.control.cancelled_upto().0, 0, "a discarded reply cancels nothing");
+        let (held, hold) = output.held();
+        held.cut(4).await.unwrap();
+        assert_eq!(output.control.cancelled_upto().0, 0, "not before the release");
+        hold.release().await.unwrap();
+        assert_eq!(output.control.cancelled_upto().0, 4);
     }
 }

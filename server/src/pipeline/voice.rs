@@ -1358,7 +1358,7 @@ impl TtsStage {
                 // `reply.cancelled` with reason `safety` after the gate's decision.
                 self.halt.store(true, Ordering::Relaxed);
                 self.cancel.store(true, Ordering::Relaxed);
-                self.output.cancel(turn, CancelReason::Safety);
+                let _ = self.output.cut(turn).await;
                 return false;
             }
             if !self.marks_sent {
