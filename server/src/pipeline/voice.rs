@@ -12,7 +12,7 @@
 //! it as the start of the user's message. At the first sign of a pause (64 ms of silence) the
 //! speech so far is recognised (dropped, mid-decode, if the user goes on); after a short pause (160 ms) the turn is
 //! judged tentatively over and its whole reply starts — ASR, gates, LLM, TTS — with its output
-//! held (`ReplyOutput::held`); both come sooner (32 and 64 ms) while no reply is being generated.
+//! held (`ReplyOutput::held`).
 //! When the endpoint confirms the turn the held output goes out at once; if the user speaks again
 //! first, it is dropped unseen and the turn goes on. The endpoint comes sooner when the
 //! transcript reads as a finished utterance (`endpoint_complete_ms`) than when it trails off.
@@ -43,7 +43,7 @@ use parley_protocol::ServerEvent;
 use parley_protocol::event::{CancelReason, ErrorCode, SafetyAction, SafetyStage, mark};
 use serde::Deserialize;
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -98,10 +98,6 @@ pub struct VoiceConfig {
     /// reaches the client before the endpoint confirms the turn, and the reply is dropped unseen
     /// if the user goes on, in ms. 0: off (replies start at the endpoint).
     pub speculate_after_ms: u32,
-    /// `asr_ahead_ms` and `speculate_after_ms` while no reply is being generated on the server:
-    /// the cores are free, so work dropped because the user went on delays no one. 0: off.
-    pub idle_asr_ahead_ms: u32,
-    pub idle_speculate_after_ms: u32,
     /// Most tokens in one reply.
     pub max_reply_tokens: usize,
     /// The system prompt: short, spoken style.
@@ -132,8 +128,6 @@ impl Default for VoiceConfig {
             partial_every_ms: 1000,
             asr_ahead_ms: 64,
             speculate_after_ms: 160,
-            idle_asr_ahead_ms: 32,
-            idle_speculate_after_ms: 64,
             max_reply_tokens: 60,
             system_prompt: "You are Parley, a friendly voice assistant. Answer in one or two short spoken \
                             sentences. No lists, no markdown, no emoji."
@@ -164,8 +158,6 @@ pub struct Engines {
     pub policy: Arc<Policy>,
     /// Audit log and metrics of the safety decisions.
     pub recorder: Recorder,
-    /// Replies being generated (recognition to the last chunk's synthesis), in all sessions.
-    pub replies_running: AtomicUsize,
     /// Replies started ahead of the endpoint: released, and dropped because the user went on.
     pub speculation_used: AtomicU64,
     pub speculation_stale: AtomicU64,
@@ -214,7 +206,6 @@ impl Engines {
             tts_rate,
             policy,
             recorder,
-            replies_running: AtomicUsize::new(0),
             speculation_used,
             speculation_stale,
         };
@@ -517,17 +508,13 @@ impl Worker {
                 {
                     self.state = Turn::Idle { voiced: 0 };
                     self.end_turn(turn, last_voiced_end, last_voiced_seen, position).await?;
-                    return Ok(());
-                }
-                let (asr_ahead_ms, speculate_after_ms) = match self.engines.replies_running.load(Ordering::Relaxed) {
-                    0 if config.idle_speculate_after_ms > 0 => {
-                        (config.idle_asr_ahead_ms, config.idle_speculate_after_ms)
-                    }
-                    _ => (config.asr_ahead_ms, config.speculate_after_ms),
-                };
-                if speculate_after_ms > 0 && silence_ms >= speculate_after_ms && held.is_none() {
+                } else if config.speculate_after_ms > 0 && silence_ms >= config.speculate_after_ms && held.is_none() {
                     self.start_held(turn, last_voiced_end, last_voiced_seen, position);
-                } else if asr_ahead_ms > 0 && silence_ms >= asr_ahead_ms && self.early_asr.is_none() && held.is_none() {
+                } else if config.asr_ahead_ms > 0
+                    && silence_ms >= config.asr_ahead_ms
+                    && self.early_asr.is_none()
+                    && held.is_none()
+                {
                     self.start_early_asr(last_voiced_end, position);
                 }
             }
@@ -753,10 +740,8 @@ impl Worker {
             ref_ts_us,
         };
         let span = tracing::info_span!("turn", turn);
-        let running = ReplyRunning::new(&self.engines);
         let task = tokio::spawn(
             async move {
-                let _running = running;
                 // The previous reply (already cancelled) must finish writing its history first.
                 if let Some(previous) = previous {
                     let _ = previous.await;
@@ -784,22 +769,6 @@ impl Worker {
             reply.cancel.store(true, Ordering::Relaxed);
             self.io.output.cancel(reply.turn, reason);
         }
-    }
-}
-
-/// Counts a reply in [`Engines::replies_running`] while it lives.
-struct ReplyRunning(Arc<Engines>);
-
-impl ReplyRunning {
-    fn new(engines: &Arc<Engines>) -> Self {
-        engines.replies_running.fetch_add(1, Ordering::Relaxed);
-        ReplyRunning(engines.clone())
-    }
-}
-
-impl Drop for ReplyRunning {
-    fn drop(&mut self) {
-        self.0.replies_running.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
