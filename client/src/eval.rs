@@ -419,7 +419,7 @@ pub async fn run_safety(options: &EvalOptions, set: &str, lines: &[SetLine]) -> 
         check_voices(&options.voices)?;
     }
     let url = crate::endpoint_url(&options.server);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+    let mut ws = crate::connect(&url)
         .await
         .with_context(|| format!("cannot reach the server at {url} (is it running? start it with scripts/serve)"))?;
     let _ = ws.close(None).await;
@@ -470,7 +470,7 @@ pub async fn text_turn(
     audio_arrived: &mut bool,
 ) -> anyhow::Result<()> {
     let url = crate::endpoint_url(&options.server);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.context("connecting")?;
+    let mut ws = crate::connect(&url).await.context("connecting")?;
     let create = ClientEvent::ConversationItemCreate { text: text.to_string() };
     ws.send(Message::text(create.to_json())).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(options.reply_timeout_ms.into());

@@ -22,6 +22,18 @@ pub mod transport;
 pub use report::{Report, TurnReport};
 pub use talk::{TalkError, TalkOptions, TalkResult, talk};
 
+/// A connected WebSocket to a Parley server.
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a session at `url` (see [`endpoint_url`]): Nagle off, so each 20 ms frame leaves at
+/// once, and a small read buffer (see [`parley_protocol::WS_READ_BUFFER_BYTES`]).
+pub async fn connect(url: &str) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(parley_protocol::WS_READ_BUFFER_BYTES);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+    Ok(ws)
+}
+
 /// Builds the endpoint URL from `ws://host:port` or a full `ws://host:port/v1/voice`.
 pub fn endpoint_url(server: &str) -> String {
     let base = server.trim_end_matches('/');

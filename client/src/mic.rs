@@ -107,7 +107,7 @@ async fn run(server: &str, rate: u32) -> Result<(), MicError> {
     spk_stream.play().map_err(device_err)?;
 
     let url = crate::endpoint_url(server);
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await.map_err(Box::new)?;
+    let mut ws = crate::connect(&url).await.map_err(Box::new)?;
     let update = ClientEvent::SessionUpdate {
         session: SessionUpdate { input_sample_rate: Some(rate), output_sample_rate: Some(rate) },
     };

@@ -114,9 +114,8 @@ struct Window {
 /// Streams `clips` (one turn each) to the server and collects the replies.
 pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, TalkError> {
     let url = crate::endpoint_url(&options.server);
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
-        .await
-        .map_err(|e| TalkError::Connect { url: url.clone(), source: Box::new(e) })?;
+    let mut ws =
+        crate::connect(&url).await.map_err(|e| TalkError::Connect { url: url.clone(), source: Box::new(e) })?;
     let rate = options.sample_rate;
     let frame = frame_samples(rate);
     let update = ClientEvent::SessionUpdate {

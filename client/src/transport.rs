@@ -96,8 +96,8 @@ fn report(options: &TransportOptions, results: &[StreamResult]) -> TransportRepo
 /// One session: sends `seconds` of frames at real time, then waits briefly for the last echoes.
 async fn stream(url: &str, packets: &[Vec<u8>], seconds: u32, offset: usize, epoch: Instant) -> StreamResult {
     let mut result = StreamResult::default();
-    let ws = match tokio_tungstenite::connect_async(url).await {
-        Ok((ws, _)) => ws,
+    let ws = match crate::connect(url).await {
+        Ok(ws) => ws,
         Err(e) => {
             result.error = Some(format!("connect: {e}"));
             return result;

@@ -42,6 +42,12 @@ pub const MAX_OPUS_PACKET_BYTES: usize = 1275;
 /// Largest well-formed binary message: header + one maximal Opus packet.
 pub const MAX_AUDIO_MESSAGE_BYTES: usize = frame::HEADER_LEN + MAX_OPUS_PACKET_BYTES;
 
+/// Socket read size for WebSocket peers (tungstenite's `read_buffer_size`). Messages here are
+/// ~100 bytes every 20 ms, and tungstenite zero-fills this much before every read: its 128 KiB
+/// default was 39 % of the server's CPU with 1,000 echo streams. A larger message still arrives
+/// whole (the buffer grows for it).
+pub const WS_READ_BUFFER_BYTES: usize = 4096;
+
 /// Samples in one frame at `sample_rate` Hz.
 pub const fn frame_samples(sample_rate: u32) -> usize {
     (sample_rate / 1000 * FRAME_MS) as usize

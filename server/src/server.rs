@@ -186,6 +186,7 @@ async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>) 
         return;
     }
     let ws_config = WebSocketConfig::default()
+        .read_buffer_size(parley_protocol::WS_READ_BUFFER_BYTES)
         .max_message_size(Some(config.max_message_bytes))
         .max_frame_size(Some(config.max_message_bytes));
     let ws = WebSocketStream::from_partially_read(stream, request.rest, Role::Server, Some(ws_config)).await;
