@@ -34,6 +34,9 @@ use std::time::Instant;
 /// cards and espeak-ng clips: 0.5, 1 and 2 s give the same WER within one or two words; 1 s
 /// needs the 30 s fallback least often).
 pub const VARIABLE_PADDING_S: f32 = 1.0;
+/// Shortest audio the encoder sees in [`AsrMode::Variable`], in seconds (more silence for short
+/// utterances): with a 1–2 s window, short phrases ("five, five") loop and are decoded again.
+pub const MIN_ENCODED_S: f32 = 3.0;
 /// Seconds of silence for the second try after a degenerate decode in [`AsrMode::Variable`].
 pub const RETRY_PADDING_S: f32 = 4.0;
 /// Decoding stops once log p(end-of-text) exceeds this (p ≈ 0.08). In 30 s mode this never
@@ -251,6 +254,16 @@ impl Asr {
         transcript.tokens = decoded.tokens.len();
         transcript.text = self.text(&decoded.tokens)?;
         transcript.ids = decoded.tokens;
+        tracing::debug!(
+            seconds,
+            prefix = prefix.len(),
+            tokens = transcript.tokens,
+            steps = transcript.decoder_steps,
+            encode_ms = transcript.encode_ms,
+            decode_ms = transcript.decode_ms,
+            stop = ?transcript.stop,
+            "transcribed"
+        );
         Ok(transcript)
     }
 
@@ -286,7 +299,8 @@ impl Asr {
         let len = match padding {
             None => self.meta.max_samples,
             Some(seconds) => {
-                let padded = audio.len() + (seconds * self.meta.sample_rate as f32) as usize;
+                let rate = self.meta.sample_rate as f32;
+                let padded = (audio.len() + (seconds * rate) as usize).max((MIN_ENCODED_S * rate) as usize);
                 padded.div_ceil(frame).saturating_mul(frame).min(self.meta.max_samples)
             }
         };
