@@ -101,6 +101,29 @@ fn the_cached_and_uncached_paths_give_the_same_reply() {
     assert_eq!(cached.text, fresh.text);
 }
 
+/// The voice pipeline prefills in the background (the user's settled words may already be the
+/// whole transcript), then starts the reply on the same prompt: only its last token runs again,
+/// and the reply is the same; a background prefill between its tokens changes nothing either.
+#[test]
+fn a_prompt_started_twice_gives_the_same_reply() {
+    let mut llm = llm();
+    let history = [Message::system(SYSTEM), Message::user("What is the capital of France?")];
+    let fresh = llm.generate(&history, 20, |_| ControlFlow::Continue(())).unwrap();
+    llm.reset_cache();
+    let empty = [Message::system(SYSTEM), Message::user("")];
+    drop(llm.start(7, &empty, 20).unwrap());
+    let start = [Message::system(SYSTEM), Message::user("What is the")];
+    drop(llm.start(7, &start, 20).unwrap());
+    drop(llm.start(7, &history, 20).unwrap());
+    let mut again = llm.start(7, &history, 20).unwrap();
+    assert_eq!(again.generation().prefilled_tokens, 1);
+    llm.resume(&mut again, 3, |_| ControlFlow::Continue(())).unwrap();
+    // A background prefill of an older prompt runs between the reply's tokens.
+    drop(llm.start(7, &start, 20).unwrap());
+    while !llm.resume(&mut again, 4, |_| ControlFlow::Continue(())).unwrap() {}
+    assert_eq!(again.generation().text, fresh.text);
+}
+
 #[test]
 fn conversations_interleaved_token_by_token_keep_their_own_caches() {
     let mut llm = llm();
