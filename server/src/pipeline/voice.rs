@@ -86,8 +86,8 @@ pub struct VoiceConfig {
     pub min_speech_ms: u32,
     /// Silence after the last voiced chunk that ends a turn, in ms.
     pub endpoint_silence_ms: u32,
-    /// Silence that ends a turn whose transcript reads as finished (not trailing off on "and",
-    /// "the", "um", a comma…), in ms; needs the reply started ahead (`speculate_after_ms`).
+    /// Silence that ends a turn whose transcript reads as finished (a full sentence, not trailing
+    /// off on "and", "the", "um"…), in ms; needs the reply started ahead (`speculate_after_ms`).
     pub endpoint_complete_ms: u32,
     /// Speech between passes of recognition while the user is still speaking, in ms. The text two
     /// passes in a row agree on is settled: the recognition at the pause does not decode it again,
@@ -1365,32 +1365,25 @@ impl TtsStage {
     }
 }
 
-/// Words an utterance never ends on (a trailing "and" or "the" means the speaker paused
-/// mid-thought), whatever punctuation Whisper put after them.
+/// Words an utterance does not end on, even before a full stop (a trailing "and" or "the" means
+/// the speaker paused mid-thought). Words that end sentences often ("than he was.", "where are you
+/// from?") are not listed: after Whisper's full stop they end the turn.
 const HANGING_WORDS: &[&str] = &[
     "a", "an", "and", "because", "but", "if", "into", "my", "of", "or", "our", "than", "the", "uh", "um", "with",
     "your",
 ];
-/// Words an utterance ends on only when Whisper heard a sentence end after them ("than he was.",
-/// "where are you from?"); bare, they leave it open ("the weather is").
-const OPEN_WORDS: &[&str] = &[
-    "about", "are", "as", "at", "for", "from", "in", "is", "like", "on", "so", "that", "then", "to", "was", "were",
-    "which",
-];
 
-/// Whether a transcript reads as a finished utterance: it does not trail off (an ellipsis, a
-/// comma, a dash) and its last word does not leave it hanging. Whisper often leaves short phrases
-/// unpunctuated ("10 of clubs"), so a missing full stop alone does not keep the turn open.
+/// Whether a transcript reads as a finished utterance: it ends a sentence (Whisper punctuates
+/// what it hears; a bare "I have a cat" may be "I have a cat and" with the "and" dropped), does
+/// not trail off, and its last word does not leave it hanging.
 fn reads_finished(text: &str) -> bool {
     let text = text.trim();
-    if text.ends_with("...") || text.ends_with(['…', ',', ';', ':', '-', '—']) {
+    if text.ends_with("...") || text.ends_with('…') || !text.ends_with(['.', '?', '!']) {
         return false;
     }
-    let sentence_end = text.ends_with(['.', '?', '!']);
     let last = text.split_whitespace().last().unwrap_or("");
     let last = last.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
-    let last = last.as_str();
-    !last.is_empty() && !HANGING_WORDS.contains(&last) && (sentence_end || !OPEN_WORDS.contains(&last))
+    !last.is_empty() && !HANGING_WORDS.contains(&last.as_str())
 }
 
 fn join_text(spoken: &[Spoken]) -> String {
@@ -1429,7 +1422,7 @@ mod tests {
     }
 
     #[test]
-    fn finished_utterances_do_not_trail_off_or_hang() {
+    fn finished_utterances_end_a_sentence_without_hanging() {
         assert!(reads_finished("What is the capital of France?"));
         assert!(reads_finished("Tell me a joke."));
         assert!(!reads_finished("I want to go to the"));
@@ -1437,13 +1430,11 @@ mod tests {
         assert!(!reads_finished("Tell me about the."));
         assert!(!reads_finished("So, um."));
         assert!(!reads_finished(""));
-        // Short phrases come unpunctuated; words that end sentences only with a full stop.
-        assert!(reads_finished("10 of clubs"));
         assert!(reads_finished("than he was."));
         assert!(reads_finished("Where are you from?"));
-        assert!(!reads_finished("the weather is"));
+        // Unpunctuated: Whisper may have dropped a trailing "and".
+        assert!(!reads_finished("I have a cat"));
         assert!(!reads_finished("I have a cat and"));
-        assert!(!reads_finished("I have a cat,"));
     }
 
     #[test]
