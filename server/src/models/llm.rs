@@ -23,6 +23,10 @@
 //!   the reply to all of them (dropping one turn per call would re-prefill the whole conversation
 //!   on every turn once it is full: ~2.6 s at 1024 tokens). A single message too long on its own
 //!   keeps only its last tokens, and the system prompt at most half of the budget.
+//! - **No copying**: a reply never repeats a run of [`NO_REPEAT_NGRAM`] tokens that its own text or
+//!   an earlier assistant turn in the prompt already has; the token that would complete one gives
+//!   way to the next best. Greedy decoding of a model this small otherwise answers every later turn
+//!   with its previous reply word for word, or loops ("had had he had").
 //! - **Stops** on `<|im_end|>`/end-of-text, at `max_tokens`, when the context is full, or when the
 //!   `on_token` callback breaks.
 //! - **Streaming**: `on_token` receives text deltas; a character split across tokens is held back
@@ -44,6 +48,9 @@ pub const DROP_BLOCK: usize = 8;
 /// Room kept for the conversation's last message when older ones are dropped, in tokens (at most a
 /// quarter of the budget).
 pub const LAST_MESSAGE_RESERVE: usize = 160;
+/// Length of the token runs a reply may not repeat (see the module doc): long enough that common
+/// phrases ("I'm not sure") stay free, short enough to stop a copied sentence at its third word.
+pub const NO_REPEAT_NGRAM: usize = 4;
 /// Undecodable tokens held back at most this long before their text is emitted anyway.
 const MAX_PENDING_TOKENS: usize = 8;
 
@@ -166,6 +173,10 @@ pub struct Decoding {
     key: u64,
     /// The prompt and the tokens decoded so far: what the conversation's cache must hold.
     context: Vec<u32>,
+    /// Where the reply starts in `context`.
+    reply_from: usize,
+    /// The earlier assistant turns in the prompt (message bodies): runs the reply may not copy.
+    said: Vec<Vec<u32>>,
     /// The next token, not yet emitted.
     next: u32,
     max_tokens: usize,
@@ -267,7 +278,8 @@ impl Llm {
     pub fn start(&mut self, key: u64, history: &[Message], max_tokens: usize) -> Result<Decoding, ModelError> {
         // Room for at least one reply token; the rest of the context is the prompt's budget.
         let max_tokens = max_tokens.clamp(1, self.max_context / 2);
-        let (prompt, dropped_messages) = self.prompt(history, self.max_context - max_tokens)?;
+        let Prompt { tokens: prompt, said, dropped: dropped_messages } =
+            self.prompt(history, self.max_context - max_tokens)?;
         let slot = self.slot(key)?;
         // Reuse the cached prefix; at least one token must run to give the next token's logits.
         let reused = common_prefix(&self.slots[slot].cached, &prompt).min(prompt.len() - 1);
@@ -284,12 +296,14 @@ impl Llm {
             per_token_ms: 0.0,
         };
         let t0 = Instant::now();
-        let next = self.step(slot, &prompt[reused..])?;
+        let next = self.step(slot, &prompt[reused..], &[])?;
         generation.prefill_ms = ms(t0);
         let stream = Stream::default();
         Ok(Decoding {
             key,
+            reply_from: prompt.len(),
             context: prompt,
+            said,
             next,
             max_tokens,
             stream,
@@ -321,7 +335,8 @@ impl Llm {
         if reused < d.context.len() || cached.len() != d.context.len() {
             self.slots[slot].cached.truncate(reused.min(d.context.len() - 1));
             let from = self.slots[slot].cached.len();
-            d.next = self.step(slot, &d.context[from..])?;
+            let banned = repeats(&d.context[d.reply_from..], &d.said);
+            d.next = self.step(slot, &d.context[from..], &banned)?;
         }
         let mut decoded = 0;
         while decoded < tokens {
@@ -350,8 +365,9 @@ impl Llm {
                 (d.generation.stop, d.done) = (Stop::ContextFull, true);
                 break;
             }
-            d.next = self.step(slot, &[next])?;
             d.context.push(next);
+            let banned = repeats(&d.context[d.reply_from..], &d.said);
+            d.next = self.step(slot, &[next], &banned)?;
             d.steps += 1;
             decoded += 1;
         }
@@ -371,16 +387,16 @@ impl Llm {
     }
 
     /// Runs `tokens` after the ones cached in `slot`, appends them to its cache, and returns the
-    /// greedy next token. A failed run leaves that cache empty.
-    fn step(&mut self, slot: usize, tokens: &[u32]) -> Result<u32, ModelError> {
-        let next = self.run(slot, tokens);
+    /// greedy next token that is not `banned`. A failed run leaves that cache empty.
+    fn step(&mut self, slot: usize, tokens: &[u32], banned: &[u32]) -> Result<u32, ModelError> {
+        let next = self.run(slot, tokens, banned);
         if next.is_err() {
             self.slots[slot].cached.clear();
         }
         next
     }
 
-    fn run(&mut self, slot: usize, tokens: &[u32]) -> Result<u32, ModelError> {
+    fn run(&mut self, slot: usize, tokens: &[u32], banned: &[u32]) -> Result<u32, ModelError> {
         let m = &self.meta;
         let Slot { binding, cached, .. } = &mut self.slots[slot];
         let past = cached.len();
@@ -401,7 +417,7 @@ impl Llm {
         if logits.len() != m.vocab {
             return Err(ModelError::Invalid(format!("llm: {} logits, expected {}", logits.len(), m.vocab)));
         }
-        let next = argmax(logits);
+        let next = argmax(logits, banned);
         cached.extend_from_slice(tokens);
         Ok(next)
     }
@@ -416,8 +432,9 @@ impl Llm {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// The ChatML prompt of `history` within `budget` tokens, and how many messages were dropped.
-    fn prompt(&self, history: &[Message], budget: usize) -> Result<(Vec<u32>, usize), ModelError> {
+    /// The ChatML prompt of `history` within `budget` tokens, the bodies of the assistant turns it
+    /// keeps, and how many messages were dropped.
+    fn prompt(&self, history: &[Message], budget: usize) -> Result<Prompt, ModelError> {
         let t = &self.meta.chat_template;
         let (system_text, rest) = match history.split_first() {
             Some((first, rest)) if first.role == Role::System => (first.text.as_str(), rest),
@@ -457,6 +474,11 @@ impl Llm {
             dropped += 1;
         }
         turns.drain(..dropped);
+        let said = rest[dropped..]
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .map(|m| self.encode(&defuse(&m.text)))
+            .collect::<Result<Vec<_>, _>>()?;
         if let (Some(last), Some(message)) = (turns.last_mut(), rest.last())
             && fixed + last.len() > budget
         {
@@ -467,8 +489,17 @@ impl Llm {
         turns.iter().for_each(|t| prompt.extend_from_slice(t));
         prompt.extend_from_slice(&generation_prompt);
         prompt.truncate(budget.max(1)); // only if the template pieces alone exceed the budget
-        Ok((prompt, dropped))
+        Ok(Prompt { tokens: prompt, said, dropped })
     }
+}
+
+/// A conversation rendered for the model.
+struct Prompt {
+    tokens: Vec<u32>,
+    /// The bodies of the assistant turns kept: runs the reply may not copy.
+    said: Vec<Vec<u32>>,
+    /// Messages dropped to fit the budget.
+    dropped: usize,
 }
 
 /// How much of a message body to keep.
@@ -504,11 +535,26 @@ fn bind(session: &Session, m: &Meta, capacity: usize) -> Result<IoBinding, Model
     Ok(binding)
 }
 
-/// Index of the largest logit (NaN never wins).
-fn argmax(logits: &[f32]) -> u32 {
+/// The tokens that would make `reply` end in a run of [`NO_REPEAT_NGRAM`] tokens already in
+/// `reply` or in one of `said`.
+fn repeats(reply: &[u32], said: &[Vec<u32>]) -> Vec<u32> {
+    let n = NO_REPEAT_NGRAM;
+    if reply.len() < n - 1 {
+        return Vec::new();
+    }
+    let tail = &reply[reply.len() + 1 - n..];
+    said.iter()
+        .map(Vec::as_slice)
+        .chain([reply])
+        .flat_map(|text| text.windows(n).filter(|w| &w[..n - 1] == tail).map(|w| w[n - 1]))
+        .collect()
+}
+
+/// Index of the largest logit not `banned` (NaN never wins).
+fn argmax(logits: &[f32], banned: &[u32]) -> u32 {
     let mut best = (0usize, f32::NEG_INFINITY);
     for (i, &x) in logits.iter().enumerate() {
-        if x > best.1 {
+        if x > best.1 && !banned.contains(&(i as u32)) {
             best = (i, x);
         }
     }
@@ -549,4 +595,24 @@ impl Stream {
 
 fn decode(tokenizer: &tokenizers::Tokenizer, tokens: &[u32]) -> Result<String, ModelError> {
     tokenizer.decode(tokens, true).map_err(|e| ModelError::Invalid(format!("llm: detokenizing: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_already_said_or_in_the_reply_cannot_be_completed() {
+        let said = vec![vec![1, 2, 3, 4, 5], vec![9, 2, 3, 7]];
+        // Too short to complete a run yet.
+        assert!(repeats(&[2, 3], &said).is_empty());
+        // "2 3" was followed by 4 and 7 in earlier turns, but a run needs three tokens before it.
+        assert!(repeats(&[8, 2, 3], &said).is_empty());
+        assert_eq!(repeats(&[1, 2, 3], &said), [4]);
+        assert_eq!(repeats(&[9, 2, 3], &said), [7]);
+        // The reply's own run "6 6 6 8", then "6 6 6" again.
+        assert_eq!(repeats(&[6, 6, 6, 8, 6, 6, 6], &[]), [8]);
+        assert_eq!(argmax(&[0.1, 0.9, 0.5, f32::NAN], &[]), 1);
+        assert_eq!(argmax(&[0.1, 0.9, 0.5, f32::NAN], &[1]), 2);
+    }
 }

@@ -124,6 +124,36 @@ fn a_prompt_started_twice_gives_the_same_reply() {
     assert_eq!(again.generation().text, fresh.text);
 }
 
+/// Greedy decoding alone answered every turn after the first of this conversation with its
+/// previous reply word for word ("The king of spades is a popular game in the game of chess.").
+/// No reply repeats a run of five words from an earlier one, or from itself.
+#[test]
+fn replies_do_not_copy_earlier_replies_or_loop() {
+    let mut llm = llm();
+    let system = "You are Parley, a friendly voice assistant. Answer in one or two short spoken sentences.";
+    let mut history = vec![Message::system(system)];
+    let mut replies: Vec<String> = Vec::new();
+    for said in ["10 of clubs", "4 queen of clubs", "7 of clubs", "5 5", "Eight of spades, four of clubs."] {
+        history.push(Message::user(said));
+        let reply = llm.generate(&history, 60, |_| ControlFlow::Continue(())).unwrap().text;
+        eprintln!("{said:?} -> {reply:?}");
+        assert!(!reply.trim().is_empty(), "no reply to {said:?}");
+        let words: Vec<&str> = reply.split_whitespace().collect();
+        for (i, run) in words.windows(5).enumerate() {
+            let run = run.join(" ");
+            assert!(!words[i + 1..].windows(5).any(|w| w.join(" ") == run), "{reply:?} repeats {run:?}");
+            for earlier in &replies {
+                assert!(
+                    !earlier.split_whitespace().collect::<Vec<_>>().windows(5).any(|w| w.join(" ") == run),
+                    "{reply:?} copies {run:?} from {earlier:?}"
+                );
+            }
+        }
+        history.push(Message::assistant(reply.clone()));
+        replies.push(reply);
+    }
+}
+
 #[test]
 fn conversations_interleaved_token_by_token_keep_their_own_caches() {
     let mut llm = llm();
