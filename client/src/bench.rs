@@ -100,17 +100,17 @@ pub struct StageSummary {
     pub p95_ms: f64,
 }
 
-/// Reply frames that reached a real-time player too late.
+/// Stalls of a real-time player: a reply frame not there when the player needs it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Underruns {
     /// Reply frames checked.
     pub frames: usize,
-    /// Frames that arrived after their due time (+ the jitter allowance).
+    /// Stalls: frames that arrived after their due time (+ the jitter allowance). The player then
+    /// plays on from that frame, so one slip of the stream is one stall, not one per later frame.
     pub count: usize,
-    /// Sum over those frames of how late each arrived, ms (on the fixed schedule, a slip of the
-    /// stream counts again for every frame after it).
+    /// Silence the stalls inserted, ms.
     pub late_ms: f64,
-    /// The latest frame's lateness: the jitter buffer that would have avoided every underrun, ms.
+    /// The longest stall, ms.
     pub max_late_ms: f64,
 }
 
@@ -220,14 +220,15 @@ pub fn stage_summaries(stages: &[(String, f64)]) -> Vec<StageSummary> {
 }
 
 /// Underruns of a real-time player: each reply starts playing when its first frame arrives, and
-/// the frame `k` sequence numbers later is due `k × 20 ms` after that. `reply_starts` are the
-/// replies' first sequence numbers (`response.audio.started`), in order; frames before the first
-/// reply are not checked.
+/// the frame `k` sequence numbers later is due `k × 20 ms` after that; a frame later than that
+/// stalls the player, which plays on from it (its schedule starts again at that frame).
+/// `reply_starts` are the replies' first sequence numbers (`response.audio.started`), in order;
+/// frames before the first reply are not checked.
 pub fn underruns(frames: &[ReceivedFrame], reply_starts: &[u32], allowance_us: u64) -> Underruns {
     let frame_us = FRAME_MS as u64 * 1000;
     let mut out = Underruns::default();
     let mut next = 0;
-    let mut current: Option<(u32, u64)> = None; // this reply's first frame: seq, arrival
+    let mut current: Option<(u32, u64)> = None; // the schedule's anchor: seq, when it played
     for frame in frames {
         while next < reply_starts.len() && frame.seq >= reply_starts[next] {
             current = Some((frame.seq, frame.received_us));
@@ -241,6 +242,7 @@ pub fn underruns(frames: &[ReceivedFrame], reply_starts: &[u32], allowance_us: u
             let late_ms = (frame.received_us - due) as f64 / 1000.0;
             out.late_ms += late_ms;
             out.max_late_ms = out.max_late_ms.max(late_ms);
+            current = Some((frame.seq, frame.received_us - allowance_us));
         }
     }
     out
@@ -459,7 +461,7 @@ pub fn markdown(report: &BenchReport) -> String {
         "v2v p95",
         "v2v p99",
         "v2v max",
-        "underruns (late ms: total / max)",
+        "underruns (stall ms: total / max)",
         "drops",
         "errors",
         "CPU cores",
@@ -467,8 +469,8 @@ pub fn markdown(report: &BenchReport) -> String {
         "peak RSS MB",
     ];
     let mut out = format!(
-        "# parley bench: {}\n\n{} turn(s) per session; voice-to-voice in ms; underruns: reply frames later than \
-         due + {} ms.\n\n| {} |\n|{}\n",
+        "# parley bench: {}\n\n{} turn(s) per session; voice-to-voice in ms; underruns: stalls of a player \
+         that starts each reply {} ms after its first frame and plays on from a late frame.\n\n| {} |\n|{}\n",
         report.server,
         report.turns_per_session,
         report.jitter_allowance_ms,
@@ -663,14 +665,23 @@ mod tests {
 
     #[test]
     fn late_reply_frames_are_underruns() {
-        // Reply 1 starts at seq 10 (t = 1000 ms): seq 11 due 1020, seq 12 due 1040, seq 13 due 1060.
-        // Reply 2 starts at seq 14, arriving late by the old schedule but on its own first frame.
-        let frames =
-            [frame(3, 500), frame(10, 1000), frame(11, 1005), frame(12, 1050), frame(13, 1070), frame(14, 5000)];
-        let u = underruns(&frames, &[10, 14], 0);
-        assert_eq!(u, Underruns { frames: 5, count: 2, late_ms: 20.0, max_late_ms: 10.0 });
+        // Reply 1 starts at seq 10 (t = 1000 ms): seq 11 due 1020, seq 12 due 1040 but stalls the
+        // player 10 ms, so seq 13 is due 1070 and seq 14 at 1090 (both in time).
+        // Reply 2 starts at seq 15, arriving late by the old schedule but on its own first frame.
+        let frames = [
+            frame(3, 500),
+            frame(10, 1000),
+            frame(11, 1005),
+            frame(12, 1050),
+            frame(13, 1070),
+            frame(14, 1120),
+            frame(15, 5000),
+        ];
+        let u = underruns(&frames, &[10, 15], 0);
+        assert_eq!(u, Underruns { frames: 6, count: 2, late_ms: 40.0, max_late_ms: 30.0 });
         // An allowance absorbs lateness up to it.
-        assert_eq!(underruns(&frames, &[10, 14], 10_000).count, 0);
+        assert_eq!(underruns(&frames, &[10, 15], 40_000).count, 0);
+        assert_eq!(underruns(&frames, &[10, 15], 10_000).count, 1);
         // A lost first frame: the player starts at the first frame that arrived.
         assert_eq!(
             underruns(&[frame(21, 100), frame(22, 120)], &[20], 0),
@@ -678,8 +689,8 @@ mod tests {
         );
         assert_eq!(underruns(&frames, &[], 0).frames, 0);
         // Per reply: the late frames are reply 1's; together they are the whole run's.
-        let per_reply = underruns_per_reply(&frames, &[10, 14]);
-        assert_eq!(per_reply[0], Underruns { frames: 4, count: 2, late_ms: 20.0, max_late_ms: 10.0 });
+        let per_reply = underruns_per_reply(&frames, &[10, 15]);
+        assert_eq!(per_reply[0], Underruns { frames: 5, count: 2, late_ms: 40.0, max_late_ms: 30.0 });
         assert_eq!((per_reply[1].frames, per_reply[1].count), (1, 0));
     }
 
