@@ -7,6 +7,7 @@ use parley_protocol::event::{CancelReason, SafetyAction, SafetyStage};
 use parley_server::config::Config;
 use parley_server::models::Manifest;
 use parley_server::models::tts::TtsBackend;
+use parley_server::pipeline::chunker::sentence_ends;
 use parley_server::pipeline::voice::{VoiceConfig, VoicePipeline};
 use parley_server::safety::SafetyConfig;
 use parley_tests::{TestServer, espeak, read_wav, speech_clips, word_errors};
@@ -84,6 +85,17 @@ async fn http_get(server: &TestServer, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+fn eval_options(server: &TestServer) -> parley_client::eval::EvalOptions {
+    parley_client::eval::EvalOptions {
+        server: server.url(),
+        modes: vec![],
+        voices: vec![],
+        concurrency: 1,
+        reply_timeout_ms: 90_000,
+        sample_rate: RATE,
+    }
 }
 
 fn events(result: &TalkResult) -> impl Iterator<Item = &ServerEvent> {
@@ -201,6 +213,23 @@ async fn speaking_over_a_reply_cancels_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_ends_at_the_end_of_its_second_sentence() {
+    let server = server().await;
+    let (mut events, mut audio) = (Vec::new(), false);
+    let ask = "Please tell me a long story about a brave knight and a dragon.";
+    parley_client::eval::text_turn(&eval_options(&server), ask, &mut events, &mut audio).await.unwrap();
+    let reply = events.iter().find_map(|e| match e {
+        ServerEvent::ResponseTextDone { text, .. } => Some(text.clone()),
+        _ => None,
+    });
+    let reply = reply.expect("the reply finished");
+    assert!(audio, "the reply was spoken");
+    assert_eq!(sentence_ends(&reply), VoiceConfig::default().max_reply_sentences, "{reply:?}");
+    assert!(reply.ends_with(['.', '!', '?']), "{reply:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsafe_requests_are_refused_in_the_preset_voice_typed_or_spoken() {
     use parley_client::eval::{EvalOptions, Mode, Outcome, read_set, run_safety};
     let server = server().await;
@@ -270,16 +299,8 @@ async fn a_flagged_reply_and_an_unenrolled_voice_never_reach_the_client() {
     .await
     .unwrap();
     let server = TestServer::start(Config::default(), pipeline).await;
-    let options = parley_client::eval::EvalOptions {
-        server: server.url(),
-        modes: vec![],
-        voices: vec![],
-        concurrency: 1,
-        reply_timeout_ms: 90_000,
-        sample_rate: RATE,
-    };
     let (mut events, mut audio) = (Vec::new(), false);
-    parley_client::eval::text_turn(&options, "Please greet me.", &mut events, &mut audio).await.unwrap();
+    parley_client::eval::text_turn(&eval_options(&server), "Please greet me.", &mut events, &mut audio).await.unwrap();
     let decisions: Vec<(SafetyStage, SafetyAction, Option<String>)> = events
         .iter()
         .filter_map(|e| match e {

@@ -95,6 +95,20 @@ impl Chunker {
     }
 }
 
+/// Words whose full stop does not end a sentence.
+const TITLES: &[&str] = &["dr", "mr", "mrs", "ms", "prof", "st"];
+
+/// How many sentences `chunk` ends: words ending in '.', '!' or '?' (a chunk ends only where a
+/// space follows), not counting a title's full stop ("Mr.").
+pub fn sentence_ends(chunk: &str) -> usize {
+    chunk
+        .split_whitespace()
+        .map(|word| word.trim_end_matches(['"', '\'', ')']))
+        .filter(|word| word.ends_with(['.', '!', '?']))
+        .filter(|word| !TITLES.contains(&word.trim_end_matches('.').to_lowercase().as_str()))
+        .count()
+}
+
 /// Characters worth sending to the voice: letters, digits, spaces and ordinary punctuation.
 fn speakable(c: char) -> bool {
     c.is_alphanumeric() || c.is_whitespace() || ".,;:!?'\"-—()%$&".contains(c)
@@ -163,6 +177,13 @@ mod tests {
                 "then more words that go on and on without end."
             ]
         );
+    }
+
+    #[test]
+    fn sentence_ends_are_counted_but_not_titles_or_numbers() {
+        assert_eq!(sentence_ends("Sure. Mr. Smith has 2.5 cats! Really?"), 3);
+        assert_eq!(sentence_ends("He said \"go.\" Then (he left.)"), 2);
+        assert_eq!(sentence_ends("and then, well"), 0);
     }
 
     #[test]

@@ -24,7 +24,7 @@
 //! against the enrolled voice before it goes to the session (audio that deviates is cut). Reply
 //! text reaches the client chunk by chunk, only once its audio passed. A gate that cannot run
 //! fails closed.
-use super::chunker::Chunker;
+use super::chunker::{Chunker, sentence_ends};
 use super::{Command, Hold, Pipeline, ReplyOutput, SessionClosed, SessionIo, TurnMarks};
 use crate::audio::PIPELINE_RATE;
 use crate::engine::{Engine, EngineError, Priority};
@@ -102,6 +102,10 @@ pub struct VoiceConfig {
     pub speculate_after_ms: u32,
     /// Most tokens in one reply.
     pub max_reply_tokens: usize,
+    /// Most sentences in one reply: generation stops at the end of this one (the system prompt
+    /// asks for one or two; the small model often runs on to `max_reply_tokens` mid-sentence,
+    /// and long replies take the cores other sessions' first words need). 0: no limit.
+    pub max_reply_sentences: usize,
     /// The system prompt: short, spoken style.
     pub system_prompt: String,
     /// ONNX Runtime intra-op threads per engine (idle pool threads sleep, so engines that are not
@@ -131,6 +135,7 @@ impl Default for VoiceConfig {
             asr_ahead_ms: 64,
             speculate_after_ms: 160,
             max_reply_tokens: 60,
+            max_reply_sentences: 2,
             system_prompt: "You are Parley, a friendly voice assistant. Answer in one or two short spoken \
                             sentences. No lists, no markdown, no emoji."
                 .into(),
@@ -1022,7 +1027,11 @@ impl ReplyContext {
         let mut chunker = Chunker::new();
         let mut first_token_seen = false;
         let mut first_chunk_sent = false;
-        while let Some(delta) = delta_rx.recv().await {
+        let mut sentences_left = match self.config.max_reply_sentences {
+            0 => usize::MAX,
+            n => n,
+        };
+        'reply: while let Some(delta) = delta_rx.recv().await {
             if !first_token_seen {
                 first_token_seen = true;
                 let _ = pieces.send(Piece::FirstToken(Instant::now())).await;
@@ -1034,14 +1043,19 @@ impl ReplyContext {
                     first_audio.begin();
                     first_chunk_out.store(true, Ordering::Relaxed);
                 }
-                if pieces.send(Piece::Clause(clause)).await.is_err() {
-                    break;
+                sentences_left = sentences_left.saturating_sub(sentence_ends(&clause));
+                if pieces.send(Piece::Clause(clause)).await.is_err() || sentences_left == 0 {
+                    break 'reply;
                 }
             }
         }
-        if let Some(rest) = chunker.finish() {
+        if sentences_left > 0
+            && let Some(rest) = chunker.finish()
+        {
             let _ = pieces.send(Piece::Clause(rest)).await;
         }
+        // Ends the generation if it is still running (its next token has nowhere to go).
+        drop(delta_rx);
         first_audio.end();
         match generation.await {
             Ok(Ok(())) => None,
