@@ -1049,10 +1049,12 @@ impl ReplyContext {
                 }
             }
         }
-        if sentences_left > 0
-            && let Some(rest) = chunker.finish()
-        {
-            let _ = pieces.send(Piece::Clause(rest)).await;
+        if sentences_left > 0 {
+            for rest in chunker.finish() {
+                if pieces.send(Piece::Clause(rest)).await.is_err() {
+                    break;
+                }
+            }
         }
         // Ends the generation if it is still running (its next token has nowhere to go).
         drop(delta_rx);
