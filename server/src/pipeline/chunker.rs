@@ -3,8 +3,8 @@
 //! chunks of at most 10 words (each is synthesized while the one before plays). A chunk cut at
 //! its bound ends at its last clause break, if it has one. A later chunk is held until a few words
 //! follow it, so a short last sentence ("Anything else?") joins it instead of going out alone (the
-//! voice gate cannot judge under ~0.7 s of audio, and blocks most of it). Markdown and emoji the voice cannot
-//! say are dropped here, so nothing unspeakable reaches the synthesizer.
+//! voice gate cannot judge under ~0.7 s of audio, and blocks most of it). Markdown and emoji the
+//! voice cannot say are dropped here, so nothing unspeakable reaches the synthesizer.
 
 /// Words the first chunk needs before a break (comma-like or a sentence end) may end it: fewer
 /// make well under a second of audio, which sounds clipped and which the voice gate cannot judge
@@ -194,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn long_run_on_text_is_cut_in_growing_chunks() {
+    fn long_run_on_text_is_cut_in_bounded_chunks() {
         let text = "word ".repeat(100);
         let sizes: Vec<usize> = feed(&text).iter().map(|c| c.split_whitespace().count()).collect();
         assert_eq!(sizes, [5, 10, 10, 10, 10, 10, 10, 10, 10, 10, 5]);
