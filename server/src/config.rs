@@ -172,8 +172,11 @@ impl Config {
         if !(0..=10).contains(&self.opus_complexity) || !(6_000..=510_000).contains(&self.opus_bitrate) {
             return invalid("opus_complexity must be 0..=10 and opus_bitrate 6000..=510000");
         }
-        if !(self.safety.voice_threshold > 0.0 && self.safety.voice_threshold < 1.0) {
-            return invalid("safety.voice_threshold must be in (0, 1)");
+        let (full, short) = (self.safety.voice_threshold, self.safety.voice_threshold_short);
+        if !(full > 0.0 && full < 1.0 && short > 0.0 && short <= full) {
+            return invalid(
+                "safety.voice_threshold must be in (0, 1), and voice_threshold_short in (0, voice_threshold]",
+            );
         }
         Ok(())
     }

@@ -80,6 +80,9 @@ enum Tool {
         /// Use only the first N lines.
         #[arg(long, default_value_t = 60)]
         limit: usize,
+        /// Check only the last N ms of sound of each utterance, alone (a short reply's case).
+        #[arg(long)]
+        tail_ms: Option<u32>,
         /// Where to write the JSON report.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -153,10 +156,10 @@ fn run_tool(tool: Tool, config: &Config) -> anyhow::Result<()> {
             let set = tools::read_set(&set).map_err(anyhow::Error::msg)?;
             tools::calibrate_policy(&manifest, &policy_file, &set, write)
         }
-        Tool::EvalVoice { set, limit, report } => {
+        Tool::EvalVoice { set, limit, tail_ms, report } => {
             let mut set = tools::read_set(&set).map_err(anyhow::Error::msg)?;
             set.truncate(limit);
-            tools::eval_voice(&manifest, &set, config.safety.voice_threshold, report.as_deref())
+            tools::eval_voice(&manifest, &set, &config.safety, tail_ms, report.as_deref())
         }
     };
     result.map_err(|e| anyhow::anyhow!("{e}"))

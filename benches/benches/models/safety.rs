@@ -21,7 +21,7 @@ pub fn bench(c: &mut criterion::Criterion) {
     let chunk = "Sure, pulling them by hand after rain works well. You can also use vinegar or boiling water.";
     group.bench_function("output_gate", |b| b.iter(|| classifier.judge(black_box(chunk), true).unwrap()));
 
-    let mut gate = VoiceGate::load(manifest(), 1, 0.75).unwrap_or_else(|e| panic!("{e}"));
+    let mut gate = VoiceGate::load(manifest(), 1, 0.75, 0.65).unwrap_or_else(|e| panic!("{e}"));
     let mut tts = Tts::load(manifest(), 2).unwrap();
     let rate = tts.sample_rate();
     let speech = tts.synthesize("The weather today is mild and sunny, with a light breeze from the west.").unwrap();

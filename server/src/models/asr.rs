@@ -7,7 +7,9 @@
 //! of silence instead. Without the long silent tail the model is reluctant to emit end-of-text
 //! and tends to repeat itself, so decoding is guarded:
 //! - it stops when end-of-text becomes likely (log-probability above [`EOT_LOGPROB_STOP`]) even
-//!   if it is not yet the single most likely token;
+//!   if it is not yet the single most likely token. If that token is a full stop, question or
+//!   exclamation mark, it is kept; if it is a word, the transcript says so
+//!   ([`Transcript::cut_short`]): the speech may go on past it (a trailing "and" is lost so);
 //! - the token count is bounded in proportion to the audio's duration;
 //! - a repeated n-gram (a loop) stops decoding and is cut;
 //! - when a loop or the token bound is hit, the utterance is decoded again with
@@ -98,6 +100,10 @@ pub struct Transcript {
     pub fell_back: bool,
     /// The model's no-speech probability.
     pub no_speech_prob: f32,
+    /// Decoding stopped on a likely end-of-text, not after a full stop, while a word (or a comma)
+    /// was likelier still: the speech may go on past the transcript ("I have a cat" for "I have a
+    /// cat and").
+    pub cut_short: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,6 +140,8 @@ pub struct Asr {
     meta: Meta,
     /// Tokens never allowed in the text (special, timestamp and Whisper's suppress list).
     suppressed: Vec<bool>,
+    /// `.`, `?` and `!`: kept when decoding stops on a likely end-of-text before them.
+    sentence_ends: Vec<u32>,
     pub mode: AsrMode,
 }
 
@@ -143,6 +151,7 @@ struct Decoded {
     stop: Stop,
     steps: usize,
     no_speech_prob: f32,
+    cut_short: bool,
 }
 
 impl Asr {
@@ -161,12 +170,15 @@ impl Asr {
                 *s = true;
             }
         }
+        let tokenizer = manifest.tokenizer("asr")?;
+        let sentence_ends = [".", "?", "!"].into_iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
         Ok(Asr {
             encoder: manifest.session("asr", "encoder", threads)?,
             decoder: manifest.session("asr", "decoder", threads)?,
-            tokenizer: manifest.tokenizer("asr")?,
+            tokenizer,
             meta,
             suppressed,
+            sentence_ends,
             mode: AsrMode::default(),
         })
     }
@@ -214,6 +226,7 @@ impl Asr {
             stop: Stop::NoSpeech,
             fell_back: false,
             no_speech_prob: 1.0,
+            cut_short: false,
         };
         let seconds = audio_16k.len() as f32 / self.meta.sample_rate as f32;
         let peak = audio_16k.iter().filter(|x| x.is_finite()).fold(0.0f32, |m, x| m.max(x.abs()));
@@ -251,6 +264,7 @@ impl Asr {
         let decoded = decoded.ok_or_else(|| ModelError::Invalid("asr: no decoding tried".into()))?;
         transcript.stop = decoded.stop;
         transcript.no_speech_prob = decoded.no_speech_prob;
+        transcript.cut_short = decoded.cut_short;
         transcript.tokens = decoded.tokens.len();
         transcript.text = self.text(&decoded.tokens)?;
         transcript.ids = decoded.tokens;
@@ -329,7 +343,8 @@ impl Asr {
         let mut past_k: DynValue = empty()?.into_dyn();
         let mut past_v: DynValue = empty()?.into_dyn();
         let (sot, no_timestamps, eot) = (m.sot, m.no_timestamps, m.eot);
-        let mut decoded = Decoded { tokens: Vec::new(), stop: Stop::TokenBound, steps: 0, no_speech_prob: 0.0 };
+        let mut decoded =
+            Decoded { tokens: Vec::new(), stop: Stop::TokenBound, steps: 0, no_speech_prob: 0.0, cut_short: false };
         let prefix = &prefix[..prefix.len().min(max_tokens)];
         let mut feed = vec![sot];
         let mut logits = Vec::new();
@@ -390,6 +405,12 @@ impl Asr {
                 return Ok(decoded);
             };
             if best == eot || (!first && log_softmax_at(&logits, eot) > EOT_LOGPROB_STOP) {
+                let ends_sentence = |t: &u32| self.sentence_ends.contains(t);
+                if ends_sentence(&(best as u32)) {
+                    decoded.tokens.push(best as u32);
+                } else if best != eot && !decoded.tokens.last().is_some_and(ends_sentence) {
+                    decoded.cut_short = true;
+                }
                 decoded.stop = Stop::EndOfText;
                 return Ok(decoded);
             }

@@ -29,6 +29,10 @@
 //!   with its previous reply word for word, or loops ("had had he had").
 //! - **Stops** on `<|im_end|>`/end-of-text, at `max_tokens`, when the context is full, or when the
 //!   `on_token` callback breaks.
+//! - **Turn ending**: [`Llm::sentence_end_probability`] reads, from the logits after the user's last
+//!   word, how likely the model finds a sentence end there (`.`, `?`, `!` or the end of the turn):
+//!   an end-of-turn cue for transcripts Whisper left unpunctuated. It prefills the conversation up
+//!   to that word in the conversation's cache, so the reply's prefill that follows reuses it.
 //! - **Streaming**: `on_token` receives text deltas; a character split across tokens is held back
 //!   until complete, so the deltas concatenate to exactly [`Generation::text`].
 use super::{Manifest, ModelError};
@@ -158,6 +162,8 @@ pub struct Llm {
     clock: u64,
     /// Extra token to stop on: end-of-text never belongs in a reply.
     end_of_text: Option<u32>,
+    /// Tokens that end a sentence or the turn (`sentence_end_probability`).
+    sentence_ends: Vec<u32>,
 }
 
 /// One conversation's KV cache.
@@ -210,7 +216,9 @@ impl Llm {
         let session = manifest.session("llm", "model", threads)?;
         let end_of_text = tokenizer.token_to_id("<|endoftext|>");
         let max_context = DEFAULT_MAX_CONTEXT.min(meta.max_context);
-        Ok(Llm { session, tokenizer, meta, max_context, slots: Vec::new(), clock: 0, end_of_text })
+        let marks = [".", "?", "!", "Ġ.", "Ġ?", "Ġ!"].into_iter().filter_map(|t| tokenizer.token_to_id(t));
+        let sentence_ends = marks.chain(meta.stop_token_ids.iter().copied()).collect();
+        Ok(Llm { session, tokenizer, meta, max_context, slots: Vec::new(), clock: 0, end_of_text, sentence_ends })
     }
 
     /// The bound on prompt + reply tokens.
@@ -278,10 +286,9 @@ impl Llm {
     /// Prefills `history` in conversation `key`'s cache (the prefill yields the first token, not yet
     /// emitted); [`Llm::resume`] then decodes the reply.
     pub fn start(&mut self, key: u64, history: &[Message], max_tokens: usize) -> Result<Decoding, ModelError> {
-        // Room for at least one reply token; the rest of the context is the prompt's budget.
         let max_tokens = max_tokens.clamp(1, self.max_context / 2);
         let Prompt { tokens: prompt, said, dropped: dropped_messages } =
-            self.prompt(history, self.max_context - max_tokens)?;
+            self.prompt(history, self.prompt_budget(max_tokens))?;
         let slot = self.slot(key)?;
         // Reuse the cached prefix; at least one token must run to give the next token's logits.
         let reused = common_prefix(&self.slots[slot].cached, &prompt).min(prompt.len() - 1);
@@ -314,6 +321,43 @@ impl Llm {
             done: false,
             generation,
         })
+    }
+
+    /// The model's probability that the last message of `history` ends a sentence, or the turn,
+    /// right after its text: the next token is `.`, `?`, `!` or the end of the turn. Prefills the
+    /// prompt up to there in conversation `key`'s cache: a following [`Llm::start`] with the same
+    /// `history` and `max_tokens` reuses it.
+    pub fn sentence_end_probability(
+        &mut self,
+        key: u64,
+        history: &[Message],
+        max_tokens: usize,
+    ) -> Result<f32, ModelError> {
+        let t = &self.meta.chat_template;
+        let suffix = self.encode(&t.turn_end)?.len() + self.encode(&t.generation_prompt)?.len();
+        let Prompt { tokens: prompt, .. } = self.prompt(history, self.prompt_budget(max_tokens))?;
+        let end = prompt.len().saturating_sub(suffix);
+        if end < 2 {
+            return Err(ModelError::Invalid("llm: no message to judge".into()));
+        }
+        let slot = self.slot(key)?;
+        let reused = common_prefix(&self.slots[slot].cached, &prompt[..end]).min(end - 1);
+        self.slots[slot].cached.truncate(reused);
+        let ends = self.sentence_ends.clone();
+        let p = self.run(slot, &prompt[reused..end], |logits| {
+            let max = logits.iter().copied().fold(f32::MIN, f32::max);
+            let total: f32 = logits.iter().map(|&x| (x - max).exp()).sum();
+            ends.iter().map(|&i| (logits[i as usize] - max).exp()).sum::<f32>() / total
+        });
+        if p.is_err() {
+            self.slots[slot].cached.clear();
+        }
+        p
+    }
+
+    /// The prompt's share of the context: room for at least one reply token.
+    fn prompt_budget(&self, max_tokens: usize) -> usize {
+        self.max_context - max_tokens.clamp(1, self.max_context / 2)
     }
 
     /// Decodes up to `tokens` more tokens of `decoding`, calling `on_token` with each piece of new
@@ -391,14 +435,16 @@ impl Llm {
     /// Runs `tokens` after the ones cached in `slot`, appends them to its cache, and returns the
     /// greedy next token that is not `banned`. A failed run leaves that cache empty.
     fn step(&mut self, slot: usize, tokens: &[u32], banned: &[u32]) -> Result<u32, ModelError> {
-        let next = self.run(slot, tokens, banned);
+        let next = self.run(slot, tokens, |logits| argmax(logits, banned));
         if next.is_err() {
             self.slots[slot].cached.clear();
         }
         next
     }
 
-    fn run(&mut self, slot: usize, tokens: &[u32], banned: &[u32]) -> Result<u32, ModelError> {
+    /// Runs `tokens` after the ones cached in `slot` and appends them to its cache; returns what
+    /// `read` makes of the logits of the token after them.
+    fn run<R>(&mut self, slot: usize, tokens: &[u32], read: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
         let m = &self.meta;
         let Slot { binding, cached, .. } = &mut self.slots[slot];
         let past = cached.len();
@@ -419,9 +465,9 @@ impl Llm {
         if logits.len() != m.vocab {
             return Err(ModelError::Invalid(format!("llm: {} logits, expected {}", logits.len(), m.vocab)));
         }
-        let next = argmax(logits, banned);
+        let read = read(logits);
         cached.extend_from_slice(tokens);
-        Ok(next)
+        Ok(read)
     }
 
     fn is_stop(&self, token: u32) -> bool {

@@ -231,6 +231,11 @@ impl ReplyOutput {
         self.hold.as_ref().is_some_and(|h| h.is_discarded())
     }
 
+    /// Whether this reply was started ahead of the endpoint (its output waits for it).
+    pub fn is_held(&self) -> bool {
+        self.hold.is_some()
+    }
+
     /// A held reply says whether its transcript reads as a finished utterance (the endpointer
     /// may then confirm the turn sooner).
     pub fn set_complete(&self, complete: bool) {

@@ -15,7 +15,9 @@
 //! held (`ReplyOutput::held`).
 //! When the endpoint confirms the turn the held output goes out at once; if the user speaks again
 //! first, it is dropped unseen and the turn goes on. The endpoint comes sooner when the
-//! transcript reads as a finished utterance (`endpoint_complete_ms`) than when it trails off.
+//! transcript reads as a finished utterance (`endpoint_complete_ms`) than when it trails off:
+//! Whisper ended it with a full stop, or, left unpunctuated ("7 of clubs"), the reply model finds
+//! a sentence end likely after its last word (`sentence_end_threshold`).
 //!
 //! Safety (policy in `safety/`): the input gate judges the user's words before any reply starts;
 //! a flagged request gets the policy's spoken response instead of the model's. The TTS stage
@@ -89,6 +91,11 @@ pub struct VoiceConfig {
     /// Silence that ends a turn whose transcript reads as finished (a full sentence, not trailing
     /// off on "and", "the", "um"…), in ms; needs the reply started ahead (`speculate_after_ms`).
     pub endpoint_complete_ms: u32,
+    /// A transcript Whisper left unpunctuated (it often does with short answers: "5", "7 of
+    /// clubs") also reads as finished when the reply model gives at least this probability to a
+    /// sentence end right after its last word (complete requests and answers score 0.05–0.9,
+    /// words that trail off, "I would like to", at most 0.003). 0: off (only punctuation counts).
+    pub sentence_end_threshold: f32,
     /// Speech between passes of recognition while the user is still speaking, in ms. The text two
     /// passes in a row agree on is settled: the recognition at the pause does not decode it again,
     /// and the reply model prefills it as the start of the user's message. 0: off.
@@ -131,6 +138,7 @@ impl Default for VoiceConfig {
             min_speech_ms: 96,
             endpoint_silence_ms: 480,
             endpoint_complete_ms: 256,
+            sentence_end_threshold: 0.05,
             partial_every_ms: 1000,
             asr_ahead_ms: 64,
             speculate_after_ms: 160,
@@ -193,9 +201,9 @@ impl Engines {
         }
         let tts =
             spawn(manifest, "tts", config.threads_tts, move |m, t| Synthesizer::load(m, t, backend, &espeak_voice))?;
-        let threshold = safety.voice_threshold;
+        let (full, short) = (safety.voice_threshold, safety.voice_threshold_short);
         let voice_gate =
-            spawn(manifest, "speaker", config.threads_embed, move |m, t| VoiceGate::load(m, t, threshold))?;
+            spawn(manifest, "speaker", config.threads_embed, move |m, t| VoiceGate::load(m, t, full, short))?;
         let content_policy = policy.clone();
         let content = spawn(manifest, "text-embed", config.threads_embed, move |m, t| {
             ContentClassifier::new(content_policy, TextEmbedder::load(m, t)?)
@@ -657,18 +665,11 @@ impl Worker {
 
     /// Puts the conversation so far and the start of what the user is saying into this session's
     /// KV cache, so the reply prefills only the rest: at session start (the system prompt), when
-    /// the user starts speaking (the last exchange, or older turns dropped to make room) and as
-    /// their words settle. A background job; nothing waits for it.
+    /// the user starts speaking (in case another conversation took the cache) and as their words
+    /// settle; the reply task does it too once the history has its exchange.
     fn prefill(&self, user_start: String) {
-        let mut messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()));
-        messages.push(Message::user(user_start));
-        let (llm, key, max_tokens) = (self.engines.llm.clone(), self.conversation, self.config.max_reply_tokens);
-        tokio::spawn(async move {
-            let prefill = llm.try_run(Priority::Low, move |llm| llm.start(key, &messages, max_tokens).map(drop)).await;
-            if let Err(e) = prefill {
-                tracing::debug!(error = %e, "prefill failed");
-            }
-        });
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        prefill(&self.engines.llm, self.conversation, &self.config, &history, user_start);
     }
 
     /// A new utterance: what was recognised of the last one is dropped.
@@ -801,6 +802,21 @@ impl Drop for Worker {
 }
 
 /// The reply model's input: the system prompt, then the conversation so far.
+/// Puts the conversation `history` and the start of the user's next message into conversation
+/// `key`'s KV cache, so that the reply prefills only what follows. A background job at low
+/// priority; nothing waits for it.
+fn prefill(llm: &Engine<Llm>, key: u64, config: &VoiceConfig, history: &[Message], user_start: String) {
+    let mut messages = prompt(config, history);
+    messages.push(Message::user(user_start));
+    let (llm, max_tokens) = (llm.clone(), config.max_reply_tokens);
+    tokio::spawn(async move {
+        let prefill = llm.try_run(Priority::Low, move |llm| llm.start(key, &messages, max_tokens).map(drop)).await;
+        if let Err(e) = prefill {
+            tracing::debug!(error = %e, "prefill failed");
+        }
+    });
+}
+
 fn prompt(config: &VoiceConfig, history: &[Message]) -> Vec<Message> {
     let mut messages = vec![Message::system(config.system_prompt.clone())];
     messages.extend(history.iter().cloned());
@@ -849,8 +865,8 @@ impl ReplyContext {
 
     async fn run(mut self, input: Input) -> Result<(), SessionClosed> {
         let turn = self.turn;
-        let user_text = match input {
-            Input::Text(text) => text,
+        let (user_text, ending) = match input {
+            Input::Text(text) => (text, Ending::Finished),
             Input::Speech(audio, settled) => {
                 let never = AtomicBool::new(false);
                 let result = self
@@ -868,6 +884,9 @@ impl ReplyContext {
         if user_text.is_empty() || self.cancelled() {
             // Nothing intelligible was said (or the user went on): no reply.
             return self.output.audio_end(turn).await;
+        }
+        if self.output.is_held() && ending == Ending::Unpunctuated {
+            self.judge_sentence_end(&user_text).await;
         }
         // Input gate: before any reply starts. A gate that cannot run fails closed: no reply.
         let Some(decision) = self.gates.content(SafetyStage::Input, &user_text).await? else {
@@ -897,23 +916,54 @@ impl ReplyContext {
         if history.len() > MAX_HISTORY_MESSAGES {
             history.drain(..MAX_HISTORY_MESSAGES / 2);
         }
+        // The next prompt is known now: it prefills while the reply plays out and the user
+        // answers (when old turns were dropped, that is the whole conversation: ~0.5 s).
+        prefill(&self.engines.llm, self.conversation, &self.config, &history, String::new());
         Ok(())
     }
 
-    /// Announces the transcript; a failed recognition is reported and gives no text.
-    async fn transcribed(&mut self, result: Result<Transcript, EngineError>) -> Result<String, SessionClosed> {
+    /// A held reply's unpunctuated transcript reads as finished if the reply model finds a sentence
+    /// end likely after it. Its prefill stays in the conversation's cache for the reply.
+    async fn judge_sentence_end(&self, user_text: &str) {
+        let threshold = self.config.sentence_end_threshold;
+        if threshold <= 0.0 {
+            return;
+        }
+        let mut messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()));
+        messages.push(Message::user(user_text));
+        let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
+        let judged = self
+            .engines
+            .llm
+            .try_run(Priority::High, move |llm| llm.sentence_end_probability(key, &messages, max_tokens))
+            .await;
+        match judged {
+            Ok(p) if p >= threshold => self.output.set_complete(true),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "judging the sentence end failed"),
+        }
+    }
+
+    /// Announces the transcript and says how it ends; a failed recognition is reported and gives
+    /// no text.
+    async fn transcribed(
+        &mut self,
+        result: Result<Transcript, EngineError>,
+    ) -> Result<(String, Ending), SessionClosed> {
         match result {
             Ok(transcript) => {
                 self.marks.push((mark::ASR_FINAL, Instant::now()));
-                let transcript = transcript.text.trim().to_string();
-                self.output.set_complete(reads_finished(&transcript));
+                let text = transcript.text.trim().to_string();
+                // Recognition stopped before a likelier word: the user may be mid-sentence.
+                let ending = if transcript.cut_short { Ending::Hanging } else { ending(&text) };
+                self.output.set_complete(ending == Ending::Finished);
                 let turn = self.turn;
-                self.output.event(ServerEvent::TranscriptionCompleted { turn, transcript: transcript.clone() }).await?;
-                Ok(transcript)
+                self.output.event(ServerEvent::TranscriptionCompleted { turn, transcript: text.clone() }).await?;
+                Ok((text, ending))
             }
             Err(e) => {
                 self.output.event(engine_error("speech recognition failed", &e)).await?;
-                Ok(String::new())
+                Ok((String::new(), Ending::Hanging))
             }
         }
     }
@@ -1389,17 +1439,30 @@ const HANGING_WORDS: &[&str] = &[
     "your",
 ];
 
-/// Whether a transcript reads as a finished utterance: it ends a sentence (Whisper punctuates
-/// what it hears; a bare "I have a cat" may be "I have a cat and" with the "and" dropped), does
-/// not trail off, and its last word does not leave it hanging.
-fn reads_finished(text: &str) -> bool {
+/// How a transcript ends, as far as its words and Whisper's punctuation tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// A full sentence: a full stop, question or exclamation mark after a word that can end one.
+    Finished,
+    /// No closing mark (Whisper leaves short answers bare, and may drop a trailing "and": a bare
+    /// "I have a cat" may be "I have a cat and"); the reply model judges it.
+    Unpunctuated,
+    /// Trails off ("...") or its last word leaves it hanging ("and", "the", "um"), or recognition
+    /// stopped where it found another word likelier than the end.
+    Hanging,
+}
+
+fn ending(text: &str) -> Ending {
     let text = text.trim();
-    if text.ends_with("...") || text.ends_with('…') || !text.ends_with(['.', '?', '!']) {
-        return false;
-    }
     let last = text.split_whitespace().last().unwrap_or("");
     let last = last.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
-    !last.is_empty() && !HANGING_WORDS.contains(&last.as_str())
+    if text.ends_with("...") || text.ends_with('…') || last.is_empty() || HANGING_WORDS.contains(&last.as_str()) {
+        Ending::Hanging
+    } else if text.ends_with(['.', '?', '!']) {
+        Ending::Finished
+    } else {
+        Ending::Unpunctuated
+    }
 }
 
 fn join_text(spoken: &[Spoken]) -> String {
@@ -1439,18 +1502,25 @@ mod tests {
 
     #[test]
     fn finished_utterances_end_a_sentence_without_hanging() {
-        assert!(reads_finished("What is the capital of France?"));
-        assert!(reads_finished("Tell me a joke."));
-        assert!(!reads_finished("I want to go to the"));
-        assert!(!reads_finished("I went to the store and..."));
-        assert!(!reads_finished("Tell me about the."));
-        assert!(!reads_finished("So, um."));
-        assert!(!reads_finished(""));
-        assert!(reads_finished("than he was."));
-        assert!(reads_finished("Where are you from?"));
-        // Unpunctuated: Whisper may have dropped a trailing "and".
-        assert!(!reads_finished("I have a cat"));
-        assert!(!reads_finished("I have a cat and"));
+        use Ending::*;
+        let cases = [
+            ("What is the capital of France?", Finished),
+            ("Tell me a joke.", Finished),
+            ("than he was.", Finished),
+            ("Where are you from?", Finished),
+            ("I want to go to the", Hanging),
+            ("I went to the store and...", Hanging),
+            ("Tell me about the.", Hanging),
+            ("So, um.", Hanging),
+            ("", Hanging),
+            ("I have a cat and", Hanging),
+            // Whisper may have dropped a trailing "and": the reply model judges these.
+            ("I have a cat", Unpunctuated),
+            ("7 of clubs", Unpunctuated),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(ending(text), expected, "{text:?}");
+        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Offline safety tools: `parley-server calibrate-policy` (per-category thresholds and the margin
 //! of the content classifier, fitted on a labelled set) and `parley-server eval-voice` (precision
 //! and recall of the voice gate over the enrolled voice, espeak-ng voices and human recordings).
+use super::SafetyConfig;
 use super::content::ContentClassifier;
 use super::policy::Policy;
-use super::voice::{VoiceGate, check_windows};
+use super::voice::{MIN_CHECK_MS, VoiceGate, check_windows};
 use crate::models::text_embed::TextEmbedder;
 use crate::models::tts::Tts;
 use crate::models::{Manifest, ModelError, espeak};
@@ -223,6 +224,8 @@ struct VoiceSample {
 #[derive(Debug, Serialize)]
 struct VoiceReport {
     threshold: f32,
+    /// The threshold of pieces shorter than `voice::MIN_CHECK_MS`.
+    short_threshold: f32,
     /// Of the pieces the gate blocked, the share that were not the enrolled voice.
     precision: f64,
     /// Of the pieces that were not the enrolled voice, the share the gate blocked.
@@ -238,18 +241,31 @@ struct VoiceReport {
 
 /// Scores the voice gate on the Piper voice (positives: the texts of `set`), espeak-ng voices
 /// and human recordings (negatives); prints precision and recall, and writes a JSON report.
+/// With `tail_ms`, each utterance is checked once, on its last `tail_ms` of sound alone (how the
+/// gate judges a short reply, or a reply's short last piece), instead of in the pipeline's windows.
 pub fn eval_voice(
     manifest: &Manifest,
     set: &[SetLine],
-    threshold: f32,
+    safety: &SafetyConfig,
+    tail_ms: Option<u32>,
     report: Option<&Path>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let mut gate = VoiceGate::load(manifest, 1, threshold)?;
+    let (threshold, short) = (safety.voice_threshold, safety.voice_threshold_short);
+    let mut gate = VoiceGate::load(manifest, 1, threshold, short)?;
     let mut tts = Tts::load(manifest, 2)?;
     let mut samples = Vec::new();
     // Each utterance is checked in the windows the pipeline checks reply audio in.
     let mut score = |source: String, enrolled: bool, audio: &[f32], rate: u32| -> Result<(), ModelError> {
-        for (k, window) in check_windows(audio.len(), rate).into_iter().enumerate() {
+        let windows = match tail_ms {
+            None => check_windows(audio.len(), rate),
+            Some(ms) => {
+                let peak = audio.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                let end = audio.iter().rposition(|x| x.abs() > peak / 100.0).map_or(0, |i| i + 1);
+                let start = end.saturating_sub(ms as usize * rate as usize / 1000);
+                std::iter::once(start..end).collect()
+            }
+        };
+        for (k, window) in windows.into_iter().enumerate() {
             let started = Instant::now();
             let check = gate.check(&audio[window.clone()], rate)?;
             let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -289,6 +305,7 @@ pub fn eval_voice(
     let pct = |q: f64| ms.get(((ms.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
     let result = VoiceReport {
         threshold,
+        short_threshold: short,
         precision: blocked_others as f64 / blocked.max(1) as f64,
         recall: blocked_others as f64 / others.max(1) as f64,
         false_blocks: blocked - blocked_others,
@@ -308,7 +325,7 @@ pub fn eval_voice(
         let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
         format!("{} pieces, cosine {lo:.2}..{hi:.2}", v.len())
     };
-    println!("voice gate (threshold {threshold}, voice {}):", gate.voice());
+    println!("voice gate (threshold {threshold}, {short} under {MIN_CHECK_MS} ms, voice {}):", gate.voice());
     println!("  enrolled Piper voice: {}", range(true, "piper"));
     println!("  espeak-ng voices:     {}", range(false, "espeak"));
     println!("  human recordings:     {}", range(false, "human"));

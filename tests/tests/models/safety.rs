@@ -3,6 +3,7 @@
 use crate::manifest;
 use parley_server::models::text_embed::TextEmbedder;
 use parley_server::models::tts::Tts;
+use parley_server::safety::SafetyConfig;
 use parley_server::safety::content::ContentClassifier;
 use parley_server::safety::policy::Policy;
 use parley_server::safety::tools::{Expect, read_set};
@@ -90,21 +91,33 @@ fn the_development_set_is_mostly_decided_right() {
 
 #[test]
 fn the_voice_gate_passes_the_enrolled_voice_only() {
-    let mut gate = VoiceGate::load(manifest(), 2, 0.75).unwrap_or_else(|e| panic!("{e}"));
+    let safety = SafetyConfig::default();
+    let (full, short) = (safety.voice_threshold, safety.voice_threshold_short);
+    let mut gate = VoiceGate::load(manifest(), 2, full, short).unwrap_or_else(|e| panic!("{e}"));
     let mut tts = Tts::load(manifest(), 2).unwrap();
-    for text in ["Sure, I can help you with that.", "The weather looks lovely this afternoon."] {
-        let check = gate.check(&tts.synthesize(text).unwrap(), tts.sample_rate()).unwrap();
-        assert!(check.pass, "the Piper voice saying {text:?} scored {}", check.score);
+    // Whole, and the last 500 ms of sound alone: how a short reply, or a reply's last words, is judged.
+    let mut check = |audio: &[f32], rate: u32| {
+        let whole = gate.check(audio, rate).unwrap();
+        let end = audio.iter().rposition(|x| x.abs() > 0.01).unwrap_or(0);
+        let tail = gate.check(&audio[end.saturating_sub(rate as usize / 2)..end], rate).unwrap();
+        [whole, tail]
+    };
+    for text in ["Sure, I can help you with that.", "The weather looks lovely this afternoon.", "Thank you!"] {
+        for piece in check(&tts.synthesize(text).unwrap(), tts.sample_rate()) {
+            assert!(piece.pass, "the Piper voice saying {text:?} scored {}", piece.score);
+        }
     }
     for voice in ["en-us", "en-us+f3", "en+m3"] {
         let (audio, rate) = parley_tests::espeak(voice, "Sure, I can help you with that.");
-        let check = gate.check(&audio, rate).unwrap();
-        assert!(!check.pass, "espeak-ng {voice} passed with {}", check.score);
+        for piece in check(&audio, rate) {
+            assert!(!piece.pass, "espeak-ng {voice} passed with {}", piece.score);
+        }
     }
     for clip in speech_clips() {
         let (audio, rate) = read_wav(&clip.path);
-        let check = gate.check(&audio, rate).unwrap();
-        assert!(!check.pass, "{} (a human reader) passed with {}", clip.path.display(), check.score);
+        for piece in check(&audio, rate) {
+            assert!(!piece.pass, "{} (a human reader) passed with {}", clip.path.display(), piece.score);
+        }
     }
     assert!(!gate.check(&[], 22_050).unwrap().pass, "no audio is not the enrolled voice");
 }
