@@ -801,7 +801,6 @@ impl Drop for Worker {
     }
 }
 
-/// The reply model's input: the system prompt, then the conversation so far.
 /// Puts the conversation `history` and the start of the user's next message into conversation
 /// `key`'s KV cache, so that the reply prefills only what follows. A background job at low
 /// priority; nothing waits for it.
@@ -817,6 +816,7 @@ fn prefill(llm: &Engine<Llm>, key: u64, config: &VoiceConfig, history: &[Message
     });
 }
 
+/// The reply model's input: the system prompt, then the conversation so far.
 fn prompt(config: &VoiceConfig, history: &[Message]) -> Vec<Message> {
     let mut messages = vec![Message::system(config.system_prompt.clone())];
     messages.extend(history.iter().cloned());
