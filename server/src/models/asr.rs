@@ -7,9 +7,8 @@
 //! of silence instead. Without the long silent tail the model is reluctant to emit end-of-text
 //! and tends to repeat itself, so decoding is guarded:
 //! - it stops when end-of-text becomes likely (log-probability above [`EOT_LOGPROB_STOP`]) even
-//!   if it is not yet the single most likely token. If that token is a full stop, question or
-//!   exclamation mark, it is kept; if it is a word, the transcript says so
-//!   ([`Transcript::cut_short`]): the speech may go on past it (a trailing "and" is lost so);
+//!   if it is not yet the single most likely token. If that token is a word, the transcript says
+//!   so ([`Transcript::cut_short`]): the speech may go on past it (a trailing "and" is lost so);
 //! - the token count is bounded in proportion to the audio's duration;
 //! - a repeated n-gram (a loop) stops decoding and is cut;
 //! - when a loop or the token bound is hit, the utterance is decoded again with
@@ -140,7 +139,7 @@ pub struct Asr {
     meta: Meta,
     /// Tokens never allowed in the text (special, timestamp and Whisper's suppress list).
     suppressed: Vec<bool>,
-    /// `.`, `?` and `!`: kept when decoding stops on a likely end-of-text before them.
+    /// `.`, `?` and `!`: decoding that stops before one of them is not cut short.
     sentence_ends: Vec<u32>,
     pub mode: AsrMode,
 }
@@ -405,10 +404,9 @@ impl Asr {
                 return Ok(decoded);
             };
             if best == eot || (!first && log_softmax_at(&logits, eot) > EOT_LOGPROB_STOP) {
+                // The full stop itself is not kept: "I have a cat in." would read as finished.
                 let ends_sentence = |t: &u32| self.sentence_ends.contains(t);
-                if ends_sentence(&(best as u32)) {
-                    decoded.tokens.push(best as u32);
-                } else if best != eot && !decoded.tokens.last().is_some_and(ends_sentence) {
+                if best != eot && !ends_sentence(&(best as u32)) && !decoded.tokens.last().is_some_and(ends_sentence) {
                     decoded.cut_short = true;
                 }
                 decoded.stop = Stop::EndOfText;

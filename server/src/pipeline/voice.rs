@@ -885,11 +885,16 @@ impl ReplyContext {
             // Nothing intelligible was said (or the user went on): no reply.
             return self.output.audio_end(turn).await;
         }
-        if self.output.is_held() && ending == Ending::Unpunctuated {
-            self.judge_sentence_end(&user_text).await;
-        }
         // Input gate: before any reply starts. A gate that cannot run fails closed: no reply.
-        let Some(decision) = self.gates.content(SafetyStage::Input, &user_text).await? else {
+        // Meanwhile, on the LLM's cores, the reply model judges an unpunctuated transcript.
+        let judge = self.output.is_held() && ending == Ending::Unpunctuated;
+        let judged = async {
+            if judge {
+                self.judge_sentence_end(&user_text).await;
+            }
+        };
+        let (decision, ()) = tokio::join!(self.gates.content(SafetyStage::Input, &user_text), judged);
+        let Some(decision) = decision? else {
             return self.output.audio_end(turn).await;
         };
         self.marks.push((mark::INPUT_SAFE, Instant::now()));

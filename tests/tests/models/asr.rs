@@ -196,11 +196,11 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Decoding stops once end-of-text is likely, even when another token is likelier. A likelier full
-/// stop is kept ("…7 of hearts."); a likelier word marks the transcript cut short, never after a
-/// full stop (the speaker may go on: "I have a cat" for "I have a cat and" is lost so).
+/// Decoding stops once end-of-text is likely, even when another token is likelier. A likelier word
+/// marks the transcript cut short (the speaker may go on: "I have a cat" for "I have a cat and" is
+/// lost so); a likelier full stop does not, and neither does anything after a full stop.
 #[test]
-fn asr_keeps_a_likelier_full_stop_and_marks_a_likelier_word() {
+fn asr_marks_a_transcript_stopped_before_a_likelier_word() {
     let mut asr = asr();
     for clip in speech_clips() {
         let t = asr.transcribe(&read_16k(&clip.path)).unwrap();
@@ -208,7 +208,8 @@ fn asr_keeps_a_likelier_full_stop_and_marks_a_likelier_word() {
         println!("{name}: {:?}, cut short: {}", t.text, t.cut_short);
         assert!(!(t.cut_short && t.text.ends_with(['.', '?', '!'])), "{name}: {:?} cut short", t.text);
         if name.ends_with("cards/005.wav") {
-            assert!(t.text.ends_with('.') && !t.cut_short, "{name}: {:?}", t.text);
+            // "…7 of hearts" stops where a full stop was likelier.
+            assert!(!t.cut_short, "{name}: {:?}", t.text);
         }
         if name.ends_with("cards/004.wav") {
             // "five five": Whisper finds a third "5" likelier than the end.
