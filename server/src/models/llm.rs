@@ -305,7 +305,7 @@ impl Llm {
             per_token_ms: 0.0,
         };
         let t0 = Instant::now();
-        let next = self.step(slot, &prompt[reused..], &[])?;
+        let next = self.step(slot, &prompt[reused..], |logits| argmax(logits, &[]))?;
         generation.prefill_ms = ms(t0);
         let stream = Stream::default();
         Ok(Decoding {
@@ -344,15 +344,11 @@ impl Llm {
         let reused = common_prefix(&self.slots[slot].cached, &prompt[..end]).min(end - 1);
         self.slots[slot].cached.truncate(reused);
         let ends = self.sentence_ends.clone();
-        let p = self.run(slot, &prompt[reused..end], |logits| {
+        self.step(slot, &prompt[reused..end], |logits| {
             let max = logits.iter().copied().fold(f32::MIN, f32::max);
             let total: f32 = logits.iter().map(|&x| (x - max).exp()).sum();
             ends.iter().map(|&i| (logits[i as usize] - max).exp()).sum::<f32>() / total
-        });
-        if p.is_err() {
-            self.slots[slot].cached.clear();
-        }
-        p
+        })
     }
 
     /// The prompt's share of the context: room for at least one reply token.
@@ -382,7 +378,7 @@ impl Llm {
             self.slots[slot].cached.truncate(reused.min(d.context.len() - 1));
             let from = self.slots[slot].cached.len();
             let banned = repeats(&d.context[d.reply_from..], &d.said);
-            d.next = self.step(slot, &d.context[from..], &banned)?;
+            d.next = self.step(slot, &d.context[from..], |logits| argmax(logits, &banned))?;
         }
         let mut decoded = 0;
         while decoded < tokens {
@@ -413,7 +409,7 @@ impl Llm {
             }
             d.context.push(next);
             let banned = repeats(&d.context[d.reply_from..], &d.said);
-            d.next = self.step(slot, &[next], &banned)?;
+            d.next = self.step(slot, &[next], |logits| argmax(logits, &banned))?;
             d.steps += 1;
             decoded += 1;
         }
@@ -432,14 +428,13 @@ impl Llm {
         Ok(d.done)
     }
 
-    /// Runs `tokens` after the ones cached in `slot`, appends them to its cache, and returns the
-    /// greedy next token that is not `banned`. A failed run leaves that cache empty.
-    fn step(&mut self, slot: usize, tokens: &[u32], banned: &[u32]) -> Result<u32, ModelError> {
-        let next = self.run(slot, tokens, |logits| argmax(logits, banned));
-        if next.is_err() {
+    /// [`Llm::run`]; a failed run leaves that cache empty.
+    fn step<R>(&mut self, slot: usize, tokens: &[u32], read: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
+        let read = self.run(slot, tokens, read);
+        if read.is_err() {
             self.slots[slot].cached.clear();
         }
-        next
+        read
     }
 
     /// Runs `tokens` after the ones cached in `slot` and appends them to its cache; returns what

@@ -246,8 +246,7 @@ impl Engines {
         let rate = self.tts_rate;
         run(self.voice_gate.run_blocking(high, move |gate| gate.check(&speech, rate).map(drop)))?;
         run(self.content.run_blocking(high, |c| c.judge("What is the weather like today?", false).map(drop)))?;
-        let mut messages = prompt(config, &[]);
-        messages.push(Message::user("Hello!"));
+        let messages = prompt(config, &[], "Hello!");
         run(self.llm.run_blocking(high, move |llm| llm.generate(&messages, 1, |_| ControlFlow::Break(())).map(drop)))?;
         tracing::info!(ms = started.elapsed().as_millis() as u64, "models warmed up");
         Ok(())
@@ -805,8 +804,7 @@ impl Drop for Worker {
 /// `key`'s KV cache, so that the reply prefills only what follows. A background job at low
 /// priority; nothing waits for it.
 fn prefill(llm: &Engine<Llm>, key: u64, config: &VoiceConfig, history: &[Message], user_start: String) {
-    let mut messages = prompt(config, history);
-    messages.push(Message::user(user_start));
+    let messages = prompt(config, history, user_start);
     let (llm, max_tokens) = (llm.clone(), config.max_reply_tokens);
     tokio::spawn(async move {
         let prefill = llm.try_run(Priority::Low, move |llm| llm.start(key, &messages, max_tokens).map(drop)).await;
@@ -816,10 +814,11 @@ fn prefill(llm: &Engine<Llm>, key: u64, config: &VoiceConfig, history: &[Message
     });
 }
 
-/// The reply model's input: the system prompt, then the conversation so far.
-fn prompt(config: &VoiceConfig, history: &[Message]) -> Vec<Message> {
+/// The reply model's input: the system prompt, the conversation so far, and what the user says.
+fn prompt(config: &VoiceConfig, history: &[Message], user: impl Into<String>) -> Vec<Message> {
     let mut messages = vec![Message::system(config.system_prompt.clone())];
     messages.extend(history.iter().cloned());
+    messages.push(Message::user(user));
     messages
 }
 
@@ -904,8 +903,7 @@ impl ReplyContext {
             self.speak(Script::Say(response)).await?;
             return Ok(());
         }
-        let mut messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()));
-        messages.push(Message::user(user_text.clone()));
+        let messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()), user_text.clone());
         let spoken = self.speak(Script::Generate(messages)).await?;
         if self.output.discarded() {
             // Started ahead of an endpoint that never came: the exchange did not happen.
@@ -934,8 +932,7 @@ impl ReplyContext {
         if threshold <= 0.0 {
             return;
         }
-        let mut messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()));
-        messages.push(Message::user(user_text));
+        let messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()), user_text);
         let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
         let judged = self
             .engines
