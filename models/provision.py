@@ -46,6 +46,7 @@ ROLES = {
     "speaker": "speaker",
     "text-embed": "text_embed",
     "voice-enroll": "enroll",
+    "turn": "turn",
 }
 
 

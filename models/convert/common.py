@@ -87,6 +87,23 @@ def mel_filters(sr, n_fft, n_mels):
     return weights.astype(np.float32)
 
 
+def whisper_log_mel(g, audio, dtype=np.float32):
+    """Whisper's log-mel front end in graph `g`: `audio` [1, samples] @16 kHz -> [1, 80, samples // 160]
+    (n_fft 400, hop 160, centred reflect-padded frames, the last dropped; log10 floored 8 below the
+    maximum and scaled to about [-1, 1]), computed in `dtype` (the type of `audio`)."""
+    n_fft, hop, n_mels = 400, 160, 80
+    x = g.op("Pad", [audio, g.const(np.array([0, n_fft // 2, 0, n_fft // 2], np.int64))], mode="reflect")
+    spec = g.op("STFT", [x, g.const(np.int64(hop)), g.const(hann(n_fft).astype(dtype)), g.const(np.int64(n_fft))], onesided=1)
+    power = g.op("ReduceSum", [g.op("Mul", [spec, spec]), g.const(np.array([3], np.int64))], keepdims=0)
+    power = g.op("Slice", [power, g.const(np.array([0], np.int64)), g.const(np.array([-1], np.int64)), g.const(np.array([1], np.int64))])
+    mel = g.op("MatMul", [power, g.const(mel_filters(16000, n_fft, n_mels).T.astype(dtype))])
+    log = g.op("Div", [g.op("Log", [g.op("Max", [mel, g.const(dtype(1e-10))])]), g.const(dtype(np.log(10.0)))])
+    floor = g.op("Sub", [g.op("ReduceMax", [log], keepdims=1), g.const(dtype(8.0))])
+    log = g.op("Max", [log, floor])
+    scaled = g.op("Div", [g.op("Add", [log, g.const(dtype(4.0))]), g.const(dtype(4.0))])
+    return g.op("Transpose", [scaled], perm=[0, 2, 1])
+
+
 def read_wav(path):
     """Reads a PCM16 WAV (or headerless 16 kHz PCM16 .raw) as mono float32 in [-1, 1]; returns (samples, rate)."""
     path = Path(path)

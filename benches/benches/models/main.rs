@@ -5,6 +5,7 @@ mod safety;
 mod speaker;
 mod text_embed;
 mod tts;
+mod turn;
 mod vad;
 
 use parley_server::models::Manifest;
@@ -23,6 +24,7 @@ criterion::criterion_group!(
     tts::bench,
     speaker::bench,
     text_embed::bench,
-    safety::bench
+    safety::bench,
+    turn::bench
 );
 criterion::criterion_main!(benches);

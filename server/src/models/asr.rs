@@ -99,10 +99,10 @@ pub struct Transcript {
     pub fell_back: bool,
     /// The model's no-speech probability.
     pub no_speech_prob: f32,
-    /// Decoding stopped on a likely end-of-text, not after a full stop, while a word (or a comma)
-    /// was likelier still: the speech may go on past the transcript ("I have a cat" for "I have a
-    /// cat and").
-    pub cut_short: bool,
+    /// Decoding stopped on a likely end-of-text, not after a full stop, while this word (or a
+    /// comma) was likelier still: the speech may go on past the transcript ("I have a cat" for "I
+    /// have a cat and", `Some(" and")`).
+    pub cut_short: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,7 +150,8 @@ struct Decoded {
     stop: Stop,
     steps: usize,
     no_speech_prob: f32,
-    cut_short: bool,
+    /// The token that was likelier than the end-of-text decoding stopped on.
+    cut_short: Option<u32>,
 }
 
 impl Asr {
@@ -225,7 +226,7 @@ impl Asr {
             stop: Stop::NoSpeech,
             fell_back: false,
             no_speech_prob: 1.0,
-            cut_short: false,
+            cut_short: None,
         };
         let seconds = audio_16k.len() as f32 / self.meta.sample_rate as f32;
         let peak = audio_16k.iter().filter(|x| x.is_finite()).fold(0.0f32, |m, x| m.max(x.abs()));
@@ -263,7 +264,7 @@ impl Asr {
         let decoded = decoded.ok_or_else(|| ModelError::Invalid("asr: no decoding tried".into()))?;
         transcript.stop = decoded.stop;
         transcript.no_speech_prob = decoded.no_speech_prob;
-        transcript.cut_short = decoded.cut_short;
+        transcript.cut_short = decoded.cut_short.map(|token| self.text(&[token])).transpose()?;
         transcript.tokens = decoded.tokens.len();
         transcript.text = self.text(&decoded.tokens)?;
         transcript.ids = decoded.tokens;
@@ -343,7 +344,7 @@ impl Asr {
         let mut past_v: DynValue = empty()?.into_dyn();
         let (sot, no_timestamps, eot) = (m.sot, m.no_timestamps, m.eot);
         let mut decoded =
-            Decoded { tokens: Vec::new(), stop: Stop::TokenBound, steps: 0, no_speech_prob: 0.0, cut_short: false };
+            Decoded { tokens: Vec::new(), stop: Stop::TokenBound, steps: 0, no_speech_prob: 0.0, cut_short: None };
         let prefix = &prefix[..prefix.len().min(max_tokens)];
         let mut feed = vec![sot];
         let mut logits = Vec::new();
@@ -407,7 +408,7 @@ impl Asr {
                 // The full stop itself is not kept: "I have a cat in." would read as finished.
                 let ends_sentence = |t: &u32| self.sentence_ends.contains(t);
                 if best != eot && !ends_sentence(&(best as u32)) && !decoded.tokens.last().is_some_and(ends_sentence) {
-                    decoded.cut_short = true;
+                    decoded.cut_short = Some(best as u32);
                 }
                 decoded.stop = Stop::EndOfText;
                 return Ok(decoded);

@@ -16,6 +16,7 @@ pub mod llm;
 pub mod speaker;
 pub mod text_embed;
 pub mod tts;
+pub mod turn;
 pub mod vad;
 
 /// The manifest schema this build understands.

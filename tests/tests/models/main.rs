@@ -7,6 +7,7 @@ mod safety;
 mod speaker;
 mod text_embed;
 mod tts;
+mod turn;
 mod vad;
 
 use parley_server::models::Manifest;
