@@ -305,7 +305,11 @@ class _Whisper:
 
 
 MAX_WER = 0.15  # 30 s mode: 12 % measured over these clips; most errors are digits vs spelled numbers
-MAX_CACHE_DIFF = 1e-3
+# KV-cached against uncached logits (of ~20), per step: the median is float rounding (~1e-5); the
+# 8-bit output projection quantizes its input per block, so a step now and then moves by ~1e-2
+# (1.9e-5 at most without it). A broken cache moves every step by far more.
+MAX_CACHE_DIFF_MEDIAN = 1e-4
+MAX_CACHE_DIFF = 5e-2
 
 
 def check(out: Path) -> str:
@@ -329,14 +333,16 @@ def check(out: Path) -> str:
     wav, tokens = transcripts[0]
     cross = w.encode(wav)
     sequence = [SOT, NO_TIMESTAMPS] + tokens
-    past, worst = (w.empty_cache, w.empty_cache), 0.0
+    past, diffs = (w.empty_cache, w.empty_cache), []
     cached, past = w.step(sequence[:2], cross, past)
     for i in range(2, len(sequence) + 1):
         full, _ = w.step(sequence[:i], cross, (w.empty_cache, w.empty_cache))
-        worst = max(worst, float(np.abs(full - cached).max()))
+        diffs.append(float(np.abs(full - cached).max()))
         if i < len(sequence):
             cached, past = w.step([sequence[i]], cross, past)
-    if worst > MAX_CACHE_DIFF:
-        raise RuntimeError(f"asr: KV-cached logits differ from uncached ones by {worst:.2e} (> {MAX_CACHE_DIFF})")
+    median, worst = float(np.median(diffs)), max(diffs)
+    if median > MAX_CACHE_DIFF_MEDIAN or worst > MAX_CACHE_DIFF:
+        raise RuntimeError(f"asr: KV-cached logits differ from uncached ones by {median:.2e} (median, limit "
+                           f"{MAX_CACHE_DIFF_MEDIAN}) and {worst:.2e} at most (limit {MAX_CACHE_DIFF})")
     return (f"asr: 30 s mode WER {wer:.3f} ({errors}/{words}) on {len(transcripts)} clips in {seconds:.1f} s; "
-            f"KV-cache logits max diff {worst:.1e} over {len(sequence) - 1} steps")
+            f"KV-cache logits diff median {median:.1e}, max {worst:.1e} over {len(diffs)} steps")

@@ -87,21 +87,33 @@ def mel_filters(sr, n_fft, n_mels):
     return weights.astype(np.float32)
 
 
-def whisper_log_mel(g, audio, dtype=np.float32):
-    """Whisper's log-mel front end in graph `g`: `audio` [1, samples] @16 kHz -> [1, 80, samples // 160]
+def dft_basis(n_fft):
+    """Conv kernels [2 * bins, 1, n_fft]: the Hann-windowed real and imaginary DFT rows."""
+    bins = n_fft // 2 + 1
+    angle = 2 * np.pi * np.outer(np.arange(bins), np.arange(n_fft)) / n_fft
+    window = hann(n_fft).astype(np.float64)
+    basis = np.concatenate([np.cos(angle) * window, -np.sin(angle) * window])
+    return basis[:, None, :].astype(np.float32)
+
+
+def whisper_log_mel(g, audio):
+    """Whisper's log-mel front end in graph `g`: `audio` f32 [1, samples] @16 kHz -> [1, 80, samples // 160]
     (n_fft 400, hop 160, centred reflect-padded frames, the last dropped; log10 floored 8 below the
-    maximum and scaled to about [-1, 1]), computed in `dtype` (the type of `audio`)."""
+    maximum and scaled to about [-1, 1]). The power spectrum is a strided convolution with the DFT
+    basis: ONNX Runtime's STFT op is a plain DFT, ~45 ms for 8 s of audio on one core."""
     n_fft, hop, n_mels = 400, 160, 80
     x = g.op("Pad", [audio, g.const(np.array([0, n_fft // 2, 0, n_fft // 2], np.int64))], mode="reflect")
-    spec = g.op("STFT", [x, g.const(np.int64(hop)), g.const(hann(n_fft).astype(dtype)), g.const(np.int64(n_fft))], onesided=1)
-    power = g.op("ReduceSum", [g.op("Mul", [spec, spec]), g.const(np.array([3], np.int64))], keepdims=0)
-    power = g.op("Slice", [power, g.const(np.array([0], np.int64)), g.const(np.array([-1], np.int64)), g.const(np.array([1], np.int64))])
-    mel = g.op("MatMul", [power, g.const(mel_filters(16000, n_fft, n_mels).T.astype(dtype))])
-    log = g.op("Div", [g.op("Log", [g.op("Max", [mel, g.const(dtype(1e-10))])]), g.const(dtype(np.log(10.0)))])
-    floor = g.op("Sub", [g.op("ReduceMax", [log], keepdims=1), g.const(dtype(8.0))])
+    x = g.op("Unsqueeze", [x, g.const(np.array([1], np.int64))])
+    spec = g.op("Conv", [x, g.const(dft_basis(n_fft))], strides=[hop])  # [1, 2 * bins, frames + 1]
+    power = g.op("Mul", [spec, spec])
+    # mel = fb @ re^2 + fb @ im^2 = [fb fb] @ [re^2; im^2]: [1, 80, frames + 1]; the last is dropped
+    fb = mel_filters(16000, n_fft, n_mels)
+    mel = g.op("MatMul", [g.const(np.concatenate([fb, fb], axis=1)), power])
+    mel = g.op("Slice", [mel, g.const(np.array([0], np.int64)), g.const(np.array([-1], np.int64)), g.const(np.array([2], np.int64))])
+    log = g.op("Div", [g.op("Log", [g.op("Max", [mel, g.const(np.float32(1e-10))])]), g.const(np.float32(np.log(10.0)))])
+    floor = g.op("Sub", [g.op("ReduceMax", [log], keepdims=1), g.const(np.float32(8.0))])
     log = g.op("Max", [log, floor])
-    scaled = g.op("Div", [g.op("Add", [log, g.const(dtype(4.0))]), g.const(dtype(4.0))])
-    return g.op("Transpose", [scaled], perm=[0, 2, 1])
+    return g.op("Div", [g.op("Add", [log, g.const(np.float32(4.0))]), g.const(np.float32(4.0))])
 
 
 def read_wav(path):

@@ -41,20 +41,11 @@ def load_weights(src):
     return legacy_pt.load(src / CHECKPOINT)["model_state"]
 
 
-def _dft_basis():
-    """Conv kernels [2 * bins, 1, n_fft]: the Hann-windowed real and imaginary DFT rows."""
-    bins = N_FFT // 2 + 1
-    angle = 2 * np.pi * np.outer(np.arange(bins), np.arange(N_FFT)) / N_FFT
-    window = common.hann(N_FFT).astype(np.float64)
-    basis = np.concatenate([np.cos(angle) * window, -np.sin(angle) * window])
-    return basis[:, None, :].astype(np.float32)
-
-
 def build_graph(weights):
     g = common.Graph()
     # Power spectrum as a strided convolution with the DFT basis: [B, 2 * bins, frames].
     wav = g.op("Unsqueeze", ["wav", g.const(np.array([1], np.int64))])
-    spec = g.op("Conv", [wav, g.const(_dft_basis())], strides=[FRAME_HOP])
+    spec = g.op("Conv", [wav, g.const(common.dft_basis(N_FFT))], strides=[FRAME_HOP])
     power = g.op("Mul", [spec, spec])
     # mel = fb @ re^2 + fb @ im^2 = [fb fb] @ [re^2; im^2]: [B, 40, frames].
     fb = common.mel_filters(SAMPLE_RATE, N_FFT, N_MELS)

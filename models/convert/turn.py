@@ -24,7 +24,7 @@ SAMPLES = 8 * SAMPLE_RATE
 SHIPPED = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
 FEATURES = "pipecat/audio/turn/smart_turn/_whisper_features.py"
 MODEL = "turn/smart_turn.onnx"
-MAX_FEATURE_DIFF = 1e-4  # log-mel, against upstream's float64 features
+MAX_FEATURE_DIFF = 5e-3  # log-mel, float32 against upstream's float64 (measured 2.4e-3)
 MAX_DIFF = 0.2  # probability
 MIN_SEPARATION = 0.3  # mean probability, sentence ends over mid-sentence cuts (measured: 0.55)
 
@@ -35,10 +35,8 @@ def _front_end(g):
     centred = g.op("Sub", ["audio", mean])
     var = g.op("ReduceMean", [g.op("Mul", [centred, centred])], keepdims=1)
     std = g.op("Sqrt", [g.op("Add", [var, g.const(np.float32(1e-7))])])
-    # The spectrogram in float64, as upstream: the int8 model moves by up to 0.13 on float32's rounding.
-    normalized = g.op("Cast", [g.op("Div", [centred, std])], to=onnx.TensorProto.DOUBLE)
-    mel = common.whisper_log_mel(g, normalized, np.float64)
-    g.op("Cast", [mel], out="input_features", to=onnx.TensorProto.FLOAT)
+    mel = common.whisper_log_mel(g, g.op("Div", [centred, std]))
+    g.op("Identity", [mel], out="input_features")
 
 
 def build(src, out):
@@ -92,8 +90,10 @@ def _ends(trailing_ms=200):
 
 
 def _check_parity(src, out):
-    """The front end gives upstream's features, and the wrapped graph the shipped graph's probability
-    on them within the int8 model's own jitter (input noise of 1e-6 moves it by up to 0.14)."""
+    """The front end gives upstream's features (to float32's rounding), and the wrapped graph the
+    shipped graph's probability on them within the int8 model's own jitter: input noise of 1e-6
+    moves it by up to 0.14 (with the features in float64, equal to upstream's to 8e-6, it still
+    differed by 0.14)."""
     spec = importlib.util.spec_from_file_location("smart_turn_features", src / FEATURES)
     features = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(features)

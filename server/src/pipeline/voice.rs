@@ -994,7 +994,7 @@ impl ReplyContext {
 
     /// Runs the end-of-turn model on the held reply's turn, alongside the reply; the turn reads as
     /// finished if `finished` says so of its probability. Only while no other reply is being made,
-    /// as the passes ahead: its ~160 ms on a core must not delay another session's reply (under
+    /// as the passes ahead: its ~115 ms on a core must not delay another session's reply (under
     /// load the endpoint seldom waits for the words anyway; 4 sessions × 15 turns with it always
     /// on gave v2v p50/p95 553/1,053 and 408/1,147 ms, without it 432/883 and 511/1,215).
     fn listen(&self, finished: impl FnOnce(f32) -> bool + Send + 'static) {
