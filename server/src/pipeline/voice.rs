@@ -734,7 +734,7 @@ impl Worker {
         let input = self.input(last_voiced_end, position);
         let (output, hold) = self.io.output.held();
         // What the end-of-turn model hears: the turn up to now, the pause so far included.
-        let sound = self.utterance[self.utterance.len().saturating_sub(SOUND_SAMPLES)..].to_vec();
+        let sound = Arc::from(&self.utterance[self.utterance.len().saturating_sub(SOUND_SAMPLES)..]);
         self.start_reply(turn, input, anchor, marks, ref_ts_us, output, Some((hold, sound)));
     }
 
@@ -758,7 +758,7 @@ impl Worker {
         marks: Vec<(&'static str, Instant)>,
         ref_ts_us: u64,
         output: ReplyOutput,
-        held: Option<(Arc<Hold>, Vec<f32>)>,
+        held: Option<(Arc<Hold>, Arc<[f32]>)>,
     ) {
         let (hold, sound) = held.unzip();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -781,7 +781,7 @@ impl Worker {
             anchor,
             marks,
             ref_ts_us,
-            sound: sound.unwrap_or_default(),
+            sound: sound.unwrap_or_else(|| Arc::from([])),
         };
         let span = tracing::info_span!("turn", turn);
         let task = tokio::spawn(
@@ -881,7 +881,7 @@ struct ReplyContext {
     marks: Vec<(&'static str, Instant)>,
     ref_ts_us: u64,
     /// A held reply's turn as heard when it started, pause included (the end-of-turn model's input).
-    sound: Vec<f32>,
+    sound: Arc<[f32]>,
 }
 
 /// One chunk of the reply: its text and, once synthesized, its length.
@@ -924,7 +924,8 @@ impl ReplyContext {
             return self.output.audio_end(turn).await;
         }
         // Input gate: before any reply starts. A gate that cannot run fails closed: no reply.
-        // Meanwhile, on the LLM's cores, the reply model judges an unpunctuated transcript.
+        // Meanwhile the reply model (on the LLM's cores) or the end-of-turn model judges a transcript
+        // that is not plainly finished.
         let judge = self.output.is_held() && matches!(ending, Ending::Unpunctuated | Ending::CutShort);
         let judged = async {
             if judge {
@@ -1541,7 +1542,7 @@ fn turn_end_odds(words: f32, sound: f32) -> f32 {
 fn ending(text: &str) -> Ending {
     let text = text.trim();
     let last = text.split_whitespace().last().unwrap_or("");
-    let last = last.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
+    let last = bare_word(last);
     if text.ends_with("...") || text.ends_with('…') || last.is_empty() || HANGING_WORDS.contains(&last.as_str()) {
         Ending::Hanging
     } else if text.ends_with(['.', '?', '!']) {
@@ -1560,13 +1561,17 @@ fn ending_before(text: &str, next: Option<&str>) -> Ending {
     let Some(next) = next.filter(|_| ending != Ending::Hanging) else {
         return ending;
     };
-    let word = |w: &str| w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
-    let next = word(next);
-    if !next.is_empty() && text.split_whitespace().any(|w| word(w) == next) {
+    let next = bare_word(next);
+    if !next.is_empty() && text.split_whitespace().any(|w| bare_word(w) == next) {
         Ending::CutShort
     } else {
         Ending::Hanging
     }
+}
+
+/// A word without its punctuation, in lower case.
+fn bare_word(word: &str) -> String {
+    word.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase()
 }
 
 fn join_text(spoken: &[Spoken]) -> String {
