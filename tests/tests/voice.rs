@@ -190,6 +190,35 @@ async fn a_mid_sentence_pause_drops_the_reply_started_ahead_unseen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_turn_model_hears_an_open_ending_in_the_pause_before_the_reply() {
+    // A pipeline of its own: the verdict is made ahead only while the reply model and synthesizer
+    // are idle, which the other tests' turns on the shared pipeline would leave to chance.
+    let safety = SafetyConfig { audit_log: audit_log(), ..Default::default() };
+    let pipeline = tokio::task::spawn_blocking(move || load(VoiceConfig::default(), safety)).await.unwrap();
+    let server = TestServer::start(Config::default(), pipeline).await;
+    // The cards' short answers: Whisper leaves them unpunctuated ("7 of clubs") or stops before a
+    // repeat ("5" for "five five"), so the words alone leave their endings open.
+    let cards: Vec<Clip> = speech_clips()
+        .iter()
+        .filter(|c| c.path.parent().is_some_and(|dir| dir.ends_with("cards")))
+        .map(|c| {
+            let (samples, rate) = read_wav(&c.path);
+            clip(&c.transcript, &samples, rate)
+        })
+        .collect();
+    let result = parley_client::talk(&options(&server), &cards).await.unwrap();
+    assert_eq!(result.report.turns.len(), cards.len(), "{:?}", result.report.turns);
+    let metrics = http_get(&server, "/metrics").await;
+    let verdicts = |made: &str| {
+        let prefix = format!("parley_turn_verdicts_total{{made=\"{made}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|n| n.parse::<u64>().ok())
+    };
+    assert!(verdicts("ahead").is_some_and(|n| n >= 1), "{metrics}");
+    assert!(verdicts("in_reply").is_some(), "{metrics}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speaking_over_a_reply_cancels_it() {
     let server = server().await;
     let (story, rate) = espeak("en-us", "Please tell me a long story about a brave knight and a dragon.");

@@ -10,7 +10,8 @@
 //! Ahead of the endpoint: while the user speaks, the speech so far is recognised every second;
 //! the text two passes agree on is settled (not decoded again later) and the reply model prefills
 //! it as the start of the user's message. At the first sign of a pause (64 ms of silence) the
-//! speech so far is recognised (dropped, mid-decode, if the user goes on); after a short pause (160 ms) the turn is
+//! speech so far is recognised (dropped, mid-decode, if the user goes on) and, if its words leave
+//! the ending open, heard by the end-of-turn model; after a short pause (160 ms) the turn is
 //! judged tentatively over and its whole reply starts — ASR, gates, LLM, TTS — with its output
 //! held (`ReplyOutput::held`).
 //! When the endpoint confirms the turn the held output goes out at once; if the user speaks again
@@ -133,7 +134,8 @@ pub struct VoiceConfig {
     pub system_prompt: String,
     /// ONNX Runtime intra-op threads per engine (idle pool threads sleep, so engines that are not
     /// running cost nothing). The LLM and TTS get 2 each: the LLM's prefill and first clause, then
-    /// the first chunk's synthesis (the LLM waits for it), run with nothing else on the cores.
+    /// the first chunk's synthesis (the LLM waits for it), run with nothing else on the cores. So
+    /// does the end-of-turn model, which runs in the pause before the reply starts when it can.
     pub threads_vad: usize,
     pub threads_asr: usize,
     pub threads_llm: usize,
@@ -171,7 +173,7 @@ impl Default for VoiceConfig {
             threads_llm: 2,
             threads_tts: 2,
             threads_embed: 1,
-            threads_turn: 1,
+            threads_turn: 2,
             tts: TtsBackend::Piper,
             espeak_voice: "en-us".into(),
         }
@@ -198,6 +200,8 @@ pub struct Engines {
     /// Replies started ahead of the endpoint: released, and dropped because the user went on.
     pub speculation_used: AtomicU64,
     pub speculation_stale: AtomicU64,
+    /// End-of-turn verdicts made: ahead, in the pause (index 0), and in the reply (index 1).
+    pub turn_verdicts: [AtomicU64; 2],
 }
 
 impl Engines {
@@ -247,6 +251,7 @@ impl Engines {
             recorder,
             speculation_used,
             speculation_stale,
+            turn_verdicts: Default::default(),
         };
         engines.warm_up(config)?;
         Ok(engines)
@@ -367,6 +372,13 @@ impl Pipeline for VoicePipeline {
             e.speculation_used.load(Ordering::Relaxed),
             e.speculation_stale.load(Ordering::Relaxed)
         ));
+        out.push_str(&format!(
+            "# HELP parley_turn_verdicts_total End-of-turn model verdicts: made ahead, in the pause, or in the reply.\n\
+             # TYPE parley_turn_verdicts_total counter\n\
+             parley_turn_verdicts_total{{made=\"ahead\"}} {}\nparley_turn_verdicts_total{{made=\"in_reply\"}} {}\n",
+            e.turn_verdicts[0].load(Ordering::Relaxed),
+            e.turn_verdicts[1].load(Ordering::Relaxed)
+        ));
         e.recorder.render(out);
     }
 
@@ -396,6 +408,8 @@ struct EarlyAsr {
     last_voiced_end: u64,
     cancel: Arc<AtomicBool>,
     task: JoinHandle<Result<Transcript, EngineError>>,
+    /// The turn as heard when recognition started, for the end-of-turn model.
+    sound: Arc<PauseSound>,
 }
 
 /// Speech recognised while the user is still speaking, every `partial_every_ms` of it.
@@ -621,7 +635,7 @@ impl Worker {
         }
         let (anchor, ref_ts_us) = self.anchor(last_voiced_end, last_voiced_seen);
         let marks = vec![(mark::SPEECH_END, last_voiced_seen), (mark::ENDPOINT, endpoint)];
-        let input = self.input(last_voiced_end, position);
+        let (input, _) = self.input(last_voiced_end, position);
         let output = self.io.output.clone();
         self.start_reply(turn, input, anchor, marks, ref_ts_us, output, None);
         Ok(())
@@ -634,29 +648,44 @@ impl Worker {
         (stamp.map_or(last_voiced_seen, |s| s.arrived), stamp.map_or(0, |s| s.client_ts_us))
     }
 
-    /// The turn's speech for its reply: being recognised already, or to recognise.
-    fn input(&mut self, last_voiced_end: u64, position: u64) -> Input {
+    /// The turn's speech for its reply: being recognised already (with the pause's sound as heard
+    /// then), or to recognise.
+    fn input(&mut self, last_voiced_end: u64, position: u64) -> (Input, Option<Arc<PauseSound>>) {
         match self.early_asr.take() {
-            Some(early) if early.last_voiced_end == last_voiced_end => Input::Recognised(early.task),
+            Some(early) if early.last_voiced_end == last_voiced_end => {
+                (Input::Recognised(early.task), Some(early.sound))
+            }
             other => {
                 if let Some(stale) = other {
                     stale.cancel.store(true, Ordering::Relaxed);
                 }
-                Input::Speech(self.speech(last_voiced_end, position), self.partial.settled.ids.clone())
+                (Input::Speech(self.speech(last_voiced_end, position), self.partial.settled.ids.clone()), None)
             }
         }
     }
 
     /// The user may have stopped: recognise the speech so far now, so the reply that may follow
-    /// has its transcript sooner.
+    /// has its transcript sooner. If its words leave the ending open, the end-of-turn model hears
+    /// the pause right after, while no reply is being made: the held reply that follows finds its
+    /// verdict made, instead of making it beside its own reply model and synthesizer.
     fn start_early_asr(&mut self, last_voiced_end: u64, position: u64) {
         let audio = self.speech(last_voiced_end, position);
+        let sound = PauseSound::new(&self.utterance);
         let cancel = Arc::new(AtomicBool::new(false));
-        let (asr, flag, settled) = (self.engines.asr.clone(), cancel.clone(), self.partial.settled.ids.clone());
+        let (engines, flag, settled) = (self.engines.clone(), cancel.clone(), self.partial.settled.ids.clone());
+        let (ahead, stale, listening) = (sound.clone(), cancel.clone(), self.config.end_of_turn_model);
         let task = tokio::spawn(async move {
-            asr.try_run(Priority::High, move |asr| asr.transcribe_unless(&audio, &settled, &flag)).await
+            let asr = engines.asr.try_run(Priority::High, move |asr| asr.transcribe_unless(&audio, &settled, &flag));
+            let transcript = asr.await?;
+            let ending = ending_before(transcript.text.trim(), transcript.cut_short.as_deref());
+            let open = matches!(ending, Ending::Unpunctuated | Ending::CutShort);
+            let idle = engines.llm.idle() && engines.tts.idle();
+            if listening && open && idle && !stale.load(Ordering::Relaxed) {
+                tokio::spawn(async move { ahead.verdict(&engines, Made::Ahead).await });
+            }
+            Ok(transcript)
         });
-        self.early_asr = Some(EarlyAsr { last_voiced_end, cancel, task });
+        self.early_asr = Some(EarlyAsr { last_voiced_end, cancel, task, sound });
     }
 
     /// While the user speaks: takes in the pass over the speech so far that finished, and starts
@@ -731,10 +760,9 @@ impl Worker {
     fn start_held(&mut self, turn: u64, last_voiced_end: u64, last_voiced_seen: Instant, position: u64) {
         let (anchor, ref_ts_us) = self.anchor(last_voiced_end, last_voiced_seen);
         let marks = vec![(mark::SPEECH_END, last_voiced_seen), (mark::ENDPOINT, Instant::now())];
-        let input = self.input(last_voiced_end, position);
+        let (input, sound) = self.input(last_voiced_end, position);
+        let sound = sound.unwrap_or_else(|| PauseSound::new(&self.utterance));
         let (output, hold) = self.io.output.held();
-        // What the end-of-turn model hears: the turn up to now, the pause so far included.
-        let sound = Arc::from(&self.utterance[self.utterance.len().saturating_sub(SOUND_SAMPLES)..]);
         self.start_reply(turn, input, anchor, marks, ref_ts_us, output, Some((hold, sound)));
     }
 
@@ -758,7 +786,7 @@ impl Worker {
         marks: Vec<(&'static str, Instant)>,
         ref_ts_us: u64,
         output: ReplyOutput,
-        held: Option<(Arc<Hold>, Arc<[f32]>)>,
+        held: Option<(Arc<Hold>, Arc<PauseSound>)>,
     ) {
         let (hold, sound) = held.unzip();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -781,7 +809,7 @@ impl Worker {
             anchor,
             marks,
             ref_ts_us,
-            sound: sound.unwrap_or_else(|| Arc::from([])),
+            sound,
         };
         let span = tracing::info_span!("turn", turn);
         let task = tokio::spawn(
@@ -859,6 +887,47 @@ fn prompt(config: &VoiceConfig, history: &[Message], user: impl Into<String>) ->
     messages
 }
 
+/// The turn as heard at a pause (its last 8 s, the pause so far included) and the end-of-turn
+/// model's verdict on it, made once: ahead, by the recognition at the pause, or by the reply.
+struct PauseSound {
+    audio: Arc<[f32]>,
+    verdict: tokio::sync::OnceCell<f32>,
+    /// A verdict is being (or was) made.
+    started: AtomicBool,
+}
+
+impl PauseSound {
+    fn new(utterance: &[f32]) -> Arc<Self> {
+        let audio = Arc::from(&utterance[utterance.len().saturating_sub(SOUND_SAMPLES)..]);
+        Arc::new(PauseSound { audio, verdict: tokio::sync::OnceCell::new(), started: AtomicBool::new(false) })
+    }
+
+    /// Whether the end-of-turn model has heard (or is hearing) this pause.
+    fn heard(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// The end-of-turn model's probability that the turn is over: made now (counted as `made`),
+    /// or awaited if it is being made.
+    async fn verdict(&self, engines: &Engines, made: Made) -> Result<f32, EngineError> {
+        self.started.store(true, Ordering::Relaxed);
+        let audio = self.audio.clone();
+        let verdict = self.verdict.get_or_try_init(|| async move {
+            let p = engines.turn.try_run(Priority::High, move |turn| turn.probability(&audio)).await?;
+            engines.turn_verdicts[made as usize].fetch_add(1, Ordering::Relaxed);
+            Ok(p)
+        });
+        verdict.await.copied()
+    }
+}
+
+/// Who made an end-of-turn verdict: the recognition at the pause, or the reply.
+#[derive(Clone, Copy)]
+enum Made {
+    Ahead = 0,
+    InReply = 1,
+}
+
 /// What the user said: recorded speech, speech already being recognised, or typed text.
 enum Input {
     /// The speech, and the token ids of its start already settled (see `Partial`).
@@ -880,8 +949,8 @@ struct ReplyContext {
     anchor: Instant,
     marks: Vec<(&'static str, Instant)>,
     ref_ts_us: u64,
-    /// A held reply's turn as heard when it started, pause included (the end-of-turn model's input).
-    sound: Arc<[f32]>,
+    /// A held reply's turn as heard at the pause (the end-of-turn model's input).
+    sound: Option<Arc<PauseSound>>,
 }
 
 /// One chunk of the reply: its text and, once synthesized, its length.
@@ -993,18 +1062,20 @@ impl ReplyContext {
         }
     }
 
-    /// Runs the end-of-turn model on the held reply's turn, alongside the reply; the turn reads as
-    /// finished if `finished` says so of its probability. Only while no other reply is being made,
-    /// as the passes ahead: its ~115 ms on a core must not delay another session's reply (under
-    /// load the endpoint seldom waits for the words anyway; 4 sessions × 15 turns with it always
-    /// on gave v2v p50/p95 553/1,053 and 408/1,147 ms, without it 432/883 and 511/1,215).
+    /// Has the end-of-turn model's verdict on the held reply's pause (made ahead by the recognition
+    /// at the pause, or now, alongside the reply); the turn reads as finished if `finished` says
+    /// so of its probability. A verdict not made ahead is made only while no other reply is being
+    /// made, as the passes ahead: its ~65 ms on the cores must not delay another session's reply
+    /// (under load the endpoint seldom waits for the words anyway; 4 sessions × 15 turns with it
+    /// always on gave v2v p50/p95 553/1,053 and 408/1,147 ms, without it 432/883 and 511/1,215).
     fn listen(&self, finished: impl FnOnce(f32) -> bool + Send + 'static) {
-        if !self.config.end_of_turn_model || self.sound.is_empty() || !self.engines.cores_idle() {
+        let Some(sound) = self.sound.clone() else { return };
+        if !self.config.end_of_turn_model || !(sound.heard() || self.engines.cores_idle()) {
             return;
         }
-        let (output, turn, sound) = (self.output.clone(), self.engines.turn.clone(), self.sound.clone());
+        let (output, engines) = (self.output.clone(), self.engines.clone());
         tokio::spawn(async move {
-            match turn.try_run(Priority::High, move |turn| turn.probability(&sound)).await {
+            match sound.verdict(&engines, Made::InReply).await {
                 Ok(p) => {
                     tracing::debug!(p, "the end-of-turn model heard the pause");
                     if finished(p) {
