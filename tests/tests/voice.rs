@@ -158,8 +158,13 @@ async fn a_second_turn_remembers_the_first() {
 /// The `parley_speculation_total` counter for `outcome` (shared by this binary's tests).
 async fn speculation(server: &TestServer, outcome: &str) -> u64 {
     let metrics = http_get(server, "/metrics").await;
-    let prefix = format!("parley_speculation_total{{outcome=\"{outcome}\"}} ");
-    metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|n| n.parse().ok()).unwrap_or(0)
+    counter(&metrics, &format!("parley_speculation_total{{outcome=\"{outcome}\"}}")).unwrap_or(0)
+}
+
+/// The value of the metrics line `series` (a name and its labels), if there is one.
+fn counter(metrics: &str, series: &str) -> Option<u64> {
+    let prefix = format!("{series} ");
+    metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|n| n.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,10 +214,7 @@ async fn the_end_of_turn_model_hears_an_open_ending_in_the_pause_before_the_repl
     let result = parley_client::talk(&options(&server), &cards).await.unwrap();
     assert_eq!(result.report.turns.len(), cards.len(), "{:?}", result.report.turns);
     let metrics = http_get(&server, "/metrics").await;
-    let verdicts = |made: &str| {
-        let prefix = format!("parley_turn_verdicts_total{{made=\"{made}\"}} ");
-        metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|n| n.parse::<u64>().ok())
-    };
+    let verdicts = |made: &str| counter(&metrics, &format!("parley_turn_verdicts_total{{made=\"{made}\"}}"));
     assert!(verdicts("ahead").is_some_and(|n| n >= 1), "{metrics}");
     assert!(verdicts("in_reply").is_some(), "{metrics}");
     server.stop().await;

@@ -677,8 +677,8 @@ impl Worker {
         let task = tokio::spawn(async move {
             let asr = engines.asr.try_run(Priority::High, move |asr| asr.transcribe_unless(&audio, &settled, &flag));
             let transcript = asr.await?;
-            let ending = ending_before(transcript.text.trim(), transcript.cut_short.as_deref());
-            let open = matches!(ending, Ending::Unpunctuated | Ending::CutShort);
+            let open = ending_before(transcript.text.trim(), transcript.cut_short.as_deref()).is_open();
+            // (Not `cores_idle`: the recognizer may not have marked its job done yet.)
             let idle = engines.llm.idle() && engines.tts.idle();
             if listening && open && idle && !stale.load(Ordering::Relaxed) {
                 tokio::spawn(async move { ahead.verdict(&engines, Made::Ahead).await });
@@ -995,7 +995,7 @@ impl ReplyContext {
         // Input gate: before any reply starts. A gate that cannot run fails closed: no reply.
         // Meanwhile the reply model (on the LLM's cores) or the end-of-turn model judges a transcript
         // that is not plainly finished.
-        let judge = self.output.is_held() && matches!(ending, Ending::Unpunctuated | Ending::CutShort);
+        let judge = self.output.is_held() && ending.is_open();
         let judged = async {
             if judge {
                 self.judge_turn_end(&user_text, ending).await;
@@ -1596,6 +1596,14 @@ enum Ending {
     /// Trails off ("...") or its last word leaves it hanging ("and", "the", "um"), or recognition
     /// stopped where it found a new word likelier than the end (the "and" it dropped).
     Hanging,
+}
+
+impl Ending {
+    /// Whether the words leave the turn's end open, for the reply model and the pause's sound to
+    /// judge (a finished or hanging one is settled by its words).
+    fn is_open(self) -> bool {
+        matches!(self, Ending::Unpunctuated | Ending::CutShort)
+    }
 }
 
 /// The probability that the turn is over, from the reply model's `words` (a sentence end next)
