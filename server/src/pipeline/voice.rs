@@ -35,7 +35,7 @@ use crate::engine::{Engine, EngineError, Priority};
 use crate::models::asr::{Asr, Settled, Transcript};
 use crate::models::llm::{DROP_BLOCK, Llm, Message};
 use crate::models::text_embed::TextEmbedder;
-use crate::models::tts::{Synthesizer, TtsBackend};
+use crate::models::tts::{Rest, Synthesizer, TtsBackend};
 use crate::models::turn::TurnDetector;
 use crate::models::vad::{CHUNK_SAMPLES, Vad, VadState};
 use crate::models::{Manifest, ModelError};
@@ -1131,6 +1131,7 @@ impl ReplyContext {
             audio_since: None,
             spoken: Vec::new(),
             pending: Vec::new(),
+            passed: Vec::new(),
         };
         let stage = tokio::spawn(stage.run(piece_rx));
         let failure = match script {
@@ -1409,6 +1410,8 @@ impl Gates {
 struct Pending {
     text: String,
     audio: Vec<f32>,
+    /// The rest of the chunk before it, whose first audio went ahead (see [`TtsStage::say`]).
+    continues: bool,
 }
 
 /// The second half of a reply: output gate → TTS → voice gate → session, chunk by chunk.
@@ -1429,6 +1432,8 @@ struct TtsStage {
     spoken: Vec<Spoken>,
     /// Synthesized chunks not yet checked by the voice gate (less than [`MIN_CHECK_MS`] of audio).
     pending: Vec<Pending>,
+    /// The last window of audio the voice gate passed.
+    passed: Vec<f32>,
 }
 
 impl TtsStage {
@@ -1480,37 +1485,75 @@ impl TtsStage {
     }
 
     /// Synthesizes one chunk and queues it for the voice gate, which runs once at least
-    /// [`MIN_CHECK_MS`] of audio waits. False when the reply must stop.
+    /// [`MIN_CHECK_MS`] of audio waits. The first chunk's first [`MIN_CHECK_MS`] is decoded,
+    /// checked and sent before the rest of it is decoded (its rest is checked at once, with the
+    /// end of that audio before it). False when the reply must stop.
     async fn say(&mut self, text: String) -> bool {
         if self.marks.marks.iter().all(|(m, _)| *m != mark::FIRST_CHUNK_SAFE) {
             self.marks.marks.push((mark::FIRST_CHUNK_SAFE, Instant::now()));
         }
         let first = self.spoken.is_empty() && self.pending.is_empty();
-        // Later chunks by when they will be heard: another session's next chunk may be due first.
-        let priority = match self.audio_since {
-            Some((start, audio)) if !first => Priority::By(start + audio),
-            _ => Priority::High,
-        };
         let owned = text.clone();
-        let audio = self.engines.tts.try_run(priority, move |tts| tts.synthesize(&owned)).await;
-        self.first_audio.end();
-        let audio = match audio {
-            Ok(audio) => audio,
+        let spoken = if first {
+            let head = Duration::from_secs_f64(MIN_CHECK_MS / 1000.0);
+            self.engines.tts.try_run(Priority::High, move |tts| tts.synthesize_head(&owned, head)).await
+        } else {
+            let priority = self.next_audio_priority();
+            self.engines.tts.try_run(priority, move |tts| Ok((tts.synthesize(&owned)?, None))).await
+        };
+        let ok = match spoken {
+            Ok((audio, rest)) => {
+                if first {
+                    self.marks.marks.push((mark::FIRST_AUDIO, Instant::now()));
+                }
+                self.queue(Pending { text, audio, continues: false }).await && self.say_rest(rest).await
+            }
             Err(e) => {
                 let _ = self.output.event(engine_error("speech synthesis failed", &e)).await;
-                return false;
+                false
             }
         };
-        if first {
-            self.marks.marks.push((mark::FIRST_AUDIO, Instant::now()));
+        self.first_audio.end();
+        ok
+    }
+
+    /// Synthesizes and queues the rest of a chunk whose first audio went ahead.
+    async fn say_rest(&mut self, rest: Option<Rest>) -> bool {
+        let Some(rest) = rest else { return true };
+        if self.stopped() {
+            return false;
         }
+        let priority = self.next_audio_priority();
+        match self.engines.tts.try_run(priority, move |tts| tts.synthesize_rest(rest)).await {
+            Ok(audio) => self.queue(Pending { text: String::new(), audio, continues: true }).await,
+            Err(e) => {
+                let _ = self.output.event(engine_error("speech synthesis failed", &e)).await;
+                false
+            }
+        }
+    }
+
+    /// Later audio is needed by when the audio before it will have played: another session's next
+    /// chunk may be due first.
+    fn next_audio_priority(&self) -> Priority {
+        match self.audio_since {
+            Some((start, audio)) => Priority::By(start + audio),
+            None => Priority::High,
+        }
+    }
+
+    /// Queues synthesized audio for the voice gate and checks it once there is enough (a chunk's
+    /// rest at once). False when the reply must stop.
+    async fn queue(&mut self, piece: Pending) -> bool {
         let (start, before) = *self.audio_since.get_or_insert((Instant::now(), Duration::ZERO));
-        let seconds = audio.len() as f64 / self.engines.tts_rate as f64;
+        let seconds = piece.audio.len() as f64 / self.engines.tts_rate as f64;
         self.audio_since = Some((start, before + Duration::from_secs_f64(seconds)));
-        self.pending.push(Pending { text, audio });
+        // A rest whose first audio was sent is needed before that audio has played.
+        let rest_of_sent = piece.continues && self.pending.is_empty();
+        self.pending.push(piece);
         let pending_ms =
             self.pending.iter().map(|p| p.audio.len()).sum::<usize>() as f64 * 1000.0 / self.engines.tts_rate as f64;
-        if pending_ms >= MIN_CHECK_MS { self.check_voice().await } else { true }
+        if pending_ms >= MIN_CHECK_MS || rest_of_sent { self.check_voice().await } else { true }
     }
 
     /// Runs the voice gate on the waiting audio and hands what passes to the session (text
@@ -1522,9 +1565,15 @@ impl TtsStage {
         let rate = self.engines.tts_rate;
         let turn = self.gates.turn;
         let pending = std::mem::take(&mut self.pending);
-        let audio: Vec<f32> = pending.iter().flat_map(|p| p.audio.iter().copied()).collect();
+        // A chunk's rest shorter than a check is checked with the end of the audio that went ahead
+        // of it (one window of at least MIN_CHECK_MS, as it would be with the next chunk's audio).
+        let waiting: usize = pending.iter().map(|p| p.audio.len()).sum();
+        let min = (MIN_CHECK_MS * rate as f64 / 1000.0) as usize;
+        let lead = if pending[0].continues { min.saturating_sub(waiting).min(self.passed.len()) } else { 0 };
+        let mut audio = self.passed[self.passed.len() - lead..].to_vec();
+        audio.extend(pending.iter().flat_map(|p| p.audio.iter().copied()));
         let mut bounds = Vec::with_capacity(pending.len());
-        let mut at = 0;
+        let mut at = lead;
         for p in &pending {
             bounds.push(at..at + p.audio.len());
             at += p.audio.len();
@@ -1532,7 +1581,8 @@ impl TtsStage {
         let mut announced = vec![false; pending.len()];
         // Checked window by window, so the first frame waits for one short check only.
         for window in check_windows(audio.len(), rate) {
-            let passed = matches!(self.gates.voice(audio[window.clone()].to_vec()).await, Ok(Some(d)) if !d.stops());
+            let checked = audio[window.clone()].to_vec();
+            let passed = matches!(self.gates.voice(checked.clone()).await, Ok(Some(d)) if !d.stops());
             if !passed {
                 // Cut: none of this audio leaves the server, and the reply stops; the client gets
                 // `reply.cancelled` with reason `safety` after the gate's decision.
@@ -1541,6 +1591,7 @@ impl TtsStage {
                 let _ = self.output.cut(turn).await;
                 return false;
             }
+            self.passed = checked;
             if !self.marks_sent {
                 self.marks_sent = true;
                 self.marks.marks.push((mark::FIRST_AUDIO_SAFE, Instant::now()));
@@ -1558,11 +1609,16 @@ impl TtsStage {
                 }
                 if !announced[i] {
                     announced[i] = true;
-                    let delta = if self.spoken.is_empty() { p.text.clone() } else { format!(" {}", p.text) };
                     let audio_ms = p.audio.len() as f64 * 1000.0 / rate as f64;
-                    self.spoken.push(Spoken { text: p.text.clone(), audio_ms });
-                    if self.output.event(ServerEvent::ResponseTextDelta { turn, delta }).await.is_err() {
-                        return false;
+                    match self.spoken.last_mut() {
+                        Some(last) if p.continues => last.audio_ms += audio_ms,
+                        _ => {
+                            let delta = if self.spoken.is_empty() { p.text.clone() } else { format!(" {}", p.text) };
+                            self.spoken.push(Spoken { text: p.text.clone(), audio_ms });
+                            if self.output.event(ServerEvent::ResponseTextDelta { turn, delta }).await.is_err() {
+                                return false;
+                            }
+                        }
                     }
                 }
                 if self.output.audio(turn, audio[part].to_vec(), rate, self.ref_ts_us).await.is_err() {

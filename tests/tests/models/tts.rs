@@ -2,6 +2,7 @@
 //! level, and heard as speech by the VAD.
 use parley_server::models::tts::Tts;
 use parley_server::models::vad::{CHUNK_SAMPLES, Vad, VadState};
+use std::time::Duration;
 
 const SENTENCE: &str = "Hello there, the quick brown fox jumps over the lazy dog.";
 
@@ -95,4 +96,30 @@ fn a_long_sentence_without_punctuation_is_split() {
     let audio = tts.synthesize(&text).unwrap();
     let seconds = audio.len() as f32 / tts.sample_rate() as f32;
     assert!((20.0..80.0).contains(&seconds), "{seconds:.1} s for 120 words");
+}
+
+#[test]
+fn the_first_part_of_a_sentence_is_decoded_alone_and_the_rest_joins_it_seamlessly() {
+    let mut tts = Tts::load(crate::manifest(), 2).unwrap();
+    tts.set_noise(false);
+    let head = Duration::from_millis(800);
+    let hop = 256; // samples a frame
+    let at_least = (0.8 * tts.sample_rate() as f64) as usize;
+    // "Yes." opens the text: the head goes on into the next sentence and cuts that one.
+    for text in [SENTENCE, "Yes. I can certainly help you with that, it will only take a minute."] {
+        let whole = tts.synthesize(text).unwrap();
+        let (first, rest) = tts.synthesize_head(text, head).unwrap();
+        assert!((at_least..at_least + 2 * hop).contains(&first.len()), "{} samples first for {text:?}", first.len());
+        let mut joined = first;
+        joined.extend(tts.synthesize_rest(rest).unwrap());
+        assert_eq!(joined.len(), whole.len(), "{text:?}");
+        let worst = joined.iter().zip(&whole).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "the parts differ from the whole by {worst} for {text:?}");
+    }
+    // Not much longer than the head: decoded whole, nothing left.
+    let (first, rest) = tts.synthesize_head("Yes, sure.", head).unwrap();
+    assert!(!first.is_empty());
+    assert!(tts.synthesize_rest(rest).unwrap().is_empty());
+    let (first, rest) = tts.synthesize_head(" ", head).unwrap();
+    assert!(first.is_empty() && tts.synthesize_rest(rest).unwrap().is_empty());
 }
