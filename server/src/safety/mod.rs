@@ -30,7 +30,11 @@ pub struct SafetyConfig {
     pub policy: Option<PathBuf>,
     /// The append-only audit log (JSON lines).
     pub audit_log: PathBuf,
-    /// Cosine to the enrolled voice under which reply audio is cut.
+    /// Cosine to the enrolled voice under which reply audio (0.8 s or more) is cut. The enrolled
+    /// voice's windows in benchmark audit logs (real replies): 34 of 7,104 under 0.75 (22 of the
+    /// 622 of 0.8–1 s), so 0.75 cut right replies; 1 under 0.70 (0.686). espeak-ng and human
+    /// voices at most 0.61 (`eval-voice`: dev and holdout sets, whole utterances and their last
+    /// 0.8 / 1.0 s).
     pub voice_threshold: f32,
     /// The same for audio shorter than `voice::MIN_CHECK_MS`, judged alone (a short reply, or a
     /// reply's last words). Last 300 / 400 / 600 ms of 60 texts: the enrolled voice 0.58 / 0.64
@@ -41,7 +45,7 @@ pub struct SafetyConfig {
 
 impl Default for SafetyConfig {
     fn default() -> Self {
-        Self { policy: None, audit_log: default_audit_log(), voice_threshold: 0.75, voice_threshold_short: 0.65 }
+        Self { policy: None, audit_log: default_audit_log(), voice_threshold: 0.70, voice_threshold_short: 0.65 }
     }
 }
 
