@@ -1496,25 +1496,36 @@ impl TtsStage {
         let owned = text.clone();
         let spoken = if first {
             let head = Duration::from_secs_f64(MIN_CHECK_MS / 1000.0);
-            self.engines.tts.try_run(Priority::High, move |tts| tts.synthesize_head(&owned, head)).await
+            let engine = self.engines.tts.clone();
+            let job = move |tts: &mut Synthesizer| {
+                // Other sessions' first words waiting: the rest would wait behind them while the
+                // first part plays, so the chunk is spoken whole.
+                if engine.urgent_waiting() {
+                    Ok((tts.synthesize(&owned)?, None))
+                } else {
+                    tts.synthesize_head(&owned, head)
+                }
+            };
+            self.engines.tts.try_run(Priority::High, job).await
         } else {
             let priority = self.next_audio_priority();
             self.engines.tts.try_run(priority, move |tts| Ok((tts.synthesize(&owned)?, None))).await
         };
-        let ok = match spoken {
-            Ok((audio, rest)) => {
-                if first {
-                    self.marks.marks.push((mark::FIRST_AUDIO, Instant::now()));
-                }
-                self.queue(Pending { text, audio, continues: false }).await && self.say_rest(rest).await
-            }
+        let (audio, rest) = match spoken {
+            Ok(spoken) => spoken,
             Err(e) => {
+                self.first_audio.end();
                 let _ = self.output.event(engine_error("speech synthesis failed", &e)).await;
-                false
+                return false;
             }
         };
+        if first {
+            self.marks.marks.push((mark::FIRST_AUDIO, Instant::now()));
+        }
+        let queued = self.queue(Pending { text, audio, continues: false }).await;
+        // The first audio is out (or checked and waiting for more): the reply model goes on.
         self.first_audio.end();
-        ok
+        queued && self.say_rest(rest).await
     }
 
     /// Synthesizes and queues the rest of a chunk whose first audio went ahead.
@@ -1523,8 +1534,8 @@ impl TtsStage {
         if self.stopped() {
             return false;
         }
-        let priority = self.next_audio_priority();
-        match self.engines.tts.try_run(priority, move |tts| tts.synthesize_rest(rest)).await {
+        // Needed before the first part has played (0.8 s): ahead of later chunks.
+        match self.engines.tts.try_run(Priority::High, move |tts| tts.synthesize_rest(rest)).await {
             Ok(audio) => self.queue(Pending { text: String::new(), audio, continues: true }).await,
             Err(e) => {
                 let _ = self.output.event(engine_error("speech synthesis failed", &e)).await;
