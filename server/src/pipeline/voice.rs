@@ -1498,9 +1498,10 @@ impl TtsStage {
             let head = Duration::from_secs_f64(MIN_CHECK_MS / 1000.0);
             let engine = self.engines.tts.clone();
             let job = move |tts: &mut Synthesizer| {
-                // Other sessions' first words waiting: the rest would wait behind them while the
-                // first part plays, so the chunk is spoken whole.
-                if engine.urgent_waiting() {
+                // Other sessions' audio waiting: the rest would go ahead of their due chunks, or
+                // wait behind their first words while the first part plays, so the chunk is
+                // spoken whole.
+                if engine.waiting() > 0 {
                     Ok((tts.synthesize(&owned)?, None))
                 } else {
                     tts.synthesize_head(&owned, head)
