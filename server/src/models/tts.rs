@@ -72,9 +72,10 @@ pub struct Tts {
     ids: HashMap<char, Vec<i64>>,
     voice: String,
     sample_rate: u32,
-    /// `[noise_scale, length_scale, noise_w]` as used, and as the voice's config gives them.
+    /// `[noise_scale, length_scale, noise_w]`, as the voice's config gives them.
     scales: [f32; 3],
-    config_scales: [f32; 3],
+    /// Whether the noise scales are used ([`Tts::set_noise`]).
+    noise: bool,
     hop: usize,
     context: usize,
 }
@@ -135,7 +136,7 @@ impl Tts {
             voice: config.espeak.voice,
             sample_rate: config.audio.sample_rate,
             scales: [inf.noise_scale, inf.length_scale, inf.noise_w],
-            config_scales: [inf.noise_scale, inf.length_scale, inf.noise_w],
+            noise: true,
             hop: meta.hop_samples,
             context: meta.decoder_context_frames,
         })
@@ -144,9 +145,7 @@ impl Tts {
     /// Turns the voice's sampling noise off (on: as its config says): then the same text always
     /// gives the same audio, for comparing runs.
     pub fn set_noise(&mut self, on: bool) {
-        let scale = |value: f32| if on { value } else { 0.0 };
-        let [noise_scale, _, noise_w] = self.config_scales;
-        self.scales = [scale(noise_scale), self.scales[1], scale(noise_w)];
+        self.noise = on;
     }
 
     /// Sample rate of the audio this voice produces (22 050 Hz).
@@ -212,9 +211,9 @@ impl Tts {
 
     /// Speaks `text` with its first `head` of audio handed back before the rest is decoded: its
     /// sentences up to the one that reaches `head`, and of that one only the frames needed, when
-    /// it is longer by two contexts or more (else it is decoded whole). The rest is for
+    /// it is longer by two contexts or more (else it is decoded whole). The rest, if any, is for
     /// [`Tts::synthesize_rest`].
-    pub fn synthesize_head(&mut self, text: &str, head: Duration) -> Result<(Vec<f32>, Rest), ModelError> {
+    pub fn synthesize_head(&mut self, text: &str, head: Duration) -> Result<(Vec<f32>, Option<Rest>), ModelError> {
         let sentences = if text.trim().is_empty() { Vec::new() } else { self.sentences(text)? };
         let want = (head.as_secs_f64() * f64::from(self.sample_rate)).ceil() as usize;
         let mut audio = Vec::new();
@@ -232,7 +231,8 @@ impl Tts {
                 audio.extend(self.decode(&latent, 0..latent.frames)?);
             }
         }
-        Ok((audio, Rest { first, sentences: sentences.collect() }))
+        let rest = Rest { first, sentences: sentences.collect() };
+        Ok((audio, (rest.first.is_some() || !rest.sentences.is_empty()).then_some(rest)))
     }
 
     /// The audio of what [`Tts::synthesize_head`] left, in one piece.
@@ -262,10 +262,11 @@ impl Tts {
             return Ok(None); // ^ _ $: nothing to say
         }
         let n = ids.len();
+        let scales = if self.noise { self.scales } else { [0.0, self.scales[1], 0.0] };
         let outputs = self.encoder.run(ort::inputs! {
             "input" => Tensor::from_array(([1, n], ids))?,
             "input_lengths" => Tensor::from_array(([1], vec![n as i64]))?,
-            "scales" => Tensor::from_array(([3], self.scales.to_vec()))?,
+            "scales" => Tensor::from_array(([3], scales.to_vec()))?,
         })?;
         let output = outputs
             .get(&self.latent_name)
@@ -374,10 +375,7 @@ impl Synthesizer {
     /// espeak-ng speaks it all at once). `None`: nothing is left.
     pub fn synthesize_head(&mut self, text: &str, head: Duration) -> Result<(Vec<f32>, Option<Rest>), ModelError> {
         match self {
-            Synthesizer::Piper(tts) => {
-                let (audio, rest) = tts.synthesize_head(text, head)?;
-                Ok((audio, (rest.first.is_some() || !rest.sentences.is_empty()).then_some(rest)))
-            }
+            Synthesizer::Piper(tts) => tts.synthesize_head(text, head),
             Synthesizer::Espeak { .. } => Ok((self.synthesize(text)?, None)),
         }
     }

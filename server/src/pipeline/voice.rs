@@ -1131,7 +1131,7 @@ impl ReplyContext {
             audio_since: None,
             spoken: Vec::new(),
             pending: Vec::new(),
-            passed: Vec::new(),
+            passed_window: Vec::new(),
         };
         let stage = tokio::spawn(stage.run(piece_rx));
         let failure = match script {
@@ -1433,7 +1433,7 @@ struct TtsStage {
     /// Synthesized chunks not yet checked by the voice gate (less than [`MIN_CHECK_MS`] of audio).
     pending: Vec<Pending>,
     /// The last window of audio the voice gate passed.
-    passed: Vec<f32>,
+    passed_window: Vec<f32>,
 }
 
 impl TtsStage {
@@ -1494,24 +1494,24 @@ impl TtsStage {
         }
         let first = self.spoken.is_empty() && self.pending.is_empty();
         let owned = text.clone();
-        let spoken = if first {
-            let head = Duration::from_secs_f64(MIN_CHECK_MS / 1000.0);
-            let engine = self.engines.tts.clone();
-            let job = move |tts: &mut Synthesizer| {
-                // Other sessions' audio waiting: the rest would go ahead of their due chunks, or
-                // wait behind their first words while the first part plays, so the chunk is
-                // spoken whole.
-                if engine.waiting() > 0 {
-                    Ok((tts.synthesize(&owned)?, None))
-                } else {
-                    tts.synthesize_head(&owned, head)
-                }
-            };
-            self.engines.tts.try_run(Priority::High, job).await
-        } else {
-            let priority = self.next_audio_priority();
-            self.engines.tts.try_run(priority, move |tts| Ok((tts.synthesize(&owned)?, None))).await
+        let head = Duration::from_secs_f64(MIN_CHECK_MS / 1000.0);
+        let engine = self.engines.tts.clone();
+        let job = move |tts: &mut Synthesizer| {
+            // The first chunk's first MIN_CHECK_MS goes ahead of its rest, but not while other
+            // sessions' audio waits: the rest would go ahead of their due chunks, or wait behind
+            // their first words while the first part plays.
+            if first && engine.waiting() == 0 {
+                tts.synthesize_head(&owned, head)
+            } else {
+                Ok((tts.synthesize(&owned)?, None))
+            }
         };
+        // Later chunks by when they will be heard: another session's next chunk may be due first.
+        let priority = match self.audio_since {
+            Some((start, audio)) if !first => Priority::By(start + audio),
+            _ => Priority::High,
+        };
+        let spoken = self.engines.tts.try_run(priority, job).await;
         let (audio, rest) = match spoken {
             Ok(spoken) => spoken,
             Err(e) => {
@@ -1545,15 +1545,6 @@ impl TtsStage {
         }
     }
 
-    /// Later audio is needed by when the audio before it will have played: another session's next
-    /// chunk may be due first.
-    fn next_audio_priority(&self) -> Priority {
-        match self.audio_since {
-            Some((start, audio)) => Priority::By(start + audio),
-            None => Priority::High,
-        }
-    }
-
     /// Queues synthesized audio for the voice gate and checks it once there is enough (a chunk's
     /// rest at once). False when the reply must stop.
     async fn queue(&mut self, piece: Pending) -> bool {
@@ -1581,8 +1572,9 @@ impl TtsStage {
         // of it (one window of at least MIN_CHECK_MS, as it would be with the next chunk's audio).
         let waiting: usize = pending.iter().map(|p| p.audio.len()).sum();
         let min = (MIN_CHECK_MS * rate as f64 / 1000.0) as usize;
-        let lead = if pending[0].continues { min.saturating_sub(waiting).min(self.passed.len()) } else { 0 };
-        let mut audio = self.passed[self.passed.len() - lead..].to_vec();
+        let before = &self.passed_window;
+        let lead = if pending[0].continues { min.saturating_sub(waiting).min(before.len()) } else { 0 };
+        let mut audio = before[before.len() - lead..].to_vec();
         audio.extend(pending.iter().flat_map(|p| p.audio.iter().copied()));
         let mut bounds = Vec::with_capacity(pending.len());
         let mut at = lead;
@@ -1603,7 +1595,7 @@ impl TtsStage {
                 let _ = self.output.cut(turn).await;
                 return false;
             }
-            self.passed = checked;
+            self.passed_window = checked;
             if !self.marks_sent {
                 self.marks_sent = true;
                 self.marks.marks.push((mark::FIRST_AUDIO_SAFE, Instant::now()));
