@@ -9,9 +9,9 @@
 //!
 //! Ahead of the endpoint: while the user speaks, the speech so far is recognised every second;
 //! the text two passes agree on is settled (not decoded again later) and the reply model prefills
-//! it as the start of the user's message. At the first sign of a pause (64 ms of silence) the
+//! it as the start of the user's message. At the first sign of a pause (32 ms of silence) the
 //! speech so far is recognised (dropped, mid-decode, if the user goes on) and, if its words leave
-//! the ending open, heard by the end-of-turn model; after a short pause (160 ms) the turn is
+//! the ending open, heard by the end-of-turn model; after a short pause (96 ms) the turn is
 //! judged tentatively over and its whole reply starts — ASR, gates, LLM, TTS — with its output
 //! held (`ReplyOutput::held`).
 //! When the endpoint confirms the turn the held output goes out at once; if the user speaks again
@@ -161,8 +161,8 @@ impl Default for VoiceConfig {
             cut_short_sound_threshold: 0.5,
             end_of_turn_model: true,
             partial_every_ms: 1000,
-            asr_ahead_ms: 64,
-            speculate_after_ms: 160,
+            asr_ahead_ms: 32,
+            speculate_after_ms: 96,
             max_reply_tokens: 60,
             max_reply_sentences: 2,
             system_prompt: "You are Parley, a friendly voice assistant. Answer in one or two short spoken \
