@@ -13,7 +13,8 @@
 //! speech so far is recognised (dropped, mid-decode, if the user goes on) and, if its words leave
 //! the ending open, heard by the end-of-turn model; after a short pause (96 ms) the turn is
 //! judged tentatively over and its whole reply starts — ASR, gates, LLM, TTS — with its output
-//! held (`ReplyOutput::held`).
+//! held (`ReplyOutput::held`). While another session's reply is being made, both wait longer (64
+//! and 160 ms): work dropped because the user went on would take cores that reply needs.
 //! When the endpoint confirms the turn the held output goes out at once; if the user speaks again
 //! first, it is dropped unseen and the turn goes on. The endpoint comes sooner when the
 //! transcript reads as a finished utterance (`endpoint_complete_ms`) than when it trails off:
@@ -48,7 +49,7 @@ use parley_protocol::ServerEvent;
 use parley_protocol::event::{CancelReason, ErrorCode, SafetyAction, SafetyStage, mark};
 use serde::Deserialize;
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -120,6 +121,12 @@ pub struct VoiceConfig {
     /// Silence after which the speech so far is recognised ahead of the reply, in ms (the result
     /// is dropped, mid-decode, if the user goes on; the reply started ahead takes it). 0: off.
     pub asr_ahead_ms: u32,
+    /// `asr_ahead_ms` and `speculate_after_ms` while another session's reply is being made: work
+    /// dropped because the user went on then takes cores that reply needs, and pauses inside a
+    /// sentence end a turn tentatively more often the shorter the wait (4 sessions × 15 turns at
+    /// 32/96 ms: 26 held replies dropped and first-token p95 290 ms; at 64/160: 3 and 135 ms).
+    pub busy_asr_ahead_ms: u32,
+    pub busy_speculate_after_ms: u32,
     /// Silence after which the turn is judged tentatively over and its reply starts, held: nothing
     /// reaches the client before the endpoint confirms the turn, and the reply is dropped unseen
     /// if the user goes on, in ms. 0: off (replies start at the endpoint).
@@ -163,6 +170,8 @@ impl Default for VoiceConfig {
             partial_every_ms: 1000,
             asr_ahead_ms: 32,
             speculate_after_ms: 96,
+            busy_asr_ahead_ms: 64,
+            busy_speculate_after_ms: 160,
             max_reply_tokens: 60,
             max_reply_sentences: 2,
             system_prompt: "You are Parley, a friendly voice assistant. Answer in one or two short spoken \
@@ -200,6 +209,8 @@ pub struct Engines {
     /// Replies started ahead of the endpoint: released, and dropped because the user went on.
     pub speculation_used: AtomicU64,
     pub speculation_stale: AtomicU64,
+    /// Replies being made (recognition to the last chunk's synthesis), in all sessions.
+    pub replies_running: AtomicUsize,
     /// End-of-turn verdicts made: ahead, in the pause (index 0), and in the reply (index 1).
     pub turn_verdicts: [AtomicU64; 2],
 }
@@ -251,6 +262,7 @@ impl Engines {
             recorder,
             speculation_used,
             speculation_stale,
+            replies_running: AtomicUsize::new(0),
             turn_verdicts: Default::default(),
         };
         engines.warm_up(config)?;
@@ -563,19 +575,21 @@ impl Worker {
                 let held = self.reply.as_ref().and_then(|r| r.hold.as_ref());
                 let complete = held.and_then(|h| h.complete()) == Some(true);
                 let full = self.utterance.len() + CHUNK_SAMPLES > MAX_UTTERANCE;
+                let own = usize::from(self.reply.as_ref().is_some_and(|r| !r.task.is_finished()));
+                let (asr_ahead_ms, speculate_after_ms) = if self.engines.replies_running.load(Ordering::Relaxed) > own {
+                    (config.busy_asr_ahead_ms, config.busy_speculate_after_ms)
+                } else {
+                    (config.asr_ahead_ms, config.speculate_after_ms)
+                };
                 if silence_ms >= config.endpoint_silence_ms
                     || (complete && silence_ms >= config.endpoint_complete_ms)
                     || full
                 {
                     self.state = Turn::Idle { voiced: 0 };
                     self.end_turn(turn, last_voiced_end, last_voiced_seen, position).await?;
-                } else if config.speculate_after_ms > 0 && silence_ms >= config.speculate_after_ms && held.is_none() {
+                } else if speculate_after_ms > 0 && silence_ms >= speculate_after_ms && held.is_none() {
                     self.start_held(turn, last_voiced_end, last_voiced_seen, position);
-                } else if config.asr_ahead_ms > 0
-                    && silence_ms >= config.asr_ahead_ms
-                    && self.early_asr.is_none()
-                    && held.is_none()
-                {
+                } else if asr_ahead_ms > 0 && silence_ms >= asr_ahead_ms && self.early_asr.is_none() && held.is_none() {
                     self.start_early_asr(last_voiced_end, position);
                 }
             }
@@ -812,8 +826,10 @@ impl Worker {
             sound,
         };
         let span = tracing::info_span!("turn", turn);
+        let running = ReplyRunning::new(&self.engines);
         let task = tokio::spawn(
             async move {
+                let _running = running;
                 // The previous reply (already cancelled) must finish writing its history first.
                 if let Some(previous) = previous {
                     let _ = previous.await;
@@ -841,6 +857,22 @@ impl Worker {
             reply.cancel.store(true, Ordering::Relaxed);
             self.io.output.cancel(reply.turn, reason);
         }
+    }
+}
+
+/// Counts a reply in [`Engines::replies_running`] while its task lives.
+struct ReplyRunning(Arc<Engines>);
+
+impl ReplyRunning {
+    fn new(engines: &Arc<Engines>) -> Self {
+        engines.replies_running.fetch_add(1, Ordering::Relaxed);
+        ReplyRunning(engines.clone())
+    }
+}
+
+impl Drop for ReplyRunning {
+    fn drop(&mut self) {
+        self.0.replies_running.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
