@@ -138,9 +138,9 @@ async fn a_librivox_question_is_transcribed_and_answered_aloud() {
 async fn a_second_turn_remembers_the_first() {
     let server = server().await;
     // Spoken by the server's own voice: espeak-ng's "dog called Max" is heard as "uncalled mix".
-    // "My dog is called Max.": of seven phrasings, the one whose history SmolLM2 answered "What is
-    // my dog called?" from in all 24 variants Whisper may hear ("I have a dog called Max." failed on
-    // the exact transcript: "I'm not a dog-specific AI").
+    // SmolLM2 is sensitive to phrasing: after "I have a dog called Max." it answered "What is my
+    // dog called?" with "I'm not a dog-specific AI". After "My dog is called Max." it named the dog
+    // in all 24 variants of the two transcripts Whisper may give.
     let (first, rate) = piper("My dog is called Max.").await;
     let (second, _) = piper("What is my dog called?").await;
     let clips = [clip("dog", &first, rate), clip("question", &second, rate)];

@@ -575,6 +575,8 @@ impl Worker {
                 let held = self.reply.as_ref().and_then(|r| r.hold.as_ref());
                 let complete = held.and_then(|h| h.complete()) == Some(true);
                 let full = self.utterance.len() + CHUNK_SAMPLES > MAX_UTTERANCE;
+                // This session's own reply (one the user just talked over, still stopping) is not
+                // another session's.
                 let own = usize::from(self.reply.as_ref().is_some_and(|r| !r.task.is_finished()));
                 let (asr_ahead_ms, speculate_after_ms) = if self.engines.replies_running.load(Ordering::Relaxed) > own {
                     (config.busy_asr_ahead_ms, config.busy_speculate_after_ms)
