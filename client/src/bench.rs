@@ -112,6 +112,8 @@ pub struct Underruns {
     pub late_ms: f64,
     /// The longest stall, ms.
     pub max_late_ms: f64,
+    /// Where the longest stall came: ms of its reply's audio before the late frame.
+    pub max_late_at_ms: f64,
 }
 
 impl std::ops::AddAssign for Underruns {
@@ -119,7 +121,10 @@ impl std::ops::AddAssign for Underruns {
         self.frames += other.frames;
         self.count += other.count;
         self.late_ms += other.late_ms;
-        self.max_late_ms = self.max_late_ms.max(other.max_late_ms);
+        if other.max_late_ms > self.max_late_ms {
+            self.max_late_ms = other.max_late_ms;
+            self.max_late_at_ms = other.max_late_at_ms;
+        }
     }
 }
 
@@ -229,9 +234,11 @@ pub fn underruns(frames: &[ReceivedFrame], reply_starts: &[u32], allowance_us: u
     let mut out = Underruns::default();
     let mut next = 0;
     let mut current: Option<(u32, u64)> = None; // the schedule's anchor: seq, when it played
+    let mut reply_start = 0;
     for frame in frames {
         while next < reply_starts.len() && frame.seq >= reply_starts[next] {
             current = Some((frame.seq, frame.received_us));
+            reply_start = frame.seq;
             next += 1;
         }
         let Some((first_seq, first_us)) = current else { continue };
@@ -241,7 +248,10 @@ pub fn underruns(frames: &[ReceivedFrame], reply_starts: &[u32], allowance_us: u
             out.count += 1;
             let late_ms = (frame.received_us - due) as f64 / 1000.0;
             out.late_ms += late_ms;
-            out.max_late_ms = out.max_late_ms.max(late_ms);
+            if late_ms > out.max_late_ms {
+                out.max_late_ms = late_ms;
+                out.max_late_at_ms = f64::from((frame.seq - reply_start) * FRAME_MS);
+            }
             current = Some((frame.seq, frame.received_us - allowance_us));
         }
     }
@@ -678,19 +688,22 @@ mod tests {
             frame(15, 5000),
         ];
         let u = underruns(&frames, &[10, 15], 0);
-        assert_eq!(u, Underruns { frames: 6, count: 2, late_ms: 40.0, max_late_ms: 30.0 });
+        assert_eq!(u, Underruns { frames: 6, count: 2, late_ms: 40.0, max_late_ms: 30.0, max_late_at_ms: 80.0 });
         // An allowance absorbs lateness up to it.
         assert_eq!(underruns(&frames, &[10, 15], 40_000).count, 0);
         assert_eq!(underruns(&frames, &[10, 15], 10_000).count, 1);
         // A lost first frame: the player starts at the first frame that arrived.
         assert_eq!(
             underruns(&[frame(21, 100), frame(22, 120)], &[20], 0),
-            Underruns { frames: 2, count: 0, late_ms: 0.0, max_late_ms: 0.0 }
+            Underruns { frames: 2, count: 0, late_ms: 0.0, max_late_ms: 0.0, max_late_at_ms: 0.0 }
         );
         assert_eq!(underruns(&frames, &[], 0).frames, 0);
         // Per reply: the late frames are reply 1's; together they are the whole run's.
         let per_reply = underruns_per_reply(&frames, &[10, 15]);
-        assert_eq!(per_reply[0], Underruns { frames: 5, count: 2, late_ms: 40.0, max_late_ms: 30.0 });
+        assert_eq!(
+            per_reply[0],
+            Underruns { frames: 5, count: 2, late_ms: 40.0, max_late_ms: 30.0, max_late_at_ms: 80.0 }
+        );
         assert_eq!((per_reply[1].frames, per_reply[1].count), (1, 0));
     }
 
@@ -765,7 +778,10 @@ mod tests {
             (run.errors.failed_sessions, run.errors.error_events, run.errors.abnormal_closes.clone()),
             (1, 1, vec![1013])
         );
-        assert_eq!(run.underruns, Underruns { frames: 2, count: 1, late_ms: 80.0, max_late_ms: 80.0 });
+        assert_eq!(
+            run.underruns,
+            Underruns { frames: 2, count: 1, late_ms: 80.0, max_late_ms: 80.0, max_late_at_ms: 20.0 }
+        );
         assert_eq!(run.frames_dropped, 1);
         assert_eq!(run.stages_ms[0].count, 2);
     }
