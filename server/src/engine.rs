@@ -12,13 +12,16 @@ use std::time::Instant;
 
 use crate::models::ModelError;
 
-/// How urgent a job is. `High` jobs (final ASR, first TTS chunk) run before any other; the rest
-/// run earliest deadline first, a `Low` job's deadline being when it was submitted.
+/// How urgent a job is. `High` jobs (final ASR, first TTS chunk) run before any other, except a
+/// `By` job whose time has come; the rest run earliest deadline first, a `Low` job's deadline
+/// being when it was submitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
     High,
     Low,
-    /// Needed by then (a later reply chunk: when the audio before it will have played).
+    /// Must start by then (a later reply chunk: its listener runs out of audio soon after). Once
+    /// that time has come it goes ahead of `High` jobs: a stall in a reply being heard costs more
+    /// than the same wait before another's first words.
     By(Instant),
 }
 
@@ -36,8 +39,9 @@ type Job<M> = Box<dyn FnOnce(&mut M) + Send>;
 
 struct Queue<M> {
     high: VecDeque<Job<M>>,
-    /// By deadline; equal deadlines in the order submitted.
-    low: VecDeque<(Instant, Job<M>)>,
+    /// By deadline; equal deadlines in the order submitted. The flag: a `By` deadline, which
+    /// overtakes `High` jobs once it has come.
+    low: VecDeque<(Instant, bool, Job<M>)>,
     /// A job is running on the thread.
     running: bool,
     closed: bool,
@@ -148,8 +152,8 @@ impl<M: 'static> Engine<M> {
         }
         let deadline = match priority {
             Priority::High => None,
-            Priority::Low => Some(Instant::now()),
-            Priority::By(deadline) => Some(deadline),
+            Priority::Low => Some((Instant::now(), false)),
+            Priority::By(deadline) => Some((deadline, true)),
         };
         let waiting = if deadline.is_some() { queue.low.len() } else { queue.high.len() };
         if waiting >= self.shared.capacity {
@@ -158,9 +162,9 @@ impl<M: 'static> Engine<M> {
         }
         match deadline {
             None => queue.high.push_back(job),
-            Some(deadline) => {
-                let at = queue.low.partition_point(|(due, _)| *due <= deadline);
-                queue.low.insert(at, (deadline, job));
+            Some((deadline, hard)) => {
+                let at = queue.low.partition_point(|(due, _, _)| *due <= deadline);
+                queue.low.insert(at, (deadline, hard, job));
             }
         }
         self.shared.ready.notify_one();
@@ -201,7 +205,13 @@ impl<M> Shared<M> {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         queue.running = false;
         loop {
-            if let Some(job) = queue.high.pop_front().or_else(|| queue.low.pop_front().map(|(_, job)| job)) {
+            let now = Instant::now();
+            let overdue = queue.low.iter().take_while(|(due, _, _)| *due <= now).position(|(_, hard, _)| *hard);
+            let job = match overdue {
+                Some(at) => queue.low.remove(at).map(|(_, _, job)| job),
+                None => queue.high.pop_front().or_else(|| queue.low.pop_front().map(|(_, _, job)| job)),
+            };
+            if let Some(job) = job {
                 queue.running = true;
                 return Some(job);
             }
@@ -255,6 +265,30 @@ mod tests {
             thread::yield_now();
         }
         assert_eq!(engine.waiting(), 0);
+    }
+
+    #[test]
+    fn a_job_whose_time_has_come_goes_ahead_of_high_ones() {
+        let engine = Engine::spawn("test", 4, || Ok(Vec::<&'static str>::new())).unwrap();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let gate = engine.clone();
+        let blocker = thread::spawn(move || {
+            gate.run_blocking(Priority::High, move |_| {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap()
+            })
+        });
+        started_rx.recv().unwrap();
+        engine.submit(Priority::Low, Box::new(|log| log.push("low"))).unwrap();
+        engine.submit(Priority::High, Box::new(|log| log.push("high"))).unwrap();
+        thread::sleep(std::time::Duration::from_millis(1));
+        engine.submit(Priority::By(Instant::now()), Box::new(|log| log.push("due"))).unwrap();
+        release_tx.send(()).unwrap();
+        blocker.join().unwrap().unwrap();
+        let order = engine.run_blocking(Priority::Low, |log| log.clone()).unwrap();
+        // The `Low` job is before the due one by deadline, but is never promoted.
+        assert_eq!(order, ["due", "high", "low"]);
     }
 
     #[test]

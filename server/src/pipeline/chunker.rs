@@ -1,14 +1,15 @@
 //! Cuts streamed reply text into speakable chunks for the TTS: the first clause goes out alone
 //! (time to first audio: 4 or 5 words, 1–2 s of speech), later text goes out by sentence, in
-//! chunks of at most 10 words (each is synthesized while the one before plays). A chunk cut at
-//! its bound ends at its last clause break, if it has one. A later chunk is held until a few words
+//! chunks of at most 6 words for the second and 10 after it (each is synthesized while the one
+//! before plays). A chunk cut at its bound ends at its last clause break, if it has one. A later chunk is held until a few words
 //! follow it, so a short last sentence ("Anything else?") joins it instead of going out alone (the
 //! voice gate cannot judge under ~0.7 s of audio, and blocks most of it). Markdown and emoji the
 //! voice cannot say are dropped here, so nothing unspeakable reaches the synthesizer.
 
-/// Words the first chunk needs before a break (comma-like or a sentence end) may end it: fewer
-/// make well under a second of audio, which sounds clipped and which the voice gate cannot judge
-/// alone, so the first frame would wait for the next chunk's synthesis as well.
+/// Words the first chunk needs before a break (comma-like or a sentence end) may end it, and a
+/// later chunk cut at its bound before its last clause break may: fewer make well under a second
+/// of audio, which sounds clipped and which the voice gate cannot judge alone, so its audio would
+/// wait for the next chunk's synthesis as well.
 const MIN_FIRST_WORDS: usize = 4;
 /// Words after which the first chunk is cut at the next space, break or not (a long first sentence
 /// would hold the first audio back for all of its tokens and its synthesis: 8 words cost ~90 ms
@@ -20,6 +21,11 @@ const MAX_FIRST_WORDS: usize = 5;
 /// first audio p95 284 and 305 ms at 10 words, 214 at 20 (one run: the gain is not shown, the
 /// bound on the wait is; 0 stalls in 5 runs at 10, 1 in 1 at 20).
 const MAX_CHUNK_WORDS: usize = 10;
+/// The second chunk's bound: it is generated, judged, synthesized and checked while the first
+/// plays (1.0–1.4 s). 4 sessions x 15 turns: with 10 words, when turns of several sessions ended
+/// together its text came up to 1.1 s after the first audio and took 0.35–0.43 s to synthesize;
+/// every stall measured came where the second chunk begins (1.0–1.7 s into the reply).
+const MAX_SECOND_WORDS: usize = 6;
 /// Words the last chunk needs to go out alone; a shorter end of the text joins the chunk before
 /// (unless that is the first chunk, which is never held). Piper tails of 300 / 500 / 700 ms, judged
 /// alone: the voice gate blocked 49 / 28 / 6 of 52.
@@ -77,7 +83,11 @@ impl Chunker {
     fn boundary(&self) -> Option<usize> {
         let text = &self.pending;
         let first = self.chunks_out == 0;
-        let max_words = if first { MAX_FIRST_WORDS } else { MAX_CHUNK_WORDS };
+        let max_words = match self.chunks_out {
+            0 => MAX_FIRST_WORDS,
+            1 => MAX_SECOND_WORDS,
+            _ => MAX_CHUNK_WORDS,
+        };
         let mut words = 0;
         let mut in_word = false;
         let mut last_clause_end = None;
@@ -106,7 +116,7 @@ impl Chunker {
             {
                 return Some(next_i);
             }
-            if clause_end && !first {
+            if clause_end && !first && words >= MIN_FIRST_WORDS {
                 // (The first chunk is cut at its bound: a clause break before it is under
                 // `MIN_FIRST_WORDS`, too short to be heard or checked alone.)
                 last_clause_end = Some(next_i);
@@ -197,20 +207,19 @@ mod tests {
     fn long_run_on_text_is_cut_in_bounded_chunks() {
         let text = "word ".repeat(100);
         let sizes: Vec<usize> = feed(&text).iter().map(|c| c.split_whitespace().count()).collect();
-        assert_eq!(sizes, [5, 10, 10, 10, 10, 10, 10, 10, 10, 10, 5]);
+        assert_eq!(sizes, [5, 6, 10, 10, 10, 10, 10, 10, 10, 10, 9]);
     }
 
     #[test]
     fn a_chunk_cut_at_its_bound_ends_at_its_last_clause_break() {
         assert_eq!(
-            feed(
-                "Well there you are my friend, and here is a long clause, then more words that go on and on without end."
-            ),
-            [
-                "Well there you are my",
-                "friend, and here is a long clause,",
-                "then more words that go on and on without end."
-            ]
+            feed("Well there you are my friend, here it is, then more words that go on and on without end."),
+            ["Well there you are my", "friend, here it is,", "then more words that go on and on without end."]
+        );
+        // Not at a break that leaves it too short to be heard alone: "friend," here.
+        assert_eq!(
+            feed("Well there you are my friend, and here is a long clause."),
+            ["Well there you are my", "friend, and here is a long clause."]
         );
     }
 

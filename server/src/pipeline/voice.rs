@@ -22,6 +22,10 @@
 //! a sentence end likely after its last word, the more readily the more finished the pause sounds
 //! to the end-of-turn model (`sentence_end_threshold`).
 //!
+//! Sessions share the engines by urgency: a reply's first words go first. Once its first audio
+//! exists, its later words hold back while another reply's first audio is being made, until they
+//! are due ([`NEXT_CHUNK_LEAD`] before the audio so far has played); then they go first.
+//!
 //! Safety (policy in `safety/`): the input gate judges the user's words before any reply starts;
 //! a flagged request gets the policy's spoken response instead of the model's. The TTS stage
 //! judges every reply chunk before synthesizing it (a flagged chunk is never spoken: generation
@@ -52,7 +56,7 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -76,6 +80,13 @@ const CLAUSE_QUEUE: usize = 32;
 static NEXT_CONVERSATION: AtomicU64 = AtomicU64::new(1);
 /// Longest the reply model waits for the first chunk's synthesis (a bound, should the stage stall).
 const MAX_FIRST_AUDIO_WAIT: Duration = Duration::from_millis(1500);
+/// A reply's next chunk is made within this under load (its words generated, judged, synthesized,
+/// its voice checked), so its work is due this long before the audio before it has played. Until
+/// then it holds back while other replies' first audio is made ([`Engines::hold_back`]); from then
+/// on its engine jobs go ahead of theirs ([`Priority::By`]).
+const NEXT_CHUNK_LEAD: Duration = Duration::from_millis(600);
+/// How often a held-back reply looks whether it was cancelled.
+const HOLD_BACK_POLL: Duration = Duration::from_millis(20);
 /// Messages of history kept per session (a memory bound; the LLM itself drops the oldest turns
 /// that do not fit its context, and trimming here earlier would defeat its prefix cache). Past it,
 /// the older half goes: a whole number of the LLM's drop blocks, so the turns it keeps stay put.
@@ -211,6 +222,9 @@ pub struct Engines {
     pub speculation_stale: AtomicU64,
     /// Replies being made (recognition to the last chunk's synthesis), in all sessions.
     pub replies_running: AtomicUsize,
+    /// Replies whose first audio is being made (recognition to the first audio), in all sessions:
+    /// while there are any, other replies' later words hold back ([`Engines::hold_back`]).
+    pub first_audio_due: watch::Sender<usize>,
     /// End-of-turn verdicts made: ahead, in the pause (index 0), and in the reply (index 1).
     pub turn_verdicts: [AtomicU64; 2],
 }
@@ -263,6 +277,7 @@ impl Engines {
             speculation_used,
             speculation_stale,
             replies_running: AtomicUsize::new(0),
+            first_audio_due: watch::Sender::new(0),
             turn_verdicts: Default::default(),
         };
         engines.warm_up(config)?;
@@ -274,6 +289,19 @@ impl Engines {
     /// core a reply needs.
     fn cores_idle(&self) -> bool {
         [self.asr.idle(), self.llm.idle(), self.tts.idle()].iter().all(|&idle| idle)
+    }
+
+    /// Waits while a reply's first audio is being made (in any session) and its work can wait:
+    /// until `until` at most, and not past `stop`. On two cores, a reply's later words, needed only
+    /// once the audio before them has played, would take the cores another listener waits on.
+    async fn hold_back(&self, until: Instant, stop: impl Fn() -> bool) {
+        let mut due = self.first_audio_due.subscribe();
+        while Instant::now() < until && !stop() {
+            let step = until.min(Instant::now() + HOLD_BACK_POLL);
+            if let Ok(Ok(_)) = tokio::time::timeout_at(step.into(), due.wait_for(|n| *n == 0)).await {
+                return;
+            }
+        }
     }
 
     /// Runs every model once, so the first turn does not pay for it (an ONNX session's first run is
@@ -813,6 +841,7 @@ impl Worker {
             session: self.io.session_id.as_str().into(),
             turn,
         };
+        let running = ReplyRunning::new(&self.engines);
         let ctx = ReplyContext {
             engines: self.engines.clone(),
             config: self.config.clone(),
@@ -826,9 +855,9 @@ impl Worker {
             marks,
             ref_ts_us,
             sound,
+            running: running.clone(),
         };
         let span = tracing::info_span!("turn", turn);
-        let running = ReplyRunning::new(&self.engines);
         let task = tokio::spawn(
             async move {
                 let _running = running;
@@ -862,19 +891,33 @@ impl Worker {
     }
 }
 
-/// Counts a reply in [`Engines::replies_running`] while its task lives.
-struct ReplyRunning(Arc<Engines>);
+/// Counts a reply in [`Engines::replies_running`] while its task lives, and in
+/// [`Engines::first_audio_due`] until its first audio exists.
+struct ReplyRunning {
+    engines: Arc<Engines>,
+    /// Still counted in [`Engines::first_audio_due`].
+    due: AtomicBool,
+}
 
 impl ReplyRunning {
-    fn new(engines: &Arc<Engines>) -> Self {
+    fn new(engines: &Arc<Engines>) -> Arc<Self> {
         engines.replies_running.fetch_add(1, Ordering::Relaxed);
-        ReplyRunning(engines.clone())
+        engines.first_audio_due.send_modify(|n| *n += 1);
+        Arc::new(ReplyRunning { engines: engines.clone(), due: AtomicBool::new(true) })
+    }
+
+    /// The reply's first audio exists (or never will).
+    fn first_audio_made(&self) {
+        if self.due.swap(false, Ordering::Relaxed) {
+            self.engines.first_audio_due.send_modify(|n| *n -= 1);
+        }
     }
 }
 
 impl Drop for ReplyRunning {
     fn drop(&mut self) {
-        self.0.replies_running.fetch_sub(1, Ordering::Relaxed);
+        self.first_audio_made();
+        self.engines.replies_running.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -985,6 +1028,7 @@ struct ReplyContext {
     ref_ts_us: u64,
     /// A held reply's turn as heard at the pause (the end-of-turn model's input).
     sound: Option<Arc<PauseSound>>,
+    running: Arc<ReplyRunning>,
 }
 
 /// One chunk of the reply: its text and, once synthesized, its length.
@@ -1151,7 +1195,7 @@ impl ReplyContext {
         // Set by the TTS stage when a gate stops the reply: generation ends, the reply is not cancelled.
         let halt = Arc::new(AtomicBool::new(false));
         let (piece_tx, piece_rx) = mpsc::channel::<Piece>(CLAUSE_QUEUE);
-        let first_audio = Arc::new(FirstAudioWait::default());
+        let first_audio = Arc::new(FirstAudioWait::new(self.running.clone()));
         let stage = TtsStage {
             engines: self.engines.clone(),
             gates: self.gates.clone(),
@@ -1223,21 +1267,24 @@ impl ReplyContext {
             halt,
             first_audio: first_audio.clone(),
             first_chunk_out: first_chunk_out.clone(),
-            engine: llm.clone(),
+            engines: self.engines.clone(),
             deltas: delta_tx,
         });
         let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
         let generation = tokio::spawn(async move {
             // In this session's own KV cache: other sessions' replies do not evict its prefix.
             let mut decoding = llm.try_run(Priority::High, move |llm| llm.start(key, &messages, max_tokens)).await?;
-            // Until its first chunk is out the reply is urgent; then it gives way to other
-            // sessions' urgent first words, keeping its place before jobs that came after it.
-            let started = Priority::By(Instant::now());
             loop {
                 let sink = slices.clone();
-                let first = !sink.first_chunk_out.load(Ordering::Relaxed);
+                // Until its first chunk is out the reply is urgent; then it gives way to other
+                // sessions' first words until its next chunk is due.
+                let priority = match sink.first_audio.next_due() {
+                    _ if !sink.first_chunk_out.load(Ordering::Relaxed) => Priority::High,
+                    Some(due) => Priority::By(due),
+                    None => Priority::Low,
+                };
                 let (slice, done) = llm
-                    .try_run(if first { Priority::High } else { started }, move |llm| {
+                    .try_run(priority, move |llm| {
                         while !llm.resume(&mut decoding, 1, |delta| sink.push(delta))? {
                             if sink.may_yield() {
                                 return Ok((decoding, false));
@@ -1250,6 +1297,9 @@ impl ReplyContext {
                     return Ok::<_, EngineError>(());
                 }
                 decoding = slice;
+                if let Some(until) = slices.first_audio.next_due() {
+                    slices.engines.hold_back(until, || slices.stopped()).await;
+                }
             }
         });
         let mut chunker = Chunker::new();
@@ -1312,26 +1362,36 @@ struct DeltaSink {
     first_audio: Arc<FirstAudioWait>,
     /// The first chunk went to synthesis: from here on the reply is ahead of its listener.
     first_chunk_out: Arc<AtomicBool>,
-    engine: Engine<Llm>,
+    engines: Arc<Engines>,
     deltas: mpsc::Sender<String>,
 }
 
 impl DeltaSink {
     /// Hands one piece of text on; `Break` ends the reply (cancelled, halted by a gate, or gone).
     fn push(&self, delta: &str) -> ControlFlow<()> {
-        self.first_audio.wait(MAX_FIRST_AUDIO_WAIT, || self.engine.waiting() > 0);
-        let stop = self.cancel.load(Ordering::Relaxed) || self.halt.load(Ordering::Relaxed);
-        if stop || self.deltas.blocking_send(delta.to_string()).is_err() {
+        self.first_audio.wait(MAX_FIRST_AUDIO_WAIT, || self.engines.llm.waiting() > 0);
+        if self.stopped() || self.deltas.blocking_send(delta.to_string()).is_err() {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
     }
 
-    /// Whether the reply should give the engine to other sessions' first words: once its own first
-    /// chunk is out, its later words are not needed before that audio has played.
+    /// Cancelled, halted by a gate, or its text has nowhere to go.
+    fn stopped(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.halt.load(Ordering::Relaxed) || self.deltas.is_closed()
+    }
+
+    /// Whether the reply should give the cores to other sessions' first words: once its own first
+    /// chunk is out, its later words are not needed before that audio has played. It yields the
+    /// engine to their jobs waiting there, and holds back while their first audio is being made
+    /// anywhere ([`Engines::hold_back`]).
     fn may_yield(&self) -> bool {
-        self.first_chunk_out.load(Ordering::Relaxed) && self.engine.urgent_waiting()
+        let holds_back = || {
+            *self.engines.first_audio_due.borrow() > 0
+                && self.first_audio.next_due().is_some_and(|until| Instant::now() < until)
+        };
+        self.first_chunk_out.load(Ordering::Relaxed) && (self.engines.llm.urgent_waiting() || holds_back())
     }
 }
 
@@ -1339,13 +1399,27 @@ impl DeltaSink {
 /// next tokens (not needed until that audio has played) would take the cores the first audio
 /// needs. Measured on this machine: first audio ~100 ms sooner, with the TTS on 2 threads. It does
 /// not pause while other sessions' jobs wait for the model (the engine would idle in front of them).
-#[derive(Default)]
+/// Shared by the reply model and the TTS stage, it also keeps when the reply's audio so far will
+/// have played, and ends the reply's count in [`Engines::first_audio_due`] with its first audio.
 struct FirstAudioWait {
     pending: Mutex<bool>,
     done: std::sync::Condvar,
+    running: Arc<ReplyRunning>,
+    /// When the audio synthesized so far will have played (set once the first audio exists).
+    heard_until: Mutex<Option<Instant>>,
 }
 
 impl FirstAudioWait {
+    fn new(running: Arc<ReplyRunning>) -> Self {
+        FirstAudioWait { pending: Mutex::new(false), done: Default::default(), running, heard_until: Mutex::new(None) }
+    }
+
+    /// When the work on the reply's next chunk is due ([`NEXT_CHUNK_LEAD`]): `None` before its first
+    /// audio exists.
+    fn next_due(&self) -> Option<Instant> {
+        self.heard_until.lock().unwrap_or_else(|e| e.into_inner()).and_then(|heard| heard.checked_sub(NEXT_CHUNK_LEAD))
+    }
+
     fn begin(&self) {
         *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = true;
     }
@@ -1354,6 +1428,7 @@ impl FirstAudioWait {
     fn end(&self) {
         *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = false;
         self.done.notify_all();
+        self.running.first_audio_made();
     }
 
     /// Blocks (the engine thread) while the first chunk is being synthesized, at most `limit`,
@@ -1490,6 +1565,10 @@ impl TtsStage {
             if self.stopped() {
                 break;
             }
+            // A later chunk (its first audio exists) gives way to other replies' first audio.
+            if let Some(until) = self.first_audio.next_due() {
+                self.engines.hold_back(until, || self.stopped()).await;
+            }
             if judge {
                 // The chunk is judged together with the one before, so content split across a
                 // chunk boundary is seen whole.
@@ -1540,9 +1619,9 @@ impl TtsStage {
                 Ok((tts.synthesize(&owned)?, None))
             }
         };
-        // Later chunks by when they will be heard: another session's next chunk may be due first.
-        let priority = match self.audio_since {
-            Some((start, audio)) if !first => Priority::By(start + audio),
+        // Later chunks by when they are due: another session's next chunk may be due first.
+        let priority = match self.first_audio.next_due() {
+            Some(due) if !first => Priority::By(due),
             _ => Priority::High,
         };
         let spoken = self.engines.tts.try_run(priority, job).await;
@@ -1584,7 +1663,9 @@ impl TtsStage {
     async fn queue(&mut self, piece: Pending) -> bool {
         let (start, before) = *self.audio_since.get_or_insert((Instant::now(), Duration::ZERO));
         let seconds = piece.audio.len() as f64 / self.engines.tts_rate as f64;
-        self.audio_since = Some((start, before + Duration::from_secs_f64(seconds)));
+        let heard = before + Duration::from_secs_f64(seconds);
+        self.audio_since = Some((start, heard));
+        *self.first_audio.heard_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(start + heard);
         // A rest whose first audio was sent is needed before that audio has played.
         let rest_of_sent = piece.continues && self.pending.is_empty();
         self.pending.push(piece);
