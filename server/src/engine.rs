@@ -227,21 +227,30 @@ impl<M> Shared<M> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn high_priority_jobs_run_first_then_by_deadline_and_full_queues_refuse() {
-        let engine = Engine::spawn("test", 2, || Ok(Vec::<&'static str>::new())).unwrap();
-        assert!(engine.idle());
-        // Hold the engine busy so the next jobs queue up behind this one.
+    /// Runs a job that keeps `engine` busy, so the next jobs queue up behind it, until the returned
+    /// function is called.
+    fn hold_busy(engine: &Engine<Vec<&'static str>>) -> impl FnOnce() {
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let gate = engine.clone();
         let blocker = thread::spawn(move || {
-            gate.run_blocking(Priority::Low, move |_| {
+            gate.run_blocking(Priority::High, move |_| {
                 started_tx.send(()).unwrap();
                 release_rx.recv().unwrap()
             })
         });
         started_rx.recv().unwrap();
+        move || {
+            release_tx.send(()).unwrap();
+            blocker.join().unwrap().unwrap();
+        }
+    }
+
+    #[test]
+    fn high_priority_jobs_run_first_then_by_deadline_and_full_queues_refuse() {
+        let engine = Engine::spawn("test", 2, || Ok(Vec::<&'static str>::new())).unwrap();
+        assert!(engine.idle());
+        let release = hold_busy(&engine);
         assert!(!engine.idle(), "a job is running");
         let later = Priority::By(Instant::now() + std::time::Duration::from_secs(1));
         engine.submit(later, Box::new(|log| log.push("later"))).unwrap();
@@ -249,8 +258,7 @@ mod tests {
         engine.submit(Priority::High, Box::new(|log| log.push("high"))).unwrap();
         assert!(matches!(engine.submit(Priority::Low, Box::new(|_| {})), Err(EngineError::Busy("test"))));
         assert_eq!(engine.refused(), 1);
-        release_tx.send(()).unwrap();
-        blocker.join().unwrap().unwrap();
+        release();
         // The queued jobs may still be waiting (the lane is full until they run): retry.
         let order = loop {
             let last = Priority::By(Instant::now() + std::time::Duration::from_secs(2));
@@ -270,22 +278,12 @@ mod tests {
     #[test]
     fn a_job_whose_time_has_come_goes_ahead_of_high_ones() {
         let engine = Engine::spawn("test", 4, || Ok(Vec::<&'static str>::new())).unwrap();
-        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let gate = engine.clone();
-        let blocker = thread::spawn(move || {
-            gate.run_blocking(Priority::High, move |_| {
-                started_tx.send(()).unwrap();
-                release_rx.recv().unwrap()
-            })
-        });
-        started_rx.recv().unwrap();
+        let release = hold_busy(&engine);
         engine.submit(Priority::Low, Box::new(|log| log.push("low"))).unwrap();
         engine.submit(Priority::High, Box::new(|log| log.push("high"))).unwrap();
         thread::sleep(std::time::Duration::from_millis(1));
         engine.submit(Priority::By(Instant::now()), Box::new(|log| log.push("due"))).unwrap();
-        release_tx.send(()).unwrap();
-        blocker.join().unwrap().unwrap();
+        release();
         let order = engine.run_blocking(Priority::Low, |log| log.clone()).unwrap();
         // The `Low` job is before the due one by deadline, but is never promoted.
         assert_eq!(order, ["due", "high", "low"]);
