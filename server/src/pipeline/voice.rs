@@ -1206,7 +1206,6 @@ impl ReplyContext {
             ref_ts_us: self.ref_ts_us,
             marks: TurnMarks { turn, anchor: self.anchor, marks: std::mem::take(&mut self.marks) },
             marks_sent: false,
-            audio_since: None,
             spoken: Vec::new(),
             pending: Vec::new(),
             passed_window: Vec::new(),
@@ -1405,13 +1404,20 @@ struct FirstAudioWait {
     pending: Mutex<bool>,
     done: std::sync::Condvar,
     running: Arc<ReplyRunning>,
-    /// When the audio synthesized so far will have played (set once the first audio exists).
+    /// When the audio synthesized so far will have played, counted from when the first audio
+    /// existed (`None` before): the next chunk is needed by then.
     heard_until: Mutex<Option<Instant>>,
 }
 
 impl FirstAudioWait {
     fn new(running: Arc<ReplyRunning>) -> Self {
         FirstAudioWait { pending: Mutex::new(false), done: Default::default(), running, heard_until: Mutex::new(None) }
+    }
+
+    /// Counts `audio` more of the reply as synthesized (the first: from now).
+    fn add_audio(&self, audio: Duration) {
+        let mut heard = self.heard_until.lock().unwrap_or_else(|e| e.into_inner());
+        *heard = Some(heard.unwrap_or_else(Instant::now) + audio);
     }
 
     /// When the work on the reply's next chunk is due ([`NEXT_CHUNK_LEAD`]): `None` before its first
@@ -1534,9 +1540,6 @@ struct TtsStage {
     ref_ts_us: u64,
     marks: TurnMarks,
     marks_sent: bool,
-    /// When the first chunk's audio existed, and how much audio the chunks so far make: the next
-    /// chunk is needed by the time that has played.
-    audio_since: Option<(Instant, Duration)>,
     /// Chunks handed to the session, in order.
     spoken: Vec<Spoken>,
     /// Synthesized chunks not yet checked by the voice gate (less than [`MIN_CHECK_MS`] of audio).
@@ -1661,11 +1664,7 @@ impl TtsStage {
     /// Queues synthesized audio for the voice gate and checks it once there is enough (a chunk's
     /// rest at once). False when the reply must stop.
     async fn queue(&mut self, piece: Pending) -> bool {
-        let (start, before) = *self.audio_since.get_or_insert((Instant::now(), Duration::ZERO));
-        let seconds = piece.audio.len() as f64 / self.engines.tts_rate as f64;
-        let heard = before + Duration::from_secs_f64(seconds);
-        self.audio_since = Some((start, heard));
-        *self.first_audio.heard_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(start + heard);
+        self.first_audio.add_audio(Duration::from_secs_f64(piece.audio.len() as f64 / self.engines.tts_rate as f64));
         // A rest whose first audio was sent is needed before that audio has played.
         let rest_of_sent = piece.continues && self.pending.is_empty();
         self.pending.push(piece);
