@@ -250,7 +250,7 @@ pub fn underruns(frames: &[ReceivedFrame], reply_starts: &[u32], allowance_us: u
             out.late_ms += late_ms;
             if late_ms > out.max_late_ms {
                 out.max_late_ms = late_ms;
-                out.max_late_at_ms = f64::from((frame.seq - reply_start) * FRAME_MS);
+                out.max_late_at_ms = f64::from(frame.seq.saturating_sub(reply_start) * FRAME_MS);
             }
             current = Some((frame.seq, frame.received_us - allowance_us));
         }
