@@ -24,7 +24,8 @@
 //!
 //! Sessions share the engines by urgency: a reply's first words go first. Once its first audio
 //! exists, its later words hold back while another reply's first audio is being made, until they
-//! are due ([`NEXT_CHUNK_LEAD`] before the audio so far has played); then they go first.
+//! are due ([`NEXT_CHUNK_LEAD`] before the audio so far has played); then they go first, and a
+//! due chunk's first audio is decoded and sent ahead of its rest.
 //!
 //! Safety (policy in `safety/`): the input gate judges the user's words before any reply starts;
 //! a flagged request gets the policy's spoken response instead of the model's. The TTS stage
@@ -1209,6 +1210,7 @@ impl ReplyContext {
             spoken: Vec::new(),
             pending: Vec::new(),
             passed_window: Vec::new(),
+            chunk_sent: None,
         };
         let stage = tokio::spawn(stage.run(piece_rx));
         let failure = match script {
@@ -1420,10 +1422,15 @@ impl FirstAudioWait {
         *heard = Some(heard.unwrap_or_else(Instant::now) + audio);
     }
 
+    /// When the audio synthesized so far will have played: `None` before the first audio exists.
+    fn heard_until(&self) -> Option<Instant> {
+        *self.heard_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// When the work on the reply's next chunk is due ([`NEXT_CHUNK_LEAD`]): `None` before its first
     /// audio exists.
     fn next_due(&self) -> Option<Instant> {
-        self.heard_until.lock().unwrap_or_else(|e| e.into_inner()).and_then(|heard| heard.checked_sub(NEXT_CHUNK_LEAD))
+        self.heard_until().and_then(|heard| heard.checked_sub(NEXT_CHUNK_LEAD))
     }
 
     fn begin(&self) {
@@ -1546,6 +1553,8 @@ struct TtsStage {
     pending: Vec<Pending>,
     /// The last window of audio the voice gate passed.
     passed_window: Vec<f32>,
+    /// When a new chunk's first audio was last handed to the session.
+    chunk_sent: Option<Instant>,
 }
 
 impl TtsStage {
@@ -1568,10 +1577,12 @@ impl TtsStage {
             if self.stopped() {
                 break;
             }
+            let (received, needed) = (Instant::now(), self.first_audio.heard_until());
             // A later chunk (its first audio exists) gives way to other replies' first audio.
             if let Some(until) = self.first_audio.next_due() {
                 self.engines.hold_back(until, || self.stopped()).await;
             }
+            let held = Instant::now();
             if judge {
                 // The chunk is judged together with the one before, so content split across a
                 // chunk boundary is seen whole.
@@ -1591,8 +1602,23 @@ impl TtsStage {
                     }
                 }
             }
+            let (judged, words) = (Instant::now(), text.split_whitespace().count());
+            self.chunk_sent = None;
             if !self.say(text).await {
                 break;
+            }
+            if let (Some(needed), Some(sent)) = (needed, self.chunk_sent.take()) {
+                let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                tracing::debug!(
+                    turn = self.gates.turn,
+                    words,
+                    slack_ms = ms(needed.saturating_duration_since(received)),
+                    hold_ms = ms(held - received),
+                    gate_ms = ms(judged - held),
+                    say_ms = ms(sent.saturating_duration_since(judged)),
+                    late_ms = ms(sent.saturating_duration_since(needed)),
+                    "later chunk spoken"
+                );
             }
         }
         self.first_audio.end();
@@ -1601,9 +1627,10 @@ impl TtsStage {
     }
 
     /// Synthesizes one chunk and queues it for the voice gate, which runs once at least
-    /// [`MIN_CHECK_MS`] of audio waits. The first chunk's first [`MIN_CHECK_MS`] is decoded,
-    /// checked and sent before the rest of it is decoded (its rest is checked at once, with the
-    /// end of that audio before it). False when the reply must stop.
+    /// [`MIN_CHECK_MS`] of audio waits. The first [`MIN_CHECK_MS`] of the first chunk, and of a
+    /// later chunk whose work is due, is decoded, checked and sent before the rest of it is decoded
+    /// (its rest is checked at once, with the end of that audio before it). False when the reply
+    /// must stop.
     async fn say(&mut self, text: String) -> bool {
         if self.marks.marks.iter().all(|(m, _)| *m != mark::FIRST_CHUNK_SAFE) {
             self.marks.marks.push((mark::FIRST_CHUNK_SAFE, Instant::now()));
@@ -1612,21 +1639,20 @@ impl TtsStage {
         let owned = text.clone();
         let head = Duration::from_secs_f64(MIN_CHECK_MS / 1000.0);
         let engine = self.engines.tts.clone();
+        let due = self.first_audio.next_due().filter(|_| !first);
         let job = move |tts: &mut Synthesizer| {
-            // The first chunk's first MIN_CHECK_MS goes ahead of its rest, but not while other
-            // sessions' audio waits: the rest would go ahead of their due chunks, or wait behind
-            // their first words while the first part plays.
-            if first && engine.waiting() == 0 {
-                tts.synthesize_head(&owned, head)
-            } else {
-                Ok((tts.synthesize(&owned)?, None))
-            }
+            // The first MIN_CHECK_MS goes ahead of the rest of the first chunk, but not while
+            // other sessions' audio waits: the rest would go ahead of their due chunks, or wait
+            // behind their first words while the first part plays. And of a later chunk whose
+            // work is due: the audio before it ends within NEXT_CHUNK_LEAD.
+            let head_first = match due {
+                None => engine.waiting() == 0,
+                Some(due) => Instant::now() >= due,
+            };
+            if head_first { tts.synthesize_head(&owned, head) } else { Ok((tts.synthesize(&owned)?, None)) }
         };
         // Later chunks by when they are due: another session's next chunk may be due first.
-        let priority = match self.first_audio.next_due() {
-            Some(due) if !first => Priority::By(due),
-            _ => Priority::High,
-        };
+        let priority = due.map_or(Priority::High, Priority::By);
         let spoken = self.engines.tts.try_run(priority, job).await;
         let (audio, rest) = match spoken {
             Ok(spoken) => spoken,
@@ -1642,17 +1668,23 @@ impl TtsStage {
         let queued = self.queue(Pending { text, audio, continues: false }).await;
         // The first audio is out (or checked and waiting for more): the reply model goes on.
         self.first_audio.end();
-        queued && self.say_rest(rest).await
+        queued && self.say_rest(rest, first).await
     }
 
-    /// Synthesizes and queues the rest of a chunk whose first audio went ahead.
-    async fn say_rest(&mut self, rest: Option<Rest>) -> bool {
+    /// Synthesizes and queues the rest of a chunk (the reply's `first` or a later one) whose first
+    /// audio went ahead.
+    async fn say_rest(&mut self, rest: Option<Rest>, first: bool) -> bool {
         let Some(rest) = rest else { return true };
         if self.stopped() {
             return false;
         }
-        // Needed before the first part has played (0.8 s): ahead of later chunks.
-        match self.engines.tts.try_run(Priority::High, move |tts| tts.synthesize_rest(rest)).await {
+        // Needed before the first part has played (0.8 s): the first chunk's ahead of later
+        // chunks, a later one's by when it is due.
+        let priority = match self.first_audio.next_due() {
+            Some(due) if !first => Priority::By(due),
+            _ => Priority::High,
+        };
+        match self.engines.tts.try_run(priority, move |tts| tts.synthesize_rest(rest)).await {
             Ok(audio) => self.queue(Pending { text: String::new(), audio, continues: true }).await,
             Err(e) => {
                 let _ = self.output.event(engine_error("speech synthesis failed", &e)).await;
@@ -1727,6 +1759,7 @@ impl TtsStage {
                 }
                 if !announced[i] {
                     announced[i] = true;
+                    self.chunk_sent = Some(Instant::now());
                     let audio_ms = p.audio.len() as f64 * 1000.0 / rate as f64;
                     match self.spoken.last_mut() {
                         Some(last) if p.continues => last.audio_ms += audio_ms,
