@@ -1553,7 +1553,7 @@ struct TtsStage {
     pending: Vec<Pending>,
     /// The last window of audio the voice gate passed.
     passed_window: Vec<f32>,
-    /// When a new chunk's first audio was last handed to the session.
+    /// When the chunk being said first had audio handed to the session (not its rest's).
     chunk_sent: Option<Instant>,
 }
 
@@ -1626,6 +1626,13 @@ impl TtsStage {
         self.spoken
     }
 
+    /// When the synthesis of the reply's `first` chunk or a later one is due: the first chunk's
+    /// (`None`) goes ahead of later chunks; a later one's by when it is due, since another
+    /// session's next chunk may be due first.
+    fn due(&self, first: bool) -> Option<Instant> {
+        self.first_audio.next_due().filter(|_| !first)
+    }
+
     /// Synthesizes one chunk and queues it for the voice gate, which runs once at least
     /// [`MIN_CHECK_MS`] of audio waits. The first [`MIN_CHECK_MS`] of the first chunk, and of a
     /// later chunk whose work is due, is decoded, checked and sent before the rest of it is decoded
@@ -1639,7 +1646,7 @@ impl TtsStage {
         let owned = text.clone();
         let head = Duration::from_secs_f64(MIN_CHECK_MS / 1000.0);
         let engine = self.engines.tts.clone();
-        let due = self.first_audio.next_due().filter(|_| !first);
+        let due = self.due(first);
         let job = move |tts: &mut Synthesizer| {
             // The first MIN_CHECK_MS goes ahead of the rest of the first chunk, but not while
             // other sessions' audio waits: the rest would go ahead of their due chunks, or wait
@@ -1651,9 +1658,7 @@ impl TtsStage {
             };
             if head_first { tts.synthesize_head(&owned, head) } else { Ok((tts.synthesize(&owned)?, None)) }
         };
-        // Later chunks by when they are due: another session's next chunk may be due first.
-        let priority = due.map_or(Priority::High, Priority::By);
-        let spoken = self.engines.tts.try_run(priority, job).await;
+        let spoken = self.engines.tts.try_run(due.map_or(Priority::High, Priority::By), job).await;
         let (audio, rest) = match spoken {
             Ok(spoken) => spoken,
             Err(e) => {
@@ -1678,12 +1683,8 @@ impl TtsStage {
         if self.stopped() {
             return false;
         }
-        // Needed before the first part has played (0.8 s): the first chunk's ahead of later
-        // chunks, a later one's by when it is due.
-        let priority = match self.first_audio.next_due() {
-            Some(due) if !first => Priority::By(due),
-            _ => Priority::High,
-        };
+        // Needed before the first part has played (0.8 s).
+        let priority = self.due(first).map_or(Priority::High, Priority::By);
         match self.engines.tts.try_run(priority, move |tts| tts.synthesize_rest(rest)).await {
             Ok(audio) => self.queue(Pending { text: String::new(), audio, continues: true }).await,
             Err(e) => {
@@ -1759,7 +1760,7 @@ impl TtsStage {
                 }
                 if !announced[i] {
                     announced[i] = true;
-                    self.chunk_sent = Some(Instant::now());
+                    self.chunk_sent.get_or_insert_with(Instant::now);
                     let audio_ms = p.audio.len() as f64 * 1000.0 / rate as f64;
                     match self.spoken.last_mut() {
                         Some(last) if p.continues => last.audio_ms += audio_ms,
