@@ -177,9 +177,11 @@ impl<M: 'static> Engine<M> {
         queue.high.len() + queue.low.len()
     }
 
-    /// Whether `High` jobs are waiting.
+    /// Whether a job is waiting that goes ahead of `Low` ones and of `By` ones not yet due: a `High`
+    /// job, or a `By` job whose time has come.
     pub fn urgent_waiting(&self) -> bool {
-        !self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).high.is_empty()
+        let queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        !queue.high.is_empty() || queue.overdue(Instant::now()).is_some()
     }
 
     /// Whether no job is running or waiting.
@@ -200,14 +202,19 @@ impl<M: 'static> Engine<M> {
     }
 }
 
+impl<M> Queue<M> {
+    /// Where the first `By` job whose time has come is in `low`.
+    fn overdue(&self, now: Instant) -> Option<usize> {
+        self.low.iter().take_while(|(due, _, _)| *due <= now).position(|(_, hard, _)| *hard)
+    }
+}
+
 impl<M> Shared<M> {
     fn next_job(&self) -> Option<Job<M>> {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         queue.running = false;
         loop {
-            let now = Instant::now();
-            let overdue = queue.low.iter().take_while(|(due, _, _)| *due <= now).position(|(_, hard, _)| *hard);
-            let job = match overdue {
+            let job = match queue.overdue(Instant::now()) {
                 Some(at) => queue.low.remove(at).map(|(_, _, job)| job),
                 None => queue.high.pop_front().or_else(|| queue.low.pop_front().map(|(_, _, job)| job)),
             };
@@ -282,11 +289,20 @@ mod tests {
         engine.submit(Priority::Low, Box::new(|log| log.push("low"))).unwrap();
         engine.submit(Priority::High, Box::new(|log| log.push("high"))).unwrap();
         thread::sleep(std::time::Duration::from_millis(1));
+        assert!(engine.urgent_waiting(), "a High job waits");
         engine.submit(Priority::By(Instant::now()), Box::new(|log| log.push("due"))).unwrap();
         release();
         let order = engine.run_blocking(Priority::Low, |log| log.clone()).unwrap();
         // The `Low` job is before the due one by deadline, but is never promoted.
         assert_eq!(order, ["due", "high", "low"]);
+        let release = hold_busy(&engine);
+        let later = Instant::now() + std::time::Duration::from_millis(50);
+        engine.submit(Priority::Low, Box::new(|_| {})).unwrap();
+        engine.submit(Priority::By(later), Box::new(|_| {})).unwrap();
+        assert!(!engine.urgent_waiting(), "neither a Low job nor one not yet due is urgent");
+        thread::sleep(later.saturating_duration_since(Instant::now()));
+        assert!(engine.urgent_waiting(), "a job whose time has come is");
+        release();
     }
 
     #[test]

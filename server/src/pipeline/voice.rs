@@ -1385,8 +1385,10 @@ impl DeltaSink {
 
     /// Whether the reply should give the cores to other sessions' first words: once its own first
     /// chunk is out, its later words are not needed before that audio has played. It yields the
-    /// engine to their jobs waiting there, and holds back while their first audio is being made
-    /// anywhere ([`Engines::hold_back`]).
+    /// engine to their jobs waiting there (and to other replies' later words once those are due:
+    /// without that a reply with nothing else waiting decoded to its end, up to 0.8 s, while
+    /// another's due chunk waited), and holds back while their first audio is being made anywhere
+    /// ([`Engines::hold_back`]).
     fn may_yield(&self) -> bool {
         let holds_back = || {
             *self.engines.first_audio_due.borrow() > 0
