@@ -156,19 +156,25 @@ pub struct ServerUsage {
     pub rss_bytes: Option<f64>,
     /// Peak resident memory of the server process so far.
     pub peak_rss_bytes: Option<f64>,
+    /// Underruns the server counted in the run (reply frames it sent after a real-time player
+    /// needed them), by cause: the audio reached its sender late (the pipeline), or the sender
+    /// ran late. The client's count also holds delays in transit.
+    pub underruns_audio_late: Option<f64>,
+    pub underruns_sender_late: Option<f64>,
 }
 
 impl ServerUsage {
     pub fn from_metrics(before: Option<&str>, after: Option<&str>, wall_s: f64) -> Self {
         let value = |text: Option<&str>, name| text.and_then(|t| metric_value(t, name));
-        let cpu_seconds = value(after, "process_cpu_seconds_total")
-            .zip(value(before, "process_cpu_seconds_total"))
-            .map(|(a, b)| a - b);
+        let delta = |name| value(after, name).zip(value(before, name)).map(|(a, b)| a - b);
+        let cpu_seconds = delta("process_cpu_seconds_total");
         Self {
             cpu_seconds,
             cpu_cores: cpu_seconds.filter(|_| wall_s > 0.0).map(|s| s / wall_s),
             rss_bytes: value(after, "process_resident_memory_bytes"),
             peak_rss_bytes: value(after, "process_peak_resident_memory_bytes"),
+            underruns_audio_late: delta(r#"parley_reply_underruns_total{cause="audio_late"}"#),
+            underruns_sender_late: delta(r#"parley_reply_underruns_total{cause="sender_late"}"#),
         }
     }
 }
@@ -463,7 +469,7 @@ fn mb(value: Option<f64>) -> String {
 
 /// The markdown summary: one row per run, then the stage breakdown (median / p95 per run).
 pub fn markdown(report: &BenchReport) -> String {
-    const COLUMNS: [&str; 13] = [
+    const COLUMNS: [&str; 14] = [
         "sessions",
         "turns",
         "no reply",
@@ -472,6 +478,7 @@ pub fn markdown(report: &BenchReport) -> String {
         "v2v p99",
         "v2v max",
         "underruns (stall ms: total / max)",
+        "server-side underruns (audio / sender late)",
         "drops",
         "errors",
         "CPU cores",
@@ -491,7 +498,7 @@ pub fn markdown(report: &BenchReport) -> String {
         let v = &r.voice_to_voice_ms;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} ({:.0} / {:.0}) | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} ({:.0} / {:.0}) | {} | {} | {} | {} | {} | {} |",
             r.sessions,
             r.turns,
             r.turns_without_reply,
@@ -502,6 +509,7 @@ pub fn markdown(report: &BenchReport) -> String {
             r.underruns.count,
             r.underruns.late_ms,
             r.underruns.max_late_ms,
+            server_underruns(&r.server_usage),
             r.frames_dropped,
             r.errors.total(),
             r.server_usage.cpu_cores.map_or("–".into(), |c| format!("{c:.2}")),
@@ -530,6 +538,14 @@ pub fn markdown(report: &BenchReport) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The server's own underrun counts of a run, "audio late / sender late" ("–" without them).
+fn server_underruns(usage: &ServerUsage) -> String {
+    match (usage.underruns_audio_late, usage.underruns_sender_late) {
+        (Some(audio), Some(sender)) => format!("{audio:.0} / {sender:.0}"),
+        _ => "–".into(),
+    }
 }
 
 const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"];
@@ -710,10 +726,12 @@ mod tests {
     #[test]
     fn process_metrics_are_read_from_prometheus_text() {
         let before = "# HELP process_cpu_seconds_total CPU.\n# TYPE process_cpu_seconds_total counter\n\
-                      process_cpu_seconds_total 10.5\nprocess_resident_memory_bytes 1e8\n";
+                      process_cpu_seconds_total 10.5\nprocess_resident_memory_bytes 1e8\n\
+                      parley_reply_underruns_total{cause=\"audio_late\"} 2\n";
         let after = "process_cpu_seconds_total_extra 99\nprocess_cpu_seconds_total 16.5\n\
                      parley_stage_seconds_count{stage=\"x\"} 3\nprocess_resident_memory_bytes 2.5e+08\n\
-                     process_peak_resident_memory_bytes 300000000\n";
+                     process_peak_resident_memory_bytes 300000000\n\
+                     parley_reply_underruns_total{cause=\"audio_late\"} 5\n";
         assert_eq!(metric_value(after, "process_cpu_seconds_total"), Some(16.5));
         assert_eq!(metric_value(after, "parley_stage_seconds_count"), None);
         let usage = ServerUsage::from_metrics(Some(before), Some(after), 3.0);
@@ -723,7 +741,9 @@ mod tests {
                 cpu_seconds: Some(6.0),
                 cpu_cores: Some(2.0),
                 rss_bytes: Some(2.5e8),
-                peak_rss_bytes: Some(3e8)
+                peak_rss_bytes: Some(3e8),
+                underruns_audio_late: Some(3.0),
+                underruns_sender_late: None,
             }
         );
         assert_eq!(ServerUsage::from_metrics(None, Some("parley_sessions_active 0\n"), 3.0), ServerUsage::default());

@@ -164,6 +164,10 @@ pub struct Metrics {
     /// Reply audio frames dropped unsent by a cancel (barge-in or `response.cancel`).
     pub reply_frames_dropped: AtomicU64,
     pub replies_cancelled: AtomicU64,
+    /// Reply frames sent after a real-time player needed them: [audio late from the pipeline,
+    /// sent late by the pacer], and the silence they inserted, µs.
+    reply_underruns: [AtomicU64; 2],
+    reply_underrun_us: AtomicU64,
     pub http_requests: AtomicU64,
     /// Input path per frame: Opus decode + resample + ring push.
     pub input_frame_seconds: Histogram,
@@ -190,6 +194,13 @@ impl Metrics {
 
     pub fn input_errors(&self, kind: InputError) -> u64 {
         self.input_errors[kind as usize].load(Relaxed)
+    }
+
+    /// Counts a reply underrun of `silence`: its audio reached the pacer late (`audio_late`) or
+    /// the pacer sent it late.
+    pub fn reply_underrun(&self, audio_late: bool, silence: Duration) {
+        self.reply_underruns[usize::from(!audio_late)].fetch_add(1, Relaxed);
+        self.reply_underrun_us.fetch_add(silence.as_micros() as u64, Relaxed);
     }
 
     /// Records one stage's duration under its mark name.
@@ -268,6 +279,18 @@ impl Metrics {
         ] {
             counter(&mut out, name, help, "counter", value.load(Relaxed));
         }
+        let name = "parley_reply_underruns_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Reply frames sent after a real-time player needed them, by cause.\n# TYPE {name} counter"
+        );
+        for (cause, count) in ["audio_late", "sender_late"].iter().zip(&self.reply_underruns) {
+            let _ = writeln!(out, "{name}{{cause=\"{cause}\"}} {}", count.load(Relaxed));
+        }
+        let name = "parley_reply_underrun_seconds_total";
+        let seconds = self.reply_underrun_us.load(Relaxed) as f64 / 1e6;
+        let _ =
+            writeln!(out, "# HELP {name} Silence reply underruns inserted.\n# TYPE {name} counter\n{name} {seconds}");
         for (name, help, histogram) in [
             (
                 "parley_input_frame_seconds",

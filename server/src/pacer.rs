@@ -42,9 +42,14 @@ pub struct Pacer {
     packet: Vec<u8>,
     seq: u32,
     ref_ts_us: u64,
-    /// Real-time start of the current continuous run of frames, and audio sent in it.
+    /// The player's clock: when it plays the first frame of the current run of frames (a client
+    /// plays each frame 20 ms after the one before), and the audio sent in the run. A frame sent
+    /// after its place on this clock is an underrun: the player has run dry and plays on from
+    /// that frame, so the clock moves with it.
     run_start: Instant,
     run_sent: Duration,
+    /// Since when a whole frame has waited in `pcm` (`None`: less than a frame waits).
+    ready_at: Option<Instant>,
     turn: Option<TurnState>,
     marks: Vec<TurnMarks>,
 }
@@ -82,6 +87,7 @@ impl Pacer {
             ref_ts_us: 0,
             run_start: Instant::now(),
             run_sent: Duration::ZERO,
+            ready_at: None,
             turn: None,
             marks: Vec::new(),
         })
@@ -96,17 +102,12 @@ impl Pacer {
         let mut open = true;
         loop {
             let ready = self.pcm.len() >= self.frame_len();
+            self.ready_at = if ready { self.ready_at.or_else(|| Some(Instant::now())) } else { None };
             if !ready {
                 self.finish_turn_if_drained();
                 if !open {
                     return Ok(());
                 }
-            }
-            let now = Instant::now();
-            if ready && now.saturating_duration_since(self.run_start) > self.run_sent + FRAME {
-                // The stream ran dry: a new run starts now and may lead by `max_lead` again.
-                self.run_start = now;
-                self.run_sent = Duration::ZERO;
             }
             let due = (self.run_start + self.run_sent).checked_sub(self.max_lead).unwrap_or(self.run_start);
             tokio::select! {
@@ -186,6 +187,10 @@ impl Pacer {
 
     fn send_frame(&mut self) -> Result<(), PacerError> {
         let started = Instant::now();
+        let late = started.saturating_duration_since(self.run_start + self.run_sent);
+        if !late.is_zero() {
+            self.underrun(late);
+        }
         let frame = self.frame_len();
         if let Some(state) = self.turn.as_ref().filter(|t| t.turn > 0 && t.frames == 0) {
             let event = ServerEvent::ResponseAudioStarted { turn: state.turn, first_seq: self.seq };
@@ -195,6 +200,7 @@ impl Pacer {
         FrameHeader::audio(self.seq, self.ref_ts_us).write(&mut self.packet);
         self.outbox.audio(&self.packet[..HEADER_LEN + n]);
         self.pcm.drain(..frame);
+        self.ready_at = None;
         self.seq = self.seq.wrapping_add(1);
         self.run_sent += FRAME;
         let sent_at = Instant::now();
@@ -212,6 +218,24 @@ impl Pacer {
             self.control.set_playing(turn, self.run_start + self.run_sent);
         }
         Ok(())
+    }
+
+    /// The frame about to be sent is `late` for the player's clock, which moves with it. Mid-reply
+    /// that is an underrun (the player was silent for `late`): counted by its cause, the audio
+    /// reaching the pacer late (the pipeline) or the pacer sending late (the runtime).
+    fn underrun(&mut self, late: Duration) {
+        let play_at = self.run_start + self.run_sent;
+        self.run_start += late;
+        let Some(state) = self.turn.as_ref().filter(|t| t.turn > 0 && t.frames > 0) else { return };
+        let audio_late = self.ready_at.is_none_or(|ready| ready > play_at);
+        self.metrics.reply_underrun(audio_late, late);
+        tracing::debug!(
+            turn = state.turn,
+            at_ms = state.frames * FRAME_MS,
+            late_ms = late.as_secs_f64() * 1000.0,
+            cause = if audio_late { "audio late" } else { "sender late" },
+            "reply audio underrun"
+        );
     }
 
     /// `response.audio.done` once the last frame of an ended turn is sent.
@@ -276,5 +300,54 @@ impl Pacer {
             self.metrics.turn_seconds.observe(total);
         }
         self.outbox.event(&ServerEvent::TurnLatency { turn, marks: out, total_ms: total.as_secs_f64() * 1000.0 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply whose second part reaches the pacer after the first has played is one underrun
+    /// of the pipeline's making, about as long as the gap; one whose audio waits while the pacer
+    /// cannot run is one of the pacer's; a reply that keeps up has none.
+    #[tokio::test]
+    async fn frames_sent_after_the_player_needs_them_are_underruns_by_cause() {
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, mut out_rx) = mpsc::channel(1024);
+        let control = Arc::new(ReplyControl::new(48_000));
+        let config = crate::config::Config::default();
+        let pacer = Pacer::new(rx, control, Outbox::new(out_tx, metrics.clone()), metrics.clone(), &config).unwrap();
+        let pacer = tokio::spawn(pacer.run());
+        tokio::spawn(async move { while out_rx.recv().await.is_some() {} });
+        let audio =
+            |turn, ms: usize| Output::Audio { turn, pcm: vec![0.0; 16 * ms], sample_rate: 16_000, ref_ts_us: 0 };
+        // Turn 1: 200 ms, then 100 ms more at once (in time): no underrun.
+        tx.send(audio(1, 200)).await.unwrap();
+        tx.send(audio(1, 100)).await.unwrap();
+        tx.send(Output::AudioEnd { turn: 1 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Turn 2: 100 ms, then 100 ms more 400 ms later: ~300 ms of silence for the player.
+        tx.send(audio(2, 100)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        tx.send(audio(2, 100)).await.unwrap();
+        tx.send(Output::AudioEnd { turn: 2 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Turn 3: all its audio waits, but the runtime (one thread here) is blocked for 300 ms.
+        tx.send(audio(3, 400)).await.unwrap();
+        tx.send(Output::AudioEnd { turn: 3 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::thread::sleep(Duration::from_millis(300));
+        drop(tx);
+        pacer.await.unwrap().unwrap();
+        let text = metrics.render();
+        let value = |name: &str| -> f64 {
+            let line = text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' '));
+            line.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} in {text}"))
+        };
+        assert_eq!(value("parley_reply_underruns_total{cause=\"audio_late\"}"), 1.0);
+        // At least the one of the blocked runtime (a loaded machine may delay the pacer more).
+        assert!(value("parley_reply_underruns_total{cause=\"sender_late\"}") >= 1.0);
+        assert!(value("parley_reply_underrun_seconds_total") >= 0.4);
     }
 }

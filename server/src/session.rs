@@ -45,6 +45,10 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    pub(crate) fn new(tx: mpsc::Sender<Message>, metrics: Arc<Metrics>) -> Self {
+        Self { tx, metrics }
+    }
+
     fn push(&self, message: Message) {
         if self.tx.try_send(message).is_err() {
             self.metrics.send_queue_dropped.fetch_add(1, Relaxed);
@@ -153,7 +157,7 @@ impl Session {
         let (sink, mut stream) = ws.split();
         let (out_tx, out_rx) = mpsc::channel(config.send_queue);
         let mut writer = tokio::spawn(write_loop(sink, out_rx, config.write_timeout()).in_current_span());
-        let outbox = Outbox { tx: out_tx, metrics: ctx.metrics.clone() };
+        let outbox = Outbox::new(out_tx, ctx.metrics.clone());
 
         let control = Arc::new(ReplyControl::new(DEFAULT_SAMPLE_RATE));
         let capacity = (PIPELINE_RATE * config.input_buffer_ms / 1000) as usize;

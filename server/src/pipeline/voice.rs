@@ -1212,7 +1212,7 @@ impl ReplyContext {
             passed_window: Vec::new(),
             chunk_sent: None,
         };
-        let stage = tokio::spawn(stage.run(piece_rx));
+        let stage = tokio::spawn(stage.run(piece_rx).in_current_span());
         let failure = match script {
             Script::Say(text) => {
                 // Sentence by sentence, so the first is heard while the rest is synthesized.
@@ -1580,6 +1580,7 @@ impl TtsStage {
                 break;
             }
             let (received, needed) = (Instant::now(), self.first_audio.heard_until());
+            let at_ms = self.spoken.iter().map(|s| s.audio_ms).sum::<f64>() + self.pending_ms();
             // A later chunk (its first audio exists) gives way to other replies' first audio.
             if let Some(until) = self.first_audio.next_due() {
                 self.engines.hold_back(until, || self.stopped()).await;
@@ -1612,8 +1613,8 @@ impl TtsStage {
             if let (Some(needed), Some(sent)) = (needed, self.chunk_sent.take()) {
                 let ms = |d: Duration| d.as_secs_f64() * 1000.0;
                 tracing::debug!(
-                    turn = self.gates.turn,
                     words,
+                    at_ms,
                     slack_ms = ms(needed.saturating_duration_since(received)),
                     hold_ms = ms(held - received),
                     gate_ms = ms(judged - held),
@@ -1703,9 +1704,12 @@ impl TtsStage {
         // A rest whose first audio was sent is needed before that audio has played.
         let rest_of_sent = piece.continues && self.pending.is_empty();
         self.pending.push(piece);
-        let pending_ms =
-            self.pending.iter().map(|p| p.audio.len()).sum::<usize>() as f64 * 1000.0 / self.engines.tts_rate as f64;
-        if pending_ms >= MIN_CHECK_MS || rest_of_sent { self.check_voice().await } else { true }
+        if self.pending_ms() >= MIN_CHECK_MS || rest_of_sent { self.check_voice().await } else { true }
+    }
+
+    /// Synthesized audio waiting for the voice gate, ms.
+    fn pending_ms(&self) -> f64 {
+        self.pending.iter().map(|p| p.audio.len()).sum::<usize>() as f64 * 1000.0 / self.engines.tts_rate as f64
     }
 
     /// Runs the voice gate on the waiting audio and hands what passes to the session (text
