@@ -4,7 +4,8 @@
 //! before plays). A chunk cut at its bound ends at its last clause break, if it has one. A later chunk is held until a few words
 //! follow it, so a short last sentence ("Anything else?") joins it instead of going out alone (the
 //! voice gate cannot judge under ~0.7 s of audio, and blocks most of it). Markdown and emoji the
-//! voice cannot say are dropped here, so nothing unspeakable reaches the synthesizer.
+//! voice cannot say are dropped here, so nothing unspeakable reaches the synthesizer. When a later
+//! chunk's audio is due, the words there are go out at once ([`Chunker::cut_due`]).
 
 /// Words the first chunk needs before a break (comma-like or a sentence end) may end it, and a
 /// later chunk cut at its bound before its last clause break may: fewer make well under a second
@@ -65,6 +66,26 @@ impl Chunker {
             out.extend(self.held.take());
         }
         out
+    }
+
+    /// A later chunk's audio is due (the audio before it is about to run out): the held chunk now,
+    /// without the words after it, or else the complete words waiting, if there are at least
+    /// [`MIN_FIRST_WORDS`]. Words of many tokens (a number, a hyphenated run) would otherwise keep
+    /// the next chunk's text back until after the audio before it has played.
+    pub fn cut_due(&mut self) -> Option<String> {
+        if self.chunks_out == 0 {
+            return None;
+        }
+        if let Some(held) = self.held.take() {
+            return Some(held);
+        }
+        let end = self.pending.rfind(char::is_whitespace)?;
+        if words(&self.pending[..end]) < MIN_FIRST_WORDS {
+            return None;
+        }
+        let chunk: String = self.pending.drain(..end).collect();
+        self.chunks_out += 1;
+        Some(chunk.trim().to_string())
     }
 
     /// The rest of the text, at the end of the reply: a held chunk and what follows it (as one
@@ -196,6 +217,21 @@ mod tests {
         assert_eq!(chunker.push(" indeed"), ["It is big."]);
         assert!(chunker.push(".").is_empty());
         assert_eq!(chunker.finish(), ["Very big indeed."]);
+    }
+
+    #[test]
+    fn a_later_chunk_whose_audio_is_due_goes_out_with_the_words_it_has() {
+        let mut chunker = Chunker::new();
+        assert!(chunker.push("Sure, the capital").is_empty());
+        assert_eq!(chunker.cut_due(), None, "the first chunk is cut by its own rules");
+        assert_eq!(chunker.push(" is Paris. It is big. "), ["Sure, the capital is Paris."]);
+        assert_eq!(chunker.cut_due().as_deref(), Some("It is big."), "held, but due: no waiting for more words");
+        assert!(chunker.push("The old-fashioned old-sided old-sott").is_empty());
+        assert_eq!(chunker.cut_due(), None, "three complete words are too few to be heard or checked alone");
+        assert!(chunker.push("ed old-sid").is_empty());
+        assert_eq!(chunker.cut_due().as_deref(), Some("The old-fashioned old-sided old-sotted"));
+        assert!(chunker.push("ing.").is_empty());
+        assert_eq!(chunker.finish(), ["old-siding."]);
     }
 
     #[test]

@@ -1310,12 +1310,36 @@ impl ReplyContext {
             0 => usize::MAX,
             n => n,
         };
-        'reply: while let Some(delta) = delta_rx.recv().await {
-            if !first_token_seen {
-                first_token_seen = true;
-                let _ = pieces.send(Piece::FirstToken(Instant::now())).await;
-            }
-            for clause in chunker.push(&delta) {
+        // Whether a delta came since the chunker was last asked for a due chunk, and the chunks
+        // sent to the TTS stage.
+        let (mut new_text, mut chunks_sent) = (false, 0);
+        'reply: loop {
+            // Once the next chunk's audio is due (every chunk before it synthesized, and less than
+            // NEXT_CHUNK_LEAD of audio left), the words there are go out without waiting for the
+            // rest of the chunk. Each new delta asks again.
+            let all_said = first_audio.chunks_said.load(Ordering::Relaxed) == chunks_sent;
+            let due = first_audio.next_due().filter(|_| new_text && all_said);
+            let clauses = tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                    new_text = false;
+                    let cut = chunker.cut_due();
+                    if let Some(chunk) = &cut {
+                        tracing::debug!(words = chunk.split_whitespace().count(), "later chunk cut when due");
+                    }
+                    cut.into_iter().collect()
+                }
+                delta = delta_rx.recv() => {
+                    let Some(delta) = delta else { break };
+                    if !first_token_seen {
+                        first_token_seen = true;
+                        let _ = pieces.send(Piece::FirstToken(Instant::now())).await;
+                    }
+                    new_text = true;
+                    chunker.push(&delta)
+                }
+            };
+            for clause in clauses {
                 if !first_chunk_sent {
                     // The first chunk goes to synthesis: the model waits until its audio exists.
                     first_chunk_sent = true;
@@ -1323,6 +1347,7 @@ impl ReplyContext {
                     first_chunk_out.store(true, Ordering::Relaxed);
                 }
                 sentences_left = sentences_left.saturating_sub(sentence_ends(&clause));
+                chunks_sent += 1;
                 if pieces.send(Piece::Clause(clause)).await.is_err() || sentences_left == 0 {
                     break 'reply;
                 }
@@ -1411,11 +1436,19 @@ struct FirstAudioWait {
     /// When the audio synthesized so far will have played, counted from when the first audio
     /// existed (`None` before): the next chunk is needed by then.
     heard_until: Mutex<Option<Instant>>,
+    /// Chunks of the reply model's text synthesized whole so far.
+    chunks_said: AtomicUsize,
 }
 
 impl FirstAudioWait {
     fn new(running: Arc<ReplyRunning>) -> Self {
-        FirstAudioWait { pending: Mutex::new(false), done: Default::default(), running, heard_until: Mutex::new(None) }
+        FirstAudioWait {
+            pending: Mutex::new(false),
+            done: Default::default(),
+            running,
+            heard_until: Mutex::new(None),
+            chunks_said: AtomicUsize::new(0),
+        }
     }
 
     /// Counts `audio` more of the reply as synthesized (the first: from now).
@@ -1609,6 +1642,9 @@ impl TtsStage {
             self.chunk_sent = None;
             if !self.say(text).await {
                 break;
+            }
+            if judge {
+                self.first_audio.chunks_said.fetch_add(1, Ordering::Relaxed);
             }
             if let (Some(needed), Some(sent)) = (needed, self.chunk_sent.take()) {
                 let ms = |d: Duration| d.as_secs_f64() * 1000.0;
