@@ -187,9 +187,9 @@ impl Pacer {
 
     fn send_frame(&mut self) -> Result<(), PacerError> {
         let started = Instant::now();
-        let late = started.saturating_duration_since(self.run_start + self.run_sent);
-        if !late.is_zero() {
-            self.underrun(late);
+        let play_at = self.run_start + self.run_sent;
+        if started > play_at {
+            self.underrun(play_at, started - play_at);
         }
         let frame = self.frame_len();
         if let Some(state) = self.turn.as_ref().filter(|t| t.turn > 0 && t.frames == 0) {
@@ -220,11 +220,11 @@ impl Pacer {
         Ok(())
     }
 
-    /// The frame about to be sent is `late` for the player's clock, which moves with it. Mid-reply
-    /// that is an underrun (the player was silent for `late`): counted by its cause, the audio
-    /// reaching the pacer late (the pipeline) or the pacer sending late (the runtime).
-    fn underrun(&mut self, late: Duration) {
-        let play_at = self.run_start + self.run_sent;
+    /// The frame about to be sent, due to play at `play_at`, is `late` for the player's clock,
+    /// which moves with it. Mid-reply that is an underrun (the player was silent for `late`):
+    /// counted by its cause, the audio reaching the pacer late (the pipeline) or the pacer sending
+    /// late (the runtime).
+    fn underrun(&mut self, play_at: Instant, late: Duration) {
         self.run_start += late;
         let Some(state) = self.turn.as_ref().filter(|t| t.turn > 0 && t.frames > 0) else { return };
         let audio_late = self.ready_at.is_none_or(|ready| ready > play_at);
