@@ -1600,7 +1600,7 @@ impl TtsStage {
     /// Runs until the pieces end or the reply stops; returns the chunks handed to the session.
     async fn run(mut self, mut pieces: mpsc::Receiver<Piece>) -> Vec<Spoken> {
         let mut previous = String::new();
-        while let Some(piece) = pieces.recv().await {
+        while let Some(piece) = self.next_piece(&mut pieces).await {
             let (text, judge) = match piece {
                 Piece::FirstToken(at) => {
                     self.marks.marks.push((mark::FIRST_TOKEN, at));
@@ -1615,8 +1615,11 @@ impl TtsStage {
             let (received, needed) = (Instant::now(), self.first_audio.heard_until());
             let at_ms = self.spoken.iter().map(|s| s.audio_ms).sum::<f64>() + self.pending_ms();
             // A later chunk (its first audio exists) gives way to other replies' first audio.
-            if let Some(until) = self.first_audio.next_due() {
+            if let Some(until) = self.waiting_due().or(self.first_audio.next_due()) {
                 self.engines.hold_back(until, || self.stopped()).await;
+            }
+            if !self.check_waiting_if_due().await {
+                break;
             }
             let held = Instant::now();
             if judge {
@@ -1661,8 +1664,46 @@ impl TtsStage {
             }
         }
         self.first_audio.end();
-        self.check_voice().await;
+        self.check_voice(false).await;
         self.spoken
+    }
+
+    /// The next piece of the reply's text. Meanwhile, audio waiting for the voice gate because it
+    /// is too short to check alone is checked once it is due ([`TtsStage::waiting_due`]).
+    async fn next_piece(&mut self, pieces: &mut mpsc::Receiver<Piece>) -> Option<Piece> {
+        let Some(due) = self.waiting_due() else { return pieces.recv().await };
+        tokio::select! {
+            piece = pieces.recv() => return piece,
+            () = tokio::time::sleep_until(due.into()) => {}
+        }
+        if !self.check_waiting_if_due().await {
+            return None;
+        }
+        pieces.recv().await
+    }
+
+    /// When audio waiting for the voice gate (a later chunk shorter than [`MIN_CHECK_MS`], held to
+    /// be checked with the next one) must be checked without it: [`NEXT_CHUNK_LEAD`] before the
+    /// audio sent so far has played, as the next chunk's synthesis may not end in time. `None`
+    /// when none waits, or the reply's first audio is still to come.
+    fn waiting_due(&self) -> Option<Instant> {
+        if self.pending.is_empty() || self.spoken.is_empty() {
+            return None;
+        }
+        let waiting = Duration::from_secs_f64(self.pending_ms() / 1000.0);
+        self.first_audio.heard_until()?.checked_sub(waiting + NEXT_CHUNK_LEAD)
+    }
+
+    /// Checks the waiting audio, with the end of the audio before it, if it is due. False when
+    /// the reply must stop.
+    async fn check_waiting_if_due(&mut self) -> bool {
+        match self.waiting_due() {
+            Some(due) if due <= Instant::now() => {
+                tracing::debug!(waiting_ms = self.pending_ms(), "short chunk checked without the next");
+                self.check_voice(true).await
+            }
+            _ => !self.stopped(),
+        }
     }
 
     /// When the synthesis of the reply's `first` chunk or a later one is due: the first chunk's
@@ -1740,7 +1781,7 @@ impl TtsStage {
         // A rest whose first audio was sent is needed before that audio has played.
         let rest_of_sent = piece.continues && self.pending.is_empty();
         self.pending.push(piece);
-        if self.pending_ms() >= MIN_CHECK_MS || rest_of_sent { self.check_voice().await } else { true }
+        if self.pending_ms() >= MIN_CHECK_MS || rest_of_sent { self.check_voice(false).await } else { true }
     }
 
     /// Synthesized audio waiting for the voice gate, ms.
@@ -1749,20 +1790,23 @@ impl TtsStage {
     }
 
     /// Runs the voice gate on the waiting audio and hands what passes to the session (text
-    /// delta, then audio). False when the reply must stop.
-    async fn check_voice(&mut self) -> bool {
+    /// delta, then audio); audio too short to check alone is checked with the end of the audio
+    /// before it when it is a chunk's rest or `early` (its next chunk would come too late). False
+    /// when the reply must stop.
+    async fn check_voice(&mut self, early: bool) -> bool {
         if self.pending.is_empty() || self.cancel.load(Ordering::Relaxed) {
             return !self.stopped();
         }
         let rate = self.engines.tts_rate;
         let turn = self.gates.turn;
         let pending = std::mem::take(&mut self.pending);
-        // A chunk's rest shorter than a check is checked with the end of the audio that went ahead
-        // of it (one window of at least MIN_CHECK_MS, as it would be with the next chunk's audio).
+        // A chunk's rest shorter than a check, or a short chunk checked early, is checked with the
+        // end of the audio that went ahead of it (one window of at least MIN_CHECK_MS, as it would
+        // be with the next chunk's audio).
         let waiting: usize = pending.iter().map(|p| p.audio.len()).sum();
         let min = (MIN_CHECK_MS * rate as f64 / 1000.0) as usize;
         let before = &self.passed_window;
-        let lead = if pending[0].continues { min.saturating_sub(waiting).min(before.len()) } else { 0 };
+        let lead = if early || pending[0].continues { min.saturating_sub(waiting).min(before.len()) } else { 0 };
         let mut audio = before[before.len() - lead..].to_vec();
         audio.extend(pending.iter().flat_map(|p| p.audio.iter().copied()));
         let mut bounds = Vec::with_capacity(pending.len());
@@ -1932,7 +1976,75 @@ fn heard_text(spoken: &[Spoken], played_ms: f64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{Output, ReplyControl};
     use super::*;
+
+    /// A later chunk too short for the voice gate alone ("Yes.") goes out, checked with the end of
+    /// the audio before it, before that audio has played, when no next chunk comes to be checked
+    /// with it: before, it waited for the next chunk's synthesis (a 19 ms stall at 4 sessions).
+    /// Real models (needs the provisioned model cache, as the `tests` crate does), no sampling
+    /// noise in the voice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_later_chunk_goes_out_before_the_audio_before_it_has_played() {
+        let manifest = Arc::new(Manifest::load_default().unwrap_or_else(|e| panic!("{e}")));
+        let audit_log = std::env::temp_dir().join(format!("parley-unit-audit-{}.jsonl", std::process::id()));
+        let safety = SafetyConfig { audit_log, ..Default::default() };
+        let engines = Arc::new(Engines::load(&manifest, &VoiceConfig::default(), &safety).unwrap());
+        let quiet = |tts: &mut Synthesizer| {
+            if let Synthesizer::Piper(tts) = tts {
+                tts.set_noise(false);
+            }
+        };
+        engines.tts.run(Priority::High, quiet).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(1024);
+        let output = ReplyOutput::new(tx, Arc::new(ReplyControl::new(engines.tts_rate)));
+        let turn = 1;
+        let stage = TtsStage {
+            engines: engines.clone(),
+            gates: Gates { engines: engines.clone(), output: output.clone(), session: "test".into(), turn },
+            output,
+            cancel: Default::default(),
+            halt: Default::default(),
+            first_audio: Arc::new(FirstAudioWait::new(ReplyRunning::new(&engines))),
+            ref_ts_us: 0,
+            marks: TurnMarks { turn, anchor: Instant::now(), marks: Vec::new() },
+            marks_sent: false,
+            spoken: Vec::new(),
+            pending: Vec::new(),
+            passed_window: Vec::new(),
+            chunk_sent: None,
+        };
+        let (pieces, piece_rx) = mpsc::channel(8);
+        let stage = tokio::spawn(stage.run(piece_rx));
+        pieces.send(Piece::Clause("Here is a short story about a cat who lived by the sea.".into())).await.unwrap();
+        pieces.send(Piece::Clause("Yes.".into())).await.unwrap();
+        // The pieces stay open: the reply model has not made its next chunk.
+        let (mut first_sent, mut first_ms, mut short_ms, mut texts) = (None, 0.0, 0.0, Vec::new());
+        while short_ms == 0.0 || !rx.is_empty() {
+            let next = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
+            match next.expect("the short chunk was not sent while the reply went on").expect("the reply ended") {
+                Output::Event(ServerEvent::ResponseTextDelta { delta, .. }) => texts.push(delta),
+                Output::Audio { pcm, sample_rate, .. } => {
+                    let ms = pcm.len() as f64 * 1000.0 / sample_rate as f64;
+                    let sent = *first_sent.get_or_insert_with(Instant::now);
+                    if texts.len() < 2 {
+                        first_ms += ms;
+                    } else {
+                        let played = sent + Duration::from_secs_f64(first_ms / 1000.0);
+                        assert!(short_ms > 0.0 || Instant::now() < played, "sent after the audio before it had played");
+                        short_ms += ms;
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(texts.len(), 2, "{texts:?}");
+        assert_eq!(texts[1].trim(), "Yes.");
+        assert!(short_ms < MIN_CHECK_MS, "the chunk was {short_ms} ms of audio: not short");
+        drop(pieces);
+        let spoken = stage.await.unwrap();
+        assert_eq!(spoken.len(), 2);
+    }
 
     fn spoken(parts: &[(&str, f64)]) -> Vec<Spoken> {
         parts.iter().map(|(text, audio_ms)| Spoken { text: text.to_string(), audio_ms: *audio_ms }).collect()
