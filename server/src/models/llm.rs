@@ -323,6 +323,30 @@ impl Llm {
         })
     }
 
+    /// Prefills at most `tokens` more of `history`'s prompt in conversation `key`'s cache, as
+    /// [`Llm::start`] would prefill it (all but its last token, which `start` runs to get the first
+    /// reply token); returns whether that is all cached. A background prefill in slices: a job
+    /// waiting for the engine waits for one slice, not for a whole conversation.
+    pub fn prefill(
+        &mut self,
+        key: u64,
+        history: &[Message],
+        max_tokens: usize,
+        tokens: usize,
+    ) -> Result<bool, ModelError> {
+        let max_tokens = max_tokens.clamp(1, self.max_context / 2);
+        let Prompt { tokens: prompt, .. } = self.prompt(history, self.prompt_budget(max_tokens))?;
+        let slot = self.slot(key)?;
+        let end = prompt.len().saturating_sub(1);
+        let reused = common_prefix(&self.slots[slot].cached, &prompt[..end]);
+        self.slots[slot].cached.truncate(reused);
+        let upto = end.min(reused + tokens.max(1));
+        if upto > reused {
+            self.step(slot, &prompt[reused..upto], |_| ())?;
+        }
+        Ok(upto == end)
+    }
+
     /// The model's probability that the last message of `history` ends a sentence, or the turn,
     /// right after its text: the next token is `.`, `?`, `!` or the end of the turn. Prefills the
     /// prompt up to there in conversation `key`'s cache: a following [`Llm::start`] with the same

@@ -111,17 +111,38 @@ fn a_prompt_started_twice_gives_the_same_reply() {
     let fresh = llm.generate(&history, 20, |_| ControlFlow::Continue(())).unwrap();
     llm.reset_cache();
     let empty = [Message::system(SYSTEM), Message::user("")];
-    drop(llm.start(7, &empty, 20).unwrap());
+    assert!(llm.prefill(7, &empty, 20, 1024).unwrap());
     let start = [Message::system(SYSTEM), Message::user("What is the")];
-    drop(llm.start(7, &start, 20).unwrap());
-    drop(llm.start(7, &history, 20).unwrap());
+    assert!(llm.prefill(7, &start, 20, 1024).unwrap());
+    assert!(llm.prefill(7, &history, 20, 1024).unwrap());
     let mut again = llm.start(7, &history, 20).unwrap();
     assert_eq!(again.generation().prefilled_tokens, 1);
     llm.resume(&mut again, 3, |_| ControlFlow::Continue(())).unwrap();
     // A background prefill of an older prompt runs between the reply's tokens.
-    drop(llm.start(7, &start, 20).unwrap());
+    assert!(llm.prefill(7, &start, 20, 1024).unwrap());
     while !llm.resume(&mut again, 4, |_| ControlFlow::Continue(())).unwrap() {}
     assert_eq!(again.generation().text, fresh.text);
+}
+
+/// A background prefill runs in slices of a few tokens, so that other jobs on the engine wait for
+/// one slice only: after the last, the reply runs only its prompt's last token, and it is the
+/// reply an unsliced prompt gives.
+#[test]
+fn a_prefill_in_slices_gives_the_same_reply() {
+    let mut llm = llm();
+    let history = [Message::system(SYSTEM), Message::user("What is the capital of France?")];
+    let fresh = llm.generate(&history, 20, |_| ControlFlow::Continue(())).unwrap();
+    llm.reset_cache();
+    let mut slices = 1;
+    while !llm.prefill(7, &history, 20, 8).unwrap() {
+        slices += 1;
+    }
+    assert_eq!(slices, (fresh.prompt_tokens - 1).div_ceil(8));
+    assert!(llm.prefill(7, &history, 20, 8).unwrap(), "all was cached");
+    let mut reply = llm.start(7, &history, 20).unwrap();
+    assert_eq!(reply.generation().prefilled_tokens, 1);
+    while !llm.resume(&mut reply, 4, |_| ControlFlow::Continue(())).unwrap() {}
+    assert_eq!(reply.generation().text, fresh.text);
 }
 
 /// The end-of-turn cue for unpunctuated transcripts: a request or an answer that is complete
