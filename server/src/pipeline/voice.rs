@@ -943,10 +943,9 @@ impl Drop for Worker {
     }
 }
 
-/// Tokens of a background prefill run in one engine job: another session's job waits for one
+/// Tokens of a background prefill run in one engine job: another session's reply waits for one
 /// slice (~50 ms at 600 tokens of context on 2 busy cores), not for the whole re-prefill after a
-/// context drop (570 and 666 tokens took 0.83 and 0.99 s at 4 sessions, and another reply's first
-/// token once waited 1.2 s).
+/// context drop (0.77–0.99 s for 570–670 tokens at 4 sessions: 8 in 14 rounds of 4 x 15 turns).
 const PREFILL_SLICE: usize = 32;
 
 /// Puts the conversation `history` and the start of the user's next message into conversation
@@ -1293,48 +1292,51 @@ impl ReplyContext {
             deltas: delta_tx,
         });
         let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
-        let generation = tokio::spawn(async move {
-            // In this session's own KV cache: other sessions' replies do not evict its prefix.
-            let asked = Instant::now();
-            let start = move |llm: &mut Llm| Ok((Instant::now(), llm.start(key, &messages, max_tokens)?));
-            let (ran, mut decoding) = llm.try_run(Priority::High, start).await?;
-            let g = decoding.generation();
-            tracing::debug!(
-                prompt_tokens = g.prompt_tokens,
-                prefilled_tokens = g.prefilled_tokens,
-                dropped_messages = g.dropped_messages,
-                queued_ms = ran.saturating_duration_since(asked).as_secs_f64() * 1000.0,
-                prefill_ms = g.prefill_ms,
-                "reply prefilled"
-            );
-            loop {
-                let sink = slices.clone();
-                // Until its first chunk is out the reply is urgent; then it gives way to other
-                // sessions' first words until its next chunk is due.
-                let priority = match sink.first_audio.next_due() {
-                    _ if !sink.first_chunk_out.load(Ordering::Relaxed) => Priority::High,
-                    Some(due) => Priority::By(due),
-                    None => Priority::Low,
-                };
-                let (slice, done) = llm
-                    .try_run(priority, move |llm| {
-                        while !llm.resume(&mut decoding, 1, |delta| sink.push(delta))? {
-                            if sink.may_yield() {
-                                return Ok((decoding, false));
+        let generation = tokio::spawn(
+            async move {
+                // In this session's own KV cache: other sessions' replies do not evict its prefix.
+                let asked = Instant::now();
+                let start = move |llm: &mut Llm| Ok((Instant::now(), llm.start(key, &messages, max_tokens)?));
+                let (ran, mut decoding) = llm.try_run(Priority::High, start).await?;
+                let g = decoding.generation();
+                tracing::debug!(
+                    prompt_tokens = g.prompt_tokens,
+                    prefilled_tokens = g.prefilled_tokens,
+                    dropped_messages = g.dropped_messages,
+                    queued_ms = ran.saturating_duration_since(asked).as_secs_f64() * 1000.0,
+                    prefill_ms = g.prefill_ms,
+                    "reply prefilled"
+                );
+                loop {
+                    let sink = slices.clone();
+                    // Until its first chunk is out the reply is urgent; then it gives way to other
+                    // sessions' first words until its next chunk is due.
+                    let priority = match sink.first_audio.next_due() {
+                        _ if !sink.first_chunk_out.load(Ordering::Relaxed) => Priority::High,
+                        Some(due) => Priority::By(due),
+                        None => Priority::Low,
+                    };
+                    let (slice, done) = llm
+                        .try_run(priority, move |llm| {
+                            while !llm.resume(&mut decoding, 1, |delta| sink.push(delta))? {
+                                if sink.may_yield() {
+                                    return Ok((decoding, false));
+                                }
                             }
-                        }
-                        Ok((decoding, true))
-                    })
-                    .await?;
-                if done {
-                    return Ok::<_, EngineError>(());
-                }
-                decoding = slice;
-                if let Some(until) = slices.first_audio.next_due() {
-                    slices.engines.hold_back(until, || slices.stopped()).await;
+                            Ok((decoding, true))
+                        })
+                        .await?;
+                    if done {
+                        return Ok::<_, EngineError>(());
+                    }
+                    decoding = slice;
+                    if let Some(until) = slices.first_audio.next_due() {
+                        slices.engines.hold_back(until, || slices.stopped()).await;
+                    }
                 }
             }
-        });
+            .in_current_span(),
+        );
         let mut chunker = Chunker::new();
         let mut first_token_seen = false;
         let mut first_chunk_sent = false;
