@@ -289,10 +289,8 @@ impl Llm {
         let max_tokens = max_tokens.clamp(1, self.max_context / 2);
         let Prompt { tokens: prompt, said, dropped: dropped_messages } =
             self.prompt(history, self.prompt_budget(max_tokens))?;
-        let slot = self.slot(key)?;
         // Reuse the cached prefix; at least one token must run to give the next token's logits.
-        let reused = common_prefix(&self.slots[slot].cached, &prompt).min(prompt.len() - 1);
-        self.slots[slot].cached.truncate(reused);
+        let (slot, reused) = self.reuse(key, &prompt, prompt.len() - 1)?;
         let mut generation = Generation {
             text: String::new(),
             stop: Stop::MaxTokens,
@@ -334,12 +332,9 @@ impl Llm {
         max_tokens: usize,
         tokens: usize,
     ) -> Result<bool, ModelError> {
-        let max_tokens = max_tokens.clamp(1, self.max_context / 2);
         let Prompt { tokens: prompt, .. } = self.prompt(history, self.prompt_budget(max_tokens))?;
-        let slot = self.slot(key)?;
         let end = prompt.len().saturating_sub(1);
-        let reused = common_prefix(&self.slots[slot].cached, &prompt[..end]);
-        self.slots[slot].cached.truncate(reused);
+        let (slot, reused) = self.reuse(key, &prompt[..end], end)?;
         let upto = end.min(reused + tokens.max(1));
         if upto > reused {
             self.step(slot, &prompt[reused..upto], |_| ())?;
@@ -364,15 +359,22 @@ impl Llm {
         if end < 2 {
             return Err(ModelError::Invalid("llm: no message to judge".into()));
         }
-        let slot = self.slot(key)?;
-        let reused = common_prefix(&self.slots[slot].cached, &prompt[..end]).min(end - 1);
-        self.slots[slot].cached.truncate(reused);
+        let (slot, reused) = self.reuse(key, &prompt[..end], end - 1)?;
         let ends = self.sentence_ends.clone();
         self.step(slot, &prompt[reused..end], |logits| {
             let max = logits.iter().copied().fold(f32::MIN, f32::max);
             let total: f32 = logits.iter().map(|&x| (x - max).exp()).sum();
             ends.iter().map(|&i| (logits[i as usize] - max).exp()).sum::<f32>() / total
         })
+    }
+
+    /// Conversation `key`'s slot, its cache cut to the longest prefix of `tokens` it holds (at most
+    /// `at_most` tokens), and the length of that prefix: what a call after it need not run again.
+    fn reuse(&mut self, key: u64, tokens: &[u32], at_most: usize) -> Result<(usize, usize), ModelError> {
+        let slot = self.slot(key)?;
+        let reused = common_prefix(&self.slots[slot].cached, tokens).min(at_most);
+        self.slots[slot].cached.truncate(reused);
+        Ok((slot, reused))
     }
 
     /// The prompt's share of the context: room for at least one reply token.

@@ -952,9 +952,8 @@ const PREFILL_SLICE: usize = 32;
 /// `key`'s KV cache, so that the reply prefills only what follows. Background jobs at low
 /// priority, [`PREFILL_SLICE`] tokens each; nothing waits for them.
 fn prefill(llm: &Engine<Llm>, key: u64, config: &VoiceConfig, history: &[Message], user_start: String) {
-    let messages = prompt(config, history, user_start);
+    let messages = Arc::new(prompt(config, history, user_start));
     let (llm, max_tokens) = (llm.clone(), config.max_reply_tokens);
-    let messages = Arc::new(messages);
     tokio::spawn(
         async move {
             let (started, mut slices) = (Instant::now(), 0);
@@ -1217,21 +1216,15 @@ impl ReplyContext {
         let halt = Arc::new(AtomicBool::new(false));
         let (piece_tx, piece_rx) = mpsc::channel::<Piece>(CLAUSE_QUEUE);
         let first_audio = Arc::new(FirstAudioWait::new(self.running.clone()));
-        let stage = TtsStage {
-            engines: self.engines.clone(),
-            gates: self.gates.clone(),
-            output: self.output.clone(),
-            cancel: self.cancel.clone(),
-            halt: halt.clone(),
-            first_audio: first_audio.clone(),
-            ref_ts_us: self.ref_ts_us,
-            marks: TurnMarks { turn, anchor: self.anchor, marks: std::mem::take(&mut self.marks) },
-            marks_sent: false,
-            spoken: Vec::new(),
-            pending: Vec::new(),
-            passed_window: Vec::new(),
-            chunk_sent: None,
-        };
+        let marks = TurnMarks { turn, anchor: self.anchor, marks: std::mem::take(&mut self.marks) };
+        let stage = TtsStage::new(
+            self.gates.clone(),
+            self.cancel.clone(),
+            halt.clone(),
+            first_audio.clone(),
+            self.ref_ts_us,
+            marks,
+        );
         let stage = tokio::spawn(stage.run(piece_rx).in_current_span());
         let failure = match script {
             Script::Say(text) => {
@@ -1627,6 +1620,32 @@ struct TtsStage {
 }
 
 impl TtsStage {
+    /// The stage of one reply, speaking with `gates`' engines to its output.
+    fn new(
+        gates: Gates,
+        cancel: Arc<AtomicBool>,
+        halt: Arc<AtomicBool>,
+        first_audio: Arc<FirstAudioWait>,
+        ref_ts_us: u64,
+        marks: TurnMarks,
+    ) -> Self {
+        TtsStage {
+            engines: gates.engines.clone(),
+            output: gates.output.clone(),
+            gates,
+            cancel,
+            halt,
+            first_audio,
+            ref_ts_us,
+            marks,
+            marks_sent: false,
+            spoken: Vec::new(),
+            pending: Vec::new(),
+            passed_window: Vec::new(),
+            chunk_sent: None,
+        }
+    }
+
     fn stopped(&self) -> bool {
         self.cancel.load(Ordering::Relaxed) || self.halt.load(Ordering::Relaxed)
     }
@@ -2033,21 +2052,10 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(1024);
         let output = ReplyOutput::new(tx, Arc::new(ReplyControl::new(engines.tts_rate)));
         let turn = 1;
-        let stage = TtsStage {
-            engines: engines.clone(),
-            gates: Gates { engines: engines.clone(), output: output.clone(), session: "test".into(), turn },
-            output,
-            cancel: Default::default(),
-            halt: Default::default(),
-            first_audio: Arc::new(FirstAudioWait::new(ReplyRunning::new(&engines))),
-            ref_ts_us: 0,
-            marks: TurnMarks { turn, anchor: Instant::now(), marks: Vec::new() },
-            marks_sent: false,
-            spoken: Vec::new(),
-            pending: Vec::new(),
-            passed_window: Vec::new(),
-            chunk_sent: None,
-        };
+        let gates = Gates { engines: engines.clone(), output, session: "test".into(), turn };
+        let first_audio = Arc::new(FirstAudioWait::new(ReplyRunning::new(&engines)));
+        let marks = TurnMarks { turn, anchor: Instant::now(), marks: Vec::new() };
+        let stage = TtsStage::new(gates, Default::default(), Default::default(), first_audio, 0, marks);
         let (pieces, piece_rx) = mpsc::channel(8);
         let stage = tokio::spawn(stage.run(piece_rx));
         pieces.send(Piece::Clause("Here is a short story about a cat who lived by the sea.".into())).await.unwrap();
