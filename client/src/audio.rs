@@ -1,5 +1,4 @@
-//! Client-side audio helpers: WAV files, resampling to the stream rate, and finding the last
-//! voiced frame of a clip (the anchor of voice-to-voice latency).
+//! Client-side audio helpers: WAV files and resampling to the stream rate.
 use rubato::audioadapter_buffers::direct::InterleavedSlice;
 use rubato::{Fft, FixedSync, Resampler as _};
 use std::path::Path;
@@ -53,35 +52,14 @@ pub fn resample(samples: &[f32], from: u32, to: u32) -> Result<Vec<f32>, AudioEr
     Ok(out.take_data())
 }
 
-/// RMS of each 20 ms frame, in dBFS.
-pub fn frame_levels_db(samples: &[f32], rate: u32) -> Vec<f32> {
-    let frame = (rate / 50) as usize;
-    samples
-        .chunks(frame)
-        .map(|c| 10.0 * ((c.iter().map(|s| s * s).sum::<f32>() / c.len() as f32).max(1e-12)).log10())
-        .collect()
-}
-
-/// Index of the last voiced 20 ms frame: the last frame within 35 dB of the loudest one and above
-/// −55 dBFS. `None` for a silent clip.
-pub fn last_voiced_frame(samples: &[f32], rate: u32) -> Option<usize> {
-    let levels = frame_levels_db(samples, rate);
-    let peak = levels.iter().copied().fold(f32::MIN, f32::max);
-    let threshold = (peak - 35.0).max(-55.0);
-    levels.iter().rposition(|&l| l > threshold)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn last_voiced_frame_ignores_trailing_silence() {
+    fn resampling_keeps_the_duration() {
         let rate = 16_000;
-        let mut clip: Vec<f32> = (0..rate / 2).map(|i| (i as f32 * 0.1).sin() * 0.3).collect();
-        clip.extend(std::iter::repeat_n(0.0005, rate as usize / 2));
-        assert_eq!(last_voiced_frame(&clip, rate), Some(24));
-        assert_eq!(last_voiced_frame(&[0.0; 3200], rate), None);
+        let clip: Vec<f32> = (0..rate).map(|i| (i as f32 * 0.1).sin() * 0.3).collect();
         let up = resample(&clip, 16_000, 48_000).unwrap();
         assert!((up.len() as i64 - 3 * clip.len() as i64).abs() <= 3, "{}", up.len());
     }

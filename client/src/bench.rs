@@ -2,6 +2,7 @@
 //! turns each (optionally sweeping N), and reports voice-to-voice percentiles, the server's stage
 //! breakdown, reply-audio underruns, dropped frames, errors and the server's CPU and memory, as
 //! JSON, a markdown summary and a hand-drawn SVG chart.
+use crate::report::{Accounting, Outcome};
 use crate::talk::{Clip, ReceivedFrame, TalkError, TalkOptions, TalkResult};
 use anyhow::Context;
 use parley_protocol::{FRAME_MS, ServerEvent};
@@ -49,9 +50,14 @@ pub struct BenchReport {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunSummary {
     pub sessions: usize,
-    /// Turns attempted: sessions × turns per session.
+    /// Clips streamed: sessions × turns per session.
     pub turns: usize,
     pub wall_s: f64,
+    /// Utterances expected and heard, answered, talked over, left without reply; late endpoints.
+    /// The utterances of a failed session count as expected and missing.
+    pub accounting: Accounting,
+    /// Over every utterance expected: an utterance without a reply after its end (missing or
+    /// only talked over) is infinitely late ("inf").
     pub voice_to_voice_ms: Percentiles,
     /// Server stage durations over the turns, in the order the stages first appeared.
     pub stages_ms: Vec<StageSummary>,
@@ -59,12 +65,10 @@ pub struct RunSummary {
     /// Gaps in the reply frames' sequence numbers.
     pub frames_dropped: u64,
     pub errors: Errors,
-    /// Turns with no reply audio, including every turn of a failed session.
-    pub turns_without_reply: usize,
     pub server_usage: ServerUsage,
-    /// Voice-to-voice p95 within the bound, turns without reply counting as infinitely late.
+    /// Voice-to-voice p95 within the bound, utterances without reply counting as infinitely late.
     pub within_bound: bool,
-    /// Every voice-to-voice latency measured, ms (the chart's data).
+    /// Every voice-to-voice latency measured (answered utterances), ms (the chart's data).
     pub voice_to_voice_samples_ms: Vec<f64>,
     /// Every turn: what was said and answered, and its latency with the server's stages.
     pub turn_samples: Vec<TurnSample>,
@@ -75,6 +79,10 @@ pub struct RunSummary {
 pub struct TurnSample {
     pub session: usize,
     pub input: String,
+    pub server_turn: u64,
+    pub outcome: Outcome,
+    pub talked_over_ms: Option<f64>,
+    pub endpoint_after_ms: Option<f64>,
     pub transcript: String,
     pub reply_text: String,
     pub latency_ms: crate::report::Latency,
@@ -82,14 +90,29 @@ pub struct TurnSample {
     pub underruns: Underruns,
 }
 
-/// Nearest-rank percentiles; `None` without samples.
+/// Nearest-rank percentiles; `None` without samples. An infinite value is written "inf".
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Percentiles {
+    /// Values measured (finite).
     pub count: usize,
+    /// Values that count as infinitely late (no measurement).
+    pub failures: usize,
+    #[serde(serialize_with = "finite_or_inf")]
     pub p50: Option<f64>,
+    #[serde(serialize_with = "finite_or_inf")]
     pub p95: Option<f64>,
+    #[serde(serialize_with = "finite_or_inf")]
     pub p99: Option<f64>,
+    #[serde(serialize_with = "finite_or_inf")]
     pub max: Option<f64>,
+}
+
+fn finite_or_inf<S: serde::Serializer>(value: &Option<f64>, serializer: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(v) if v.is_infinite() => serializer.serialize_str("inf"),
+        Some(v) => serializer.serialize_f64(*v),
+        None => serializer.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -196,10 +219,13 @@ fn sorted(values: &[f64]) -> Vec<f64> {
 }
 
 impl Percentiles {
-    pub fn of(values: &[f64]) -> Self {
-        let s = sorted(values);
+    /// Of `values`, with `failures` more values that are infinitely late.
+    pub fn of(values: &[f64], failures: usize) -> Self {
+        let mut s = sorted(values);
+        s.extend(std::iter::repeat_n(f64::INFINITY, failures));
         Self {
-            count: s.len(),
+            count: values.len(),
+            failures,
             p50: nearest_rank(&s, 0.5),
             p95: nearest_rank(&s, 0.95),
             p99: nearest_rank(&s, 0.99),
@@ -288,12 +314,9 @@ pub fn metrics_address(server: &str) -> Option<String> {
     Some(if has_port { authority.to_string() } else { format!("{authority}:80") })
 }
 
-/// Voice-to-voice p95 over all `turns` attempted ≤ `bound_ms`, a turn without reply counting as
-/// infinitely late.
-pub fn within_bound(latencies_ms: &[f64], turns: usize, bound_ms: f64) -> bool {
-    let mut all = latencies_ms.to_vec();
-    all.resize(turns.max(latencies_ms.len()), f64::INFINITY);
-    nearest_rank(&sorted(&all), 0.95).is_some_and(|p95| p95 <= bound_ms)
+/// Voice-to-voice p95 (utterances without reply counting as infinitely late) ≤ `bound_ms`.
+pub fn within_bound(voice_to_voice: &Percentiles, bound_ms: f64) -> bool {
+    voice_to_voice.p95.is_some_and(|p95| p95 <= bound_ms)
 }
 
 /// The sweep's answer: the largest session count whose run was within the bound.
@@ -302,7 +325,12 @@ pub fn largest_within_bound(runs: &[RunSummary]) -> Option<usize> {
 }
 
 /// Summarizes the sessions of one run (server usage and wall time are filled in by the caller).
-pub fn summarize(turns_per_session: usize, outcomes: &[Result<TalkResult, TalkError>]) -> RunSummary {
+/// `expected[i]`: the utterances in session `i`'s clips (counted as missing if it failed).
+pub fn summarize(
+    turns_per_session: usize,
+    expected: &[usize],
+    outcomes: &[Result<TalkResult, TalkError>],
+) -> RunSummary {
     let mut run =
         RunSummary { sessions: outcomes.len(), turns: outcomes.len() * turns_per_session, ..Default::default() };
     let mut stages = Vec::new();
@@ -310,6 +338,8 @@ pub fn summarize(turns_per_session: usize, outcomes: &[Result<TalkResult, TalkEr
         let result = match outcome {
             Ok(result) => result,
             Err(error) => {
+                let lost = expected.get(session).copied().unwrap_or_default();
+                run.accounting += Accounting { utterances: lost, missing_replies: lost, ..Accounting::default() };
                 run.errors.failed_sessions += 1;
                 if let TalkError::Closed { code, .. } = error {
                     run.errors.abnormal_closes.push(*code);
@@ -334,16 +364,21 @@ pub fn summarize(turns_per_session: usize, outcomes: &[Result<TalkResult, TalkEr
             }
         }
         let per_reply = underruns_per_reply(&result.frames, &reply_starts);
+        run.accounting += result.report.accounting;
         for turn in &result.report.turns {
             run.voice_to_voice_samples_ms.extend(turn.latency_ms.voice_to_voice);
             stages.extend(turn.latency_ms.server_stages.iter().cloned());
             let mut late = Underruns::default();
-            for (reply, _) in reply_turns.iter().enumerate().filter(|(_, t)| turn.server_turns.contains(t)) {
+            for (reply, _) in reply_turns.iter().enumerate().filter(|(_, t)| **t == turn.server_turn) {
                 late += per_reply[reply];
             }
             run.turn_samples.push(TurnSample {
                 session,
                 input: turn.input.clone(),
+                server_turn: turn.server_turn,
+                outcome: turn.outcome,
+                talked_over_ms: turn.talked_over_ms,
+                endpoint_after_ms: turn.endpoint_after_ms,
                 transcript: turn.transcript.clone(),
                 reply_text: turn.reply_text.clone(),
                 latency_ms: turn.latency_ms.clone(),
@@ -357,8 +392,7 @@ pub fn summarize(turns_per_session: usize, outcomes: &[Result<TalkResult, TalkEr
     }
     run.errors.messages.sort();
     run.errors.messages.dedup();
-    run.turns_without_reply = run.turns.saturating_sub(run.voice_to_voice_samples_ms.len());
-    run.voice_to_voice_ms = Percentiles::of(&run.voice_to_voice_samples_ms);
+    run.voice_to_voice_ms = Percentiles::of(&run.voice_to_voice_samples_ms, run.accounting.missing_replies);
     run.stages_ms = stage_summaries(&stages);
     run
 }
@@ -403,6 +437,7 @@ pub async fn fetch_metrics(server: &str) -> Option<String> {
 pub async fn run_load(options: &BenchOptions, clips: &[Clip], sessions: usize) -> RunSummary {
     let before = fetch_metrics(&options.server).await;
     let start = Instant::now();
+    let mut expected = Vec::with_capacity(sessions);
     let handles: Vec<_> = (0..sessions)
         .map(|i| {
             let talk_options = TalkOptions {
@@ -413,6 +448,8 @@ pub async fn run_load(options: &BenchOptions, clips: &[Clip], sessions: usize) -
                 ..TalkOptions::default()
             };
             let session_clips: Vec<Clip> = (0..options.turns).map(|t| clips[(i + t) % clips.len()].clone()).collect();
+            let rate = options.sample_rate;
+            expected.push(session_clips.iter().map(|c| crate::anchor::utterances(&c.samples, rate).len()).sum());
             let delay = Duration::from_millis(options.stagger_ms * i as u64);
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
@@ -426,10 +463,10 @@ pub async fn run_load(options: &BenchOptions, clips: &[Clip], sessions: usize) -
     }
     let wall_s = start.elapsed().as_secs_f64();
     let after = fetch_metrics(&options.server).await;
-    let mut run = summarize(options.turns, &outcomes);
+    let mut run = summarize(options.turns, &expected, &outcomes);
     run.wall_s = wall_s;
     run.server_usage = ServerUsage::from_metrics(before.as_deref(), after.as_deref(), wall_s);
-    run.within_bound = within_bound(&run.voice_to_voice_samples_ms, run.turns, options.p95_bound_ms);
+    run.within_bound = within_bound(&run.voice_to_voice_ms, options.p95_bound_ms);
     run
 }
 
@@ -460,7 +497,11 @@ pub fn write_outputs(report: &BenchReport, path: &Path) -> anyhow::Result<()> {
 }
 
 fn ms(value: Option<f64>) -> String {
-    value.map_or("–".into(), |v| format!("{v:.0}"))
+    match value {
+        Some(v) if v.is_infinite() => "∞".into(),
+        Some(v) => format!("{v:.0}"),
+        None => "–".into(),
+    }
 }
 
 fn mb(value: Option<f64>) -> String {
@@ -469,10 +510,15 @@ fn mb(value: Option<f64>) -> String {
 
 /// The markdown summary: one row per run, then the stage breakdown (median / p95 per run).
 pub fn markdown(report: &BenchReport) -> String {
-    const COLUMNS: [&str; 14] = [
+    const COLUMNS: [&str; 19] = [
         "sessions",
-        "turns",
+        "clips",
+        "utterances",
+        "server turns",
+        "answered",
+        "talk-overs",
         "no reply",
+        "late endpoints",
         "v2v p50",
         "v2v p95",
         "v2v p99",
@@ -486,8 +532,10 @@ pub fn markdown(report: &BenchReport) -> String {
         "peak RSS MB",
     ];
     let mut out = format!(
-        "# parley bench: {}\n\n{} turn(s) per session; voice-to-voice in ms; underruns: stalls of a player \
-         that starts each reply {} ms after its first frame and plays on from a late frame.\n\n| {} |\n|{}\n",
+        "# parley bench: {}\n\n{} clip(s) per session; voice-to-voice in ms from each utterance's reference \
+         end of speech, an utterance without a reply after its end counting as ∞; underruns: stalls of a \
+         player that starts each reply {} ms after its first frame and plays on from a late frame.\n\n\
+         | {} |\n|{}\n",
         report.server,
         report.turns_per_session,
         report.jitter_allowance_ms,
@@ -498,10 +546,15 @@ pub fn markdown(report: &BenchReport) -> String {
         let v = &r.voice_to_voice_ms;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} ({:.0} / {:.0}) | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({:.0} / {:.0}) | {} | {} | {} | {} | {} | {} |",
             r.sessions,
             r.turns,
-            r.turns_without_reply,
+            r.accounting.utterances,
+            r.accounting.server_turns,
+            r.accounting.answered,
+            r.accounting.talk_overs,
+            r.accounting.missing_replies,
+            r.accounting.late_endpoints,
             ms(v.p50),
             ms(v.p95),
             ms(v.p99),
@@ -627,7 +680,7 @@ pub fn svg(report: &BenchReport) -> String {
     for (i, run) in report.runs.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let s = sorted(&run.voice_to_voice_samples_ms);
-        let n = run.turns.max(s.len()) as f64; // turns without reply keep the curve below 1
+        let n = run.accounting.utterances.max(s.len()) as f64; // missing replies keep the curve below 1
         let steps: Vec<(f64, f64)> =
             s.iter().enumerate().flat_map(|(k, &v)| [(v, k as f64 / n), (v, (k + 1) as f64 / n)]).collect();
         cdf.line(&mut out, &steps, color, "none");
@@ -641,7 +694,8 @@ pub fn svg(report: &BenchReport) -> String {
         );
     }
     let series = |pick: fn(&Percentiles) -> Option<f64>| -> Vec<(f64, f64)> {
-        report.runs.iter().filter_map(|r| pick(&r.voice_to_voice_ms).map(|v| (r.sessions as f64, v))).collect()
+        let finite = |r: &RunSummary| pick(&r.voice_to_voice_ms).filter(|v| v.is_finite());
+        report.runs.iter().filter_map(|r| finite(r).map(|v| (r.sessions as f64, v))).collect()
     };
     let bound = [(0.0, report.p95_bound_ms), (sessions_max, report.p95_bound_ms)];
     for (column, (label, color, points, dash)) in [
@@ -670,12 +724,19 @@ mod tests {
     #[test]
     fn percentiles_are_nearest_rank() {
         let values: Vec<f64> = (1..=100).rev().map(f64::from).collect();
-        let p = Percentiles::of(&values);
+        let p = Percentiles::of(&values, 0);
         assert_eq!((p.count, p.p50, p.p95, p.p99, p.max), (100, Some(50.0), Some(95.0), Some(99.0), Some(100.0)));
+        // Failures are infinitely late: 5 in 100 leave p95 finite, 6 do not; "inf" in the JSON.
+        let values: Vec<f64> = (1..=95).map(f64::from).collect();
+        assert_eq!(Percentiles::of(&values, 5).p95, Some(95.0));
+        let p = Percentiles::of(&values[1..], 6);
+        assert_eq!((p.count, p.failures, p.p50, p.p95), (94, 6, Some(51.0), Some(f64::INFINITY)));
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!((json["p95"].as_str(), json["p50"].as_f64()), (Some("inf"), Some(51.0)));
         assert_eq!(nearest_rank(&[7.0], 0.95), Some(7.0));
         assert_eq!(nearest_rank(&[1.0, 2.0, 3.0], 0.0), Some(1.0));
         assert_eq!(nearest_rank(&[1.0, 2.0, 3.0, f64::INFINITY], 0.75), Some(3.0));
-        assert_eq!(Percentiles::of(&[]), Percentiles::default());
+        assert_eq!(Percentiles::of(&[], 0), Percentiles::default());
     }
 
     #[test]
@@ -760,12 +821,13 @@ mod tests {
 
     #[test]
     fn the_sweep_names_the_largest_session_count_within_the_bound() {
-        assert!(within_bound(&[500.0; 20], 20, 1000.0));
-        assert!(!within_bound(&[500.0, 1500.0], 2, 1000.0));
-        // One turn in 20 without reply is within p95; two are not.
-        assert!(within_bound(&[500.0; 19], 20, 1000.0));
-        assert!(!within_bound(&[500.0; 18], 20, 1000.0));
-        assert!(!within_bound(&[], 0, 1000.0));
+        let within = |values: &[f64], failures| within_bound(&Percentiles::of(values, failures), 1000.0);
+        assert!(within(&[500.0; 20], 0));
+        assert!(!within(&[500.0, 1500.0], 0));
+        // One utterance in 20 without reply is within p95; two are not.
+        assert!(within(&[500.0; 19], 1));
+        assert!(!within(&[500.0; 18], 2));
+        assert!(!within(&[], 0));
         let run = |sessions, within_bound| RunSummary { sessions, within_bound, ..Default::default() };
         assert_eq!(largest_within_bound(&[run(1, true), run(2, true), run(4, false), run(8, false)]), Some(2));
         assert_eq!(largest_within_bound(&[run(1, false)]), None);
@@ -774,7 +836,8 @@ mod tests {
     #[test]
     fn sessions_are_summarized_with_failures_and_errors() {
         use crate::report::{Latency, TurnReport};
-        let turn = |v2v: Option<f64>| TurnReport {
+        let turn = |server_turn, v2v: Option<f64>| TurnReport {
+            server_turn,
             latency_ms: Latency {
                 voice_to_voice: v2v,
                 server_stages: vec![("endpoint".into(), 300.0)],
@@ -783,7 +846,9 @@ mod tests {
             ..TurnReport::default()
         };
         let mut ok = TalkResult::default();
-        ok.report.turns = vec![turn(Some(800.0)), turn(None)];
+        ok.report.turns = vec![turn(1, Some(800.0)), turn(2, None)];
+        ok.report.accounting =
+            Accounting { utterances: 2, server_turns: 2, answered: 1, missing_replies: 1, ..Default::default() };
         ok.seq_gaps = 1;
         ok.frames = vec![frame(0, 100), frame(1, 200)];
         ok.events = vec![
@@ -791,9 +856,11 @@ mod tests {
             (95_000, ServerEvent::error(parley_protocol::ErrorCode::Busy, "queue full")),
         ];
         let closed = Err(TalkError::Closed { code: 1013, reason: "full".into() });
-        let run = summarize(2, &[Ok(ok), closed]);
-        assert_eq!((run.sessions, run.turns, run.turns_without_reply), (2, 4, 3));
-        assert_eq!(run.voice_to_voice_ms.p50, Some(800.0));
+        let run = summarize(2, &[2, 3], &[Ok(ok), closed]);
+        assert_eq!((run.sessions, run.turns, run.accounting.utterances, run.accounting.missing_replies), (2, 4, 5, 4));
+        // One answered utterance, four infinitely late.
+        assert_eq!((run.voice_to_voice_ms.count, run.voice_to_voice_ms.p50), (1, Some(f64::INFINITY)));
+        assert_eq!(run.turn_samples[0].underruns.count, 1);
         assert_eq!(
             (run.errors.failed_sessions, run.errors.error_events, run.errors.abnormal_closes.clone()),
             (1, 1, vec![1013])
@@ -808,8 +875,12 @@ mod tests {
 
     #[test]
     fn the_outputs_name_every_run() {
-        let run =
-            |sessions| RunSummary { sessions, voice_to_voice_samples_ms: vec![400.0, 900.0], ..Default::default() };
+        let run = |sessions| RunSummary {
+            sessions,
+            voice_to_voice_samples_ms: vec![400.0, 900.0],
+            voice_to_voice_ms: Percentiles::of(&[400.0, 900.0], 1),
+            ..Default::default()
+        };
         let report = BenchReport {
             server: "ws://x".into(),
             turns_per_session: 1,
@@ -819,7 +890,7 @@ mod tests {
             runs: vec![run(1), run(2)],
         };
         let md = markdown(&report);
-        assert!(md.contains("| 2 | 0 |") && md.contains("**2**"), "{md}");
+        assert!(md.contains("| 2 | 0 |") && md.contains("| 900 | ∞ | ∞ | ∞ |") && md.contains("**2**"), "{md}");
         let svg = svg(&report);
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n") && svg.matches("<polyline").count() == 5, "{svg}");
     }

@@ -3,13 +3,15 @@
 //! measures each turn (client-side voice-to-voice plus the server's stage breakdown).
 //!
 //! # Layout
-//! - [`audio`]: WAV reading/writing, offline and streaming resampling, voiced-frame detection.
+//! - [`audio`]: WAV reading/writing and resampling.
+//! - [`anchor`]: the reference end of speech of a clip's utterances (the voice-to-voice anchor).
 //! - [`talk`]: one session: stream clips, collect replies, per-frame round trips.
 //! - [`report`]: the per-turn JSON report of `parley talk --report`.
 //! - [`bench`]: `parley bench`: concurrent sessions as load; latency percentiles, underruns, server CPU/RSS.
 //! - [`transport`]: `parley bench --transport`: many echo streams; per-frame round trips.
 //! - [`eval`]: `parley eval safety`: a labelled prompt set run as text and as speech, scored.
 //! - `mic` (feature `mic`): live microphone and speaker through cpal.
+pub mod anchor;
 pub mod audio;
 pub mod bench;
 pub mod eval;

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use parley_client::bench::BenchOptions;
 use parley_client::eval::{EvalOptions, Mode};
+use parley_client::report::Outcome;
 use parley_client::talk::{Clip, TalkOptions};
 use std::path::PathBuf;
 
@@ -240,9 +241,14 @@ fn run_talk(args: &TalkArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.output {
         parley_client::audio::write_wav(path, &result.reply_audio, args.rate)?;
     }
-    for (i, turn) in result.report.turns.iter().enumerate() {
-        print_turn(i + 1, turn);
+    for turn in &result.report.turns {
+        print_turn(turn);
     }
+    let a = &result.report.accounting;
+    println!(
+        "utterances {}: answered {}, talked over {}, no reply {}; server turns {}, late endpoints {}",
+        a.utterances, a.answered, a.talk_overs, a.missing_replies, a.server_turns, a.late_endpoints
+    );
     let json = serde_json::to_string_pretty(&result.report)?;
     match &args.report {
         Some(path) => std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?,
@@ -278,14 +284,16 @@ fn eval_safety(args: &SafetyArgs) -> anyhow::Result<()> {
 }
 
 /// A turn for people: what was heard, the reply, and where the time went.
-fn print_turn(n: usize, turn: &parley_client::TurnReport) {
-    println!("turn {n} ({})", turn.input);
+fn print_turn(turn: &parley_client::TurnReport) {
+    println!("turn {} ({})", turn.server_turn, turn.input);
     println!("  you said:   {}", turn.transcript);
     println!("  reply:      {}  [{} ms of audio]", turn.reply_text, turn.reply_audio_ms);
     let latency = &turn.latency_ms;
-    match latency.voice_to_voice {
-        Some(ms) => println!("  voice-to-voice: {ms:.0} ms"),
-        None => println!("  voice-to-voice: no reply audio"),
+    match (turn.outcome, latency.voice_to_voice, turn.talked_over_ms) {
+        (_, Some(ms), _) => println!("  voice-to-voice: {ms:.0} ms"),
+        (_, None, Some(ms)) => println!("  talked over the user: the reply began {ms:.0} ms before the speech ended"),
+        (Outcome::ExtraReply, ..) => println!("  a second reply to speech already answered"),
+        _ => println!("  voice-to-voice: no reply audio"),
     }
     if !latency.server_stages.is_empty() {
         let stages: Vec<String> = latency.server_stages.iter().map(|(stage, ms)| format!("{stage} +{ms:.0}")).collect();

@@ -1,6 +1,6 @@
 //! One client session: streams clips at real-time pace as 20 ms Opus frames (then silence),
 //! receives events and reply audio, decodes it, and measures each turn.
-use crate::report::{Latency, Report, TurnReport};
+use crate::report::Report;
 use futures_util::{SinkExt, StreamExt};
 use parley_protocol::event::SessionUpdate;
 use parley_protocol::{ClientEvent, FRAME_MS, FrameHeader, MAX_OPUS_PACKET_BYTES, ServerEvent, frame_samples};
@@ -105,10 +105,9 @@ impl TalkResult {
     }
 }
 
+/// The events received since a clip began: for deciding when its reply is over.
 struct Window {
-    clip: usize,
     first_event: usize,
-    last_voiced_sent_us: Option<u64>,
 }
 
 /// Streams `clips` (one turn each) to the server and collects the replies.
@@ -141,7 +140,8 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
     // Position: which clip, which frame in it; then the wait/pause phase.
     let mut clip_index = 0;
     let mut frame_index = 0;
-    let mut last_voiced: Option<usize> = clips.first().and_then(|c| crate::audio::last_voiced_frame(&c.samples, rate));
+    let anchors: Vec<_> = clips.iter().map(|c| (c.name.clone(), crate::anchor::utterances(&c.samples, rate))).collect();
+    let mut first_seq: Vec<Option<usize>> = vec![None; clips.len()];
     let mut phase_started = Instant::now();
     enum Phase {
         Speaking,
@@ -150,7 +150,7 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
     }
     let mut phase = if clips.is_empty() { Phase::Pausing } else { Phase::Speaking };
     if !clips.is_empty() {
-        windows.push(Window { clip: 0, first_event: 0, last_voiced_sent_us: None });
+        windows.push(Window { first_event: 0 });
     }
     let mut seq: u32 = 0;
     let mut last_reply_seq: Option<u32> = None;
@@ -208,12 +208,7 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
                                 break;
                             }
                             frame_index = 0;
-                            last_voiced = crate::audio::last_voiced_frame(&clips[clip_index].samples, rate);
-                            windows.push(Window {
-                                clip: clip_index,
-                                first_event: result.events.len(),
-                                last_voiced_sent_us: None,
-                            });
+                            windows.push(Window { first_event: result.events.len() });
                             phase = Phase::Speaking;
                         }
                         &silence
@@ -225,10 +220,8 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
                 ws.send(Message::Binary(Bytes::from(message))).await.map_err(Box::new)?;
                 result.sent_us.push(sent);
                 if matches!(phase, Phase::Speaking) {
-                    if Some(frame_index) == last_voiced
-                        && let Some(window) = windows.last_mut()
-                    {
-                        window.last_voiced_sent_us = Some(sent);
+                    if frame_index == 0 {
+                        first_seq[clip_index] = Some(seq as usize);
                     }
                     frame_index += 1;
                 }
@@ -271,115 +264,16 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
         }
     }
     let _ = ws.close(None).await;
-    result.report.turns = turn_reports(clips, &windows, &result.events, &result.frames);
+    let streamed = crate::report::streamed(&anchors, &first_seq, &result.sent_us, rate);
+    result.report = Report {
+        server: result.report.server,
+        pipeline: result.report.pipeline,
+        ..crate::report::account(&streamed, &result.events, &result.frames)
+    };
     if let Some((code, reason)) = &result.close
         && *code != 1000
     {
         return Err(TalkError::Closed { code: *code, reason: reason.clone() });
     }
     Ok(result)
-}
-
-/// The server turn an event belongs to, if it names one.
-fn event_turn(event: &ServerEvent) -> Option<u64> {
-    match event {
-        ServerEvent::SpeechStarted { turn, .. }
-        | ServerEvent::SpeechStopped { turn, .. }
-        | ServerEvent::TranscriptionDelta { turn, .. }
-        | ServerEvent::TranscriptionCompleted { turn, .. }
-        | ServerEvent::ResponseTextDelta { turn, .. }
-        | ServerEvent::ResponseTextDone { turn, .. }
-        | ServerEvent::ResponseAudioStarted { turn, .. }
-        | ServerEvent::ResponseAudioDone { turn, .. }
-        | ServerEvent::ReplyCancelled { turn, .. }
-        | ServerEvent::SafetyDecision { turn, .. }
-        | ServerEvent::TurnLatency { turn, .. } => Some(*turn),
-        _ => None,
-    }
-}
-
-/// One report per clip: a server turn belongs to the clip during whose window it first appeared
-/// (its `speech_started`), and all of that turn's events follow it, even when they arrive later
-/// (a reply cancelled by the next clip's speech).
-fn turn_reports(
-    clips: &[Clip],
-    windows: &[Window],
-    events: &[(u64, ServerEvent)],
-    frames: &[ReceivedFrame],
-) -> Vec<TurnReport> {
-    let mut owner: Vec<(u64, usize)> = Vec::new();
-    for (w, window) in windows.iter().enumerate() {
-        let end = windows.get(w + 1).map_or(events.len(), |n| n.first_event);
-        for (_, event) in &events[window.first_event..end] {
-            if let Some(turn) = event_turn(event)
-                && !owner.iter().any(|(t, _)| *t == turn)
-            {
-                owner.push((turn, w));
-            }
-        }
-    }
-    windows
-        .iter()
-        .enumerate()
-        .map(|(w, window)| {
-            let mine: Vec<(u64, ServerEvent)> = events
-                .iter()
-                .filter(|(_, e)| event_turn(e).is_some_and(|t| owner.iter().any(|&(o, ow)| o == t && ow == w)))
-                .cloned()
-                .collect();
-            turn_report(&clips[window.clip].name, window, &mine, frames)
-        })
-        .collect()
-}
-
-fn turn_report(name: &str, window: &Window, events: &[(u64, ServerEvent)], frames: &[ReceivedFrame]) -> TurnReport {
-    let mut report = TurnReport { input: name.to_string(), ..TurnReport::default() };
-    let mut audio_started_at = None;
-    let mut latency = None;
-    for (at, event) in events {
-        match event {
-            ServerEvent::SpeechStarted { turn, .. } if !report.server_turns.contains(turn) => {
-                report.server_turns.push(*turn);
-                audio_started_at = None;
-            }
-            ServerEvent::TranscriptionCompleted { transcript, .. } => {
-                if !report.transcript.is_empty() {
-                    report.transcript.push(' ');
-                }
-                report.transcript.push_str(transcript);
-            }
-            ServerEvent::ResponseTextDone { text, .. } => report.reply_text.push_str(text),
-            ServerEvent::ResponseAudioStarted { .. } => audio_started_at = Some(*at),
-            ServerEvent::ResponseAudioDone { audio_ms, .. } => report.reply_audio_ms += audio_ms,
-            ServerEvent::SafetyDecision { .. } => report.safety.push(serde_json::to_value(event).unwrap_or_default()),
-            ServerEvent::ReplyCancelled { sent_ms, .. } => {
-                report.reply_audio_ms += sent_ms;
-                report.cancelled.push(serde_json::to_value(event).unwrap_or_default());
-            }
-            ServerEvent::TurnLatency { marks, total_ms, .. } => latency = Some((marks.clone(), *total_ms)),
-            _ => {}
-        }
-    }
-    let first_reply_frame = match audio_started_at {
-        Some(at) => frames.iter().find(|f| f.received_us >= at),
-        None => None,
-    };
-    let voice_to_voice = match (first_reply_frame, window.last_voiced_sent_us) {
-        (Some(frame), Some(sent)) => Some(frame.received_us.saturating_sub(sent) as f64 / 1000.0),
-        _ => None,
-    };
-    let mut out = Latency { voice_to_voice, ..Latency::default() };
-    if let Some((marks, total)) = latency {
-        out.server_total = Some(total);
-        let mut previous = 0.0;
-        for mark in marks {
-            out.server_marks.push((mark.stage.clone(), mark.at_ms));
-            if mark.stage != parley_protocol::event::mark::SPEECH_END {
-                out.server_stages.push((mark.stage, mark.at_ms - previous));
-            }
-            previous = mark.at_ms;
-        }
-    }
-    report.latency_ms = out;
-    report
 }
