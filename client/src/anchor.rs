@@ -5,17 +5,17 @@
 //! The method, on the clip's band 400–3200 Hz (inside the telephone band, so band limiting moves
 //! nothing) in 20 ms Hann windows every 5 ms:
 //! 1. The speech level is the 95th percentile of the windows' levels, the noise level the 10th.
-//!    A window is loud when it is within 15 dB of the speech level and 10 dB above the noise.
+//!    A window is loud when it is within 18 dB of the speech level and 10 dB above the noise.
 //! 2. The envelope is the level held with a decay of at most 100 dB/s. A room whose tail decays
 //!    faster than that (RT60 up to 0.6 s) never lifts it, so a reverberant copy of a clip gets the
 //!    envelope of the dry one; noise more than 10 dB under the threshold does not either.
-//! 3. Speech is where the envelope is over the threshold. Runs of it with under 100 ms of loud
-//!    windows (a click, a breath) are dropped; runs less than 600 ms apart are one utterance.
+//! 3. Speech is where the envelope is over the threshold. Runs of it less than 600 ms apart are
+//!    one utterance; an utterance with under 100 ms of loud windows (a click, a breath) is dropped.
 //!
 //! An utterance ends at the centre of its last window whose envelope is over the threshold. So a
 //! dry recording is given the tail a room would add: a sound at the speech level that stops dead
-//! ends 150 ms after its last sample, as its reverberant copy does. A fading end counts only down
-//! to 15 dB under the speech level: a final plosive's release or a trailing breath does not count.
+//! ends 180 ms after its last sample, as its reverberant copy does. A fading end counts only down
+//! to 18 dB under the speech level: a final plosive's release or a trailing breath does not count.
 //! How far the anchor lies from the last sample of synthesized speech, and how little it moves when
 //! a room tail, noise or band limiting is added, is measured in `tests/tests/anchor.rs`.
 use realfft::RealFftPlanner;
@@ -27,12 +27,12 @@ pub const WINDOW_MS: u32 = 20;
 /// Step between windows, ms: the anchor's resolution.
 pub const HOP_MS: u32 = 5;
 /// A loud window is at most this far under the speech level, dB.
-pub const BELOW_SPEECH_DB: f32 = 15.0;
+pub const BELOW_SPEECH_DB: f32 = 18.0;
 /// …and at least this far over the noise level, dB.
 pub const ABOVE_NOISE_DB: f32 = 10.0;
 /// The envelope falls at most this fast, dB/s: slower than a room with RT60 ≤ 0.6 s decays.
 pub const DECAY_DB_PER_S: f32 = 100.0;
-/// Runs of speech with fewer loud windows than this are not speech, ms.
+/// An utterance with fewer loud windows than this is not speech, ms.
 pub const MIN_LOUD_MS: u32 = 100;
 /// Silences shorter than this are inside an utterance, ms.
 pub const UTTERANCE_GAP_MS: u32 = 600;
@@ -109,18 +109,24 @@ pub fn utterances(samples: &[f32], rate: u32) -> Vec<Utterance> {
 
     let min_loud = (MIN_LOUD_MS / HOP_MS) as usize;
     let gap = (UTTERANCE_GAP_MS / HOP_MS) as usize;
-    let mut merged: Vec<(usize, usize)> = Vec::new();
-    for (first, last, _) in runs.into_iter().filter(|r| r.2 >= min_loud) {
+    // Merged before short ones are dropped: a weak last syllable belongs to its utterance whether
+    // or not it has 100 ms of loud windows of its own.
+    let mut merged: Vec<(usize, usize, usize)> = Vec::new();
+    for (first, last, loud) in runs {
         match merged.last_mut() {
-            Some(previous) if first < previous.1 + gap => previous.1 = last,
-            _ => merged.push((first, last)),
+            Some(previous) if first < previous.1 + gap => {
+                previous.1 = last;
+                previous.2 += loud;
+            }
+            _ => merged.push((first, last, loud)),
         }
     }
     let hop = (rate * HOP_MS / 1000) as usize;
     let centre = (rate * WINDOW_MS / 1000 / 2) as usize;
     merged
         .into_iter()
-        .map(|(first, last)| Utterance { start: first * hop + centre, end: last * hop + centre })
+        .filter(|u| u.2 >= min_loud)
+        .map(|(first, last, _)| Utterance { start: first * hop + centre, end: last * hop + centre })
         .collect()
 }
 
@@ -156,8 +162,8 @@ mod tests {
         let found = utterances(&clip, RATE);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!((ms(found[0].start) - 500).abs() <= 15, "{found:?}");
-        // A sound at the speech level that stops dead: its envelope falls 15 dB in 150 ms.
-        assert!((ms(found[0].end) - 1450).abs() <= 15, "{found:?}");
+        // A sound at the speech level that stops dead: its envelope falls 18 dB in 180 ms.
+        assert!((ms(found[0].end) - 1480).abs() <= 15, "{found:?}");
         assert!(utterances(&silence(2000), RATE).is_empty());
         assert!(utterances(&[0.1; 100], RATE).is_empty());
     }
@@ -178,9 +184,9 @@ mod tests {
         .concat();
         let found = utterances(&clip, RATE);
         assert_eq!(found.len(), 2, "{found:?}");
-        assert!((ms(found[0].end) - 1850).abs() <= 15, "{found:?}");
-        // 3.5 dB under the speech level: 11.5 dB over the threshold, 115 ms of envelope.
-        assert!((ms(found[1].start) - 2900).abs() <= 15 && (ms(found[1].end) - 3515).abs() <= 15, "{found:?}");
+        assert!((ms(found[0].end) - 1880).abs() <= 15, "{found:?}");
+        // 3.5 dB under the speech level: 14.5 dB over the threshold, 145 ms of envelope.
+        assert!((ms(found[1].start) - 2900).abs() <= 15 && (ms(found[1].end) - 3545).abs() <= 15, "{found:?}");
     }
 
     #[test]
