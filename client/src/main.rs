@@ -5,6 +5,8 @@
 //! server's safety gates, as text and as synthesized speech, and scores it.
 //! `parley bench --sessions N --turns K --input-dir DIR --report OUT.json [--sweep 1,2,4,8]` runs
 //! concurrent sessions as load and reports latency percentiles, underruns and server CPU/RSS.
+//! `parley anchor FILE.wav…` prints where each file's utterances start and end by the reference
+//! end-of-speech method that voice-to-voice is measured from.
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use parley_client::bench::BenchOptions;
@@ -30,6 +32,12 @@ enum Command {
     /// Load test: N concurrent sessions of K turns each; voice-to-voice percentiles, server stages,
     /// reply underruns, drops, errors, server CPU and memory (JSON, markdown and SVG).
     Bench(BenchArgs),
+    /// Print each WAV file's utterances (start and reference end of speech, ms), as the latency
+    /// measurements see them.
+    Anchor {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -147,7 +155,19 @@ fn main() -> anyhow::Result<()> {
         Command::Talk(args) => run_talk(&args),
         Command::Eval(EvalCommand::Safety(args)) => eval_safety(&args),
         Command::Bench(args) => bench(&args),
+        Command::Anchor { files } => anchor(&files),
     }
+}
+
+fn anchor(files: &[PathBuf]) -> anyhow::Result<()> {
+    for path in files {
+        let (samples, rate) = parley_client::audio::read_wav(path)?;
+        let ms = |sample: usize| sample as f64 * 1000.0 / rate as f64;
+        let found = parley_client::anchor::utterances(&samples, rate);
+        let spans: Vec<String> = found.iter().map(|u| format!("{:.0}–{:.0}", ms(u.start), ms(u.end))).collect();
+        println!("{}: {} utterance(s), ms: {}", path.display(), found.len(), spans.join(", "));
+    }
+    Ok(())
 }
 
 fn bench(args: &BenchArgs) -> anyhow::Result<()> {

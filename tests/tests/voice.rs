@@ -199,6 +199,40 @@ async fn a_mid_sentence_pause_drops_the_reply_started_ahead_unseen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clip_with_pauses_is_several_turns_each_measured_from_its_own_end() {
+    let server = server().await;
+    // Three human utterances in one clip, 2.5 s apart: each is its own server turn, and each
+    // reply is measured from the end of the words it answers (it once read 0 ms: a reply that
+    // began before the clip's end).
+    let clips = speech_clips();
+    let librivox = &clips[1];
+    let ten = clips.iter().find(|c| c.path.ends_with("cards/001.wav")).unwrap();
+    let seven = clips.iter().find(|c| c.path.ends_with("cards/003.wav")).unwrap();
+    let mut speech = Vec::new();
+    for (i, c) in [librivox, ten, seven].into_iter().enumerate() {
+        if i > 0 {
+            speech.extend(std::iter::repeat_n(0.0, 16_000 * 5 / 2));
+        }
+        speech.extend(parley_tests::read_16k(&c.path));
+    }
+    let result = parley_client::talk(&options(&server), &[clip("paused", &speech, 16_000)]).await.unwrap();
+    let report = &result.report;
+    assert_eq!(report.accounting.utterances, 3, "{:#?}", report.utterances);
+    assert_eq!(report.accounting.answered, 3, "{:#?}", report.turns);
+    let answered: Vec<_> =
+        report.turns.iter().filter(|t| t.outcome == parley_client::report::Outcome::Answered).collect();
+    // Whisper tiny.en hears "10 of close" for the second: each turn's own words, loosely.
+    for (turn, words) in answered.iter().zip([&["young"][..], &["10", "ten"], &["7", "seven"]]) {
+        assert!(turn.latency_ms.voice_to_voice.is_some_and(|ms| ms > 0.0), "{turn:?}");
+        let heard = turn.transcript.to_lowercase();
+        assert!(words.iter().any(|w| heard.contains(w)), "{turn:?}");
+    }
+    let utterances: Vec<_> = answered.iter().map(|t| t.utterance).collect();
+    assert_eq!(utterances, [Some(0), Some(1), Some(2)]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_end_of_turn_model_hears_an_open_ending_in_the_pause_before_the_reply() {
     // A pipeline of its own: the verdict is made ahead only while the reply model and synthesizer
     // are idle, which the other tests' turns on the shared pipeline would leave to chance.
