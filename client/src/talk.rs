@@ -112,10 +112,12 @@ struct Window {
 
 /// Streams `clips` (one turn each) to the server and collects the replies.
 pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, TalkError> {
+    let rate = options.sample_rate;
+    // Before the stream's clock starts: this takes a few ms per second of audio.
+    let anchors: Vec<_> = clips.iter().map(|c| (c.name.clone(), crate::anchor::utterances(&c.samples, rate))).collect();
     let url = crate::endpoint_url(&options.server);
     let mut ws =
         crate::connect(&url).await.map_err(|e| TalkError::Connect { url: url.clone(), source: Box::new(e) })?;
-    let rate = options.sample_rate;
     let frame = frame_samples(rate);
     let update = ClientEvent::SessionUpdate {
         session: SessionUpdate { input_sample_rate: Some(rate), output_sample_rate: Some(rate) },
@@ -140,7 +142,6 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
     // Position: which clip, which frame in it; then the wait/pause phase.
     let mut clip_index = 0;
     let mut frame_index = 0;
-    let anchors: Vec<_> = clips.iter().map(|c| (c.name.clone(), crate::anchor::utterances(&c.samples, rate))).collect();
     let mut first_seq: Vec<Option<usize>> = vec![None; clips.len()];
     let mut phase_started = Instant::now();
     enum Phase {

@@ -267,8 +267,9 @@ async fn utterance_echo_reports_turns_with_latency() {
     let result = parley_client::talk(&options, &clips).await.unwrap();
     let report = &result.report;
     assert_eq!(report.turns.len(), 2);
-    for (turn, clip) in report.turns.iter().zip(&clips) {
-        assert!(!turn.server_turns.is_empty(), "{turn:?}");
+    assert_eq!((report.accounting.utterances, report.accounting.answered), (2, 2), "{report:?}");
+    for (i, (turn, clip)) in report.turns.iter().zip(&clips).enumerate() {
+        assert_eq!((turn.outcome, turn.utterance), (parley_client::report::Outcome::Answered, Some(i)), "{turn:?}");
         let clip_ms = clip.samples.len() as u64 * 1000 / RATE as u64;
         assert!(turn.reply_audio_ms > clip_ms / 3, "reply {} ms for a {clip_ms} ms clip", turn.reply_audio_ms);
         let latency = &turn.latency_ms;
