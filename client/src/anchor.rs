@@ -2,13 +2,13 @@
 //! clip starts and ends, found from the clip alone by one documented method (`docs/latency.md`),
 //! independent of the server under test, the recording's noise floor and its room tail.
 //!
-//! The method, on the clip's band 400–7000 Hz (above most room rumble and hum, and with the
-//! fricatives that end many words: "clubs" ends ~120 ms after its vowel, at 3–8 kHz) in 20 ms Hann
-//! windows every 5 ms:
+//! The method, on the clip's band 100–7000 Hz (above mains hum; with the voice's fundamental and
+//! the low first formant of a closing "ee" or "oo", and the fricatives that end many words: "clubs"
+//! ends ~120 ms after its vowel, at 3–8 kHz) in 20 ms Hann windows every 5 ms:
 //! 1. The speech level is the 95th percentile of the windows' levels, the noise level the 10th.
 //!    A window is loud when it is within 18 dB of the speech level and 10 dB above the noise.
 //! 2. The envelope is the level held with a decay of at most 100 dB/s. A room whose tail decays
-//!    faster than that (RT60 up to 0.6 s) never lifts it, so a reverberant copy of a clip gets the
+//!    faster than that (RT60 up to 0.6 s) barely lifts it, so a reverberant copy of a clip gets the
 //!    envelope of the dry one; noise more than 10 dB under the threshold does not either.
 //! 3. Speech is where the envelope is over the threshold. Runs of it less than 600 ms apart are
 //!    one utterance; an utterance with under 100 ms of loud windows (a click, a breath) is dropped.
@@ -22,7 +22,7 @@
 use realfft::RealFftPlanner;
 
 /// The band whose level is measured, Hz (its top is cut at the clip's Nyquist frequency).
-pub const BAND_HZ: (f32, f32) = (400.0, 7000.0);
+pub const BAND_HZ: (f32, f32) = (100.0, 7000.0);
 /// Analysis window, ms.
 pub const WINDOW_MS: u32 = 20;
 /// Step between windows, ms: the anchor's resolution.

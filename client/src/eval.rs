@@ -469,15 +469,51 @@ pub async fn text_turn(
     events: &mut Vec<ServerEvent>,
     audio_arrived: &mut bool,
 ) -> anyhow::Result<()> {
+    let mut turns = vec![Vec::new()];
+    let result = text_conversation(options, &[text.to_string()], &mut turns, audio_arrived).await;
+    events.append(&mut turns[0]);
+    result
+}
+
+/// Typed turns said one after another in one fresh session, each once the reply before it is
+/// over: `events[i]` gets turn `i`'s events (until its reply's audio is done or cancelled, an
+/// `error`, or the timeout); `audio_arrived`, whether the last turn's reply audio arrived.
+/// `events` must have one entry per text.
+pub async fn text_conversation(
+    options: &EvalOptions,
+    texts: &[String],
+    events: &mut [Vec<ServerEvent>],
+    audio_arrived: &mut bool,
+) -> anyhow::Result<()> {
     let url = crate::endpoint_url(&options.server);
     let mut ws = crate::connect(&url).await.context("connecting")?;
-    let create = ClientEvent::ConversationItemCreate { text: text.to_string() };
-    ws.send(Message::text(create.to_json())).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(options.reply_timeout_ms.into());
-    let result = loop {
+    let mut result = Ok(());
+    for (text, events) in texts.iter().zip(events.iter_mut()) {
+        *audio_arrived = false;
+        let create = ClientEvent::ConversationItemCreate { text: text.to_string() };
+        ws.send(Message::text(create.to_json())).await?;
+        result = await_reply(&mut ws, options.reply_timeout_ms, events, audio_arrived).await;
+        if result.is_err() {
+            break;
+        }
+    }
+    let _ = ws.close(None).await;
+    result
+}
+
+/// Reads one reply's events: until its audio is done or cancelled, an `error`, a close or the
+/// timeout (not an error: the events say what arrived).
+async fn await_reply(
+    ws: &mut crate::Socket,
+    timeout_ms: u32,
+    events: &mut Vec<ServerEvent>,
+    audio_arrived: &mut bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms.into());
+    loop {
         let message = match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) => break Ok(()), // No (complete) reply in time: the outcome says what arrived.
-            Ok(None) => break Err(anyhow::anyhow!("the server closed the connection")),
+            Err(_) => return Ok(()),
+            Ok(None) => return Err(anyhow::anyhow!("the server closed the connection")),
             Ok(Some(message)) => message?,
         };
         match message {
@@ -488,15 +524,15 @@ pub async fn text_turn(
                 if let ServerEvent::Error { error } = &event {
                     let code = serde_json::to_value(error.code).ok().and_then(|c| c.as_str().map(String::from));
                     let code = code.unwrap_or_default();
-                    break Err(anyhow::anyhow!("server error {code}: {}", error.message));
+                    return Err(anyhow::anyhow!("server error {code}: {}", error.message));
                 }
                 events.push(event);
                 if end {
-                    break Ok(());
+                    return Ok(());
                 }
             }
             Message::Close(frame) => {
-                break match frame {
+                return match frame {
                     Some(f) if u16::from(f.code) != 1000 => {
                         Err(anyhow::anyhow!("the server closed the session: {} {}", u16::from(f.code), f.reason))
                     }
@@ -505,9 +541,7 @@ pub async fn text_turn(
             }
             _ => {}
         }
-    };
-    let _ = ws.close(None).await;
-    result
+    }
 }
 
 /// Audio mode: the line synthesized with espeak-ng, streamed as one clip through [`crate::talk`].

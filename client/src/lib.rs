@@ -10,8 +10,10 @@
 //! - [`bench`]: `parley bench`: concurrent sessions as load; latency percentiles, underruns, server CPU/RSS.
 //! - [`transport`]: `parley bench --transport`: many echo streams; per-frame round trips.
 //! - [`eval`]: `parley eval safety`: a labelled prompt set run as text and as speech, scored.
+//! - [`answers`]: `parley eval answers`: conversations run as text and as speech; are the replies right?
 //! - `mic` (feature `mic`): live microphone and speaker through cpal.
 pub mod anchor;
+pub mod answers;
 pub mod audio;
 pub mod bench;
 pub mod eval;

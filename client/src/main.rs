@@ -2,7 +2,8 @@
 //! file as one turn at real-time pace and writes the reply audio and a per-turn JSON report;
 //! without `--input` it talks through the microphone and speaker (feature `mic`).
 //! `parley eval safety --set FILE.jsonl --report OUT.json` runs a labelled prompt set against the
-//! server's safety gates, as text and as synthesized speech, and scores it.
+//! server's safety gates, as text and as synthesized speech, and scores it; `parley eval answers`
+//! does the same for whether the replies are right.
 //! `parley bench --sessions N --turns K --input-dir DIR --report OUT.json [--sweep 1,2,4,8]` runs
 //! concurrent sessions as load and reports latency percentiles, underruns and server CPU/RSS.
 //! `parley anchor FILE.wav…` prints where each file's utterances start and end by the reference
@@ -88,11 +89,15 @@ struct BenchArgs {
 enum EvalCommand {
     /// Run a labelled JSONL set ({"id","text","expect":"block"|"allow","category"} per line), each
     /// line in a fresh session per mode, and score the safety gates.
-    Safety(SafetyArgs),
+    Safety(EvalArgs),
+    /// Run a JSONL set of conversations ({"id","category","turns":[..],"expect_any":[..]} per
+    /// line), each in a fresh session per mode, and score the last reply of each: accuracy per
+    /// category, reply length, loops.
+    Answers(EvalArgs),
 }
 
 #[derive(clap::Args, Debug)]
-struct SafetyArgs {
+struct EvalArgs {
     /// Server URL, `ws://HOST:PORT` (the `/v1/voice` path is added if missing).
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     server: String,
@@ -154,6 +159,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Talk(args) => run_talk(&args),
         Command::Eval(EvalCommand::Safety(args)) => eval_safety(&args),
+        Command::Eval(EvalCommand::Answers(args)) => eval_answers(&args),
         Command::Bench(args) => bench(&args),
         Command::Anchor { files } => anchor(&files),
     }
@@ -277,30 +283,47 @@ fn run_talk(args: &TalkArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn eval_safety(args: &SafetyArgs) -> anyhow::Result<()> {
-    let mut lines = parley_client::eval::read_set(&args.set)?;
-    if let Some(limit) = args.limit {
-        lines.truncate(limit);
+impl EvalArgs {
+    fn options(&self) -> EvalOptions {
+        let mut modes = self.modes.clone();
+        modes.sort();
+        modes.dedup();
+        EvalOptions {
+            server: self.server.clone(),
+            modes,
+            voices: self.voices.clone(),
+            concurrency: self.concurrency.into(),
+            reply_timeout_ms: self.reply_timeout_ms,
+            sample_rate: parley_protocol::DEFAULT_SAMPLE_RATE,
+        }
     }
-    let mut modes = args.modes.clone();
-    modes.sort();
-    modes.dedup();
-    let options = EvalOptions {
-        server: args.server.clone(),
-        modes,
-        voices: args.voices.clone(),
-        concurrency: args.concurrency.into(),
-        reply_timeout_ms: args.reply_timeout_ms,
-        sample_rate: parley_protocol::DEFAULT_SAMPLE_RATE,
-    };
+
+    /// Writes the JSON report and prints its table.
+    fn write(&self, report: &impl serde::Serialize, table: &str) -> anyhow::Result<()> {
+        let json = serde_json::to_string_pretty(report)?;
+        std::fs::write(&self.report, json + "\n").with_context(|| format!("writing {}", self.report.display()))?;
+        print!("{table}");
+        println!("report: {}", self.report.display());
+        Ok(())
+    }
+}
+
+fn eval_safety(args: &EvalArgs) -> anyhow::Result<()> {
+    let mut lines = parley_client::eval::read_set(&args.set)?;
+    lines.truncate(args.limit.unwrap_or(usize::MAX));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let set = args.set.display().to_string();
-    let report = runtime.block_on(parley_client::eval::run_safety(&options, &set, &lines))?;
-    let json = serde_json::to_string_pretty(&report)?;
-    std::fs::write(&args.report, json + "\n").with_context(|| format!("writing {}", args.report.display()))?;
-    print!("{}", report.table());
-    println!("report: {}", args.report.display());
-    Ok(())
+    let report = runtime.block_on(parley_client::eval::run_safety(&args.options(), &set, &lines))?;
+    args.write(&report, &report.table())
+}
+
+fn eval_answers(args: &EvalArgs) -> anyhow::Result<()> {
+    let mut lines = parley_client::answers::read_answers(&args.set)?;
+    lines.truncate(args.limit.unwrap_or(usize::MAX));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let set = args.set.display().to_string();
+    let report = runtime.block_on(parley_client::answers::run_answers(&args.options(), &set, &lines))?;
+    args.write(&report, &report.table())
 }
 
 /// A turn for people: what was heard, the reply, and where the time went.

@@ -282,6 +282,32 @@ async fn speaking_over_a_reply_cancels_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answers_eval_judges_the_last_reply_of_each_conversation() {
+    let server = server().await;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/answers/smoke.jsonl");
+    let lines = parley_client::answers::read_answers(&path).unwrap();
+    let options = eval_options(&server);
+    let options = parley_client::eval::EvalOptions {
+        modes: vec![parley_client::eval::Mode::Text, parley_client::eval::Mode::Audio],
+        voices: vec!["en-us".into()],
+        ..options
+    };
+    let report = parley_client::answers::run_answers(&options, "smoke", &lines).await.unwrap();
+    let run = |id: &str, mode: &str| report.runs.iter().find(|r| r.id == id && r.mode.as_str() == mode).unwrap();
+    // Typed, SmolLM2 names Paris, and the dog from the first turn of the same session.
+    assert!(run("smoke-fact", "text").correct, "{:#?}", report.runs);
+    assert!(run("smoke-follow", "text").correct, "{:#?}", report.runs);
+    // Spoken: each turn heard in one session, and the last reply judged.
+    let spoken = run("smoke-follow", "audio");
+    assert_eq!(spoken.transcripts.len(), 2, "{spoken:?}");
+    assert!(spoken.transcripts[1].to_lowercase().contains("dog"), "{spoken:?}");
+    assert!(spoken.reply_words > 0, "{spoken:?}");
+    assert_eq!(report.summary["text"].overall.n, 2);
+    assert_eq!(report.summary["audio"].per_category.len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_ends_at_the_end_of_its_second_sentence() {
     let server = server().await;
     let (mut events, mut audio) = (Vec::new(), false);
