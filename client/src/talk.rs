@@ -105,11 +105,6 @@ impl TalkResult {
     }
 }
 
-/// The events received since a clip began: for deciding when its reply is over.
-struct Window {
-    first_event: usize,
-}
-
 /// Streams `clips` (one turn each) to the server and collects the replies.
 pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, TalkError> {
     let rate = options.sample_rate;
@@ -135,7 +130,8 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
     let now_us = || start.elapsed().as_micros() as u64;
     let mut result =
         TalkResult { report: Report { server: url.clone(), ..Report::default() }, ..TalkResult::default() };
-    let mut windows: Vec<Window> = Vec::new();
+    // Where the events since the current clip began start: for deciding when its reply is over.
+    let mut clip_first_event = 0;
     let mut ticker = tokio::time::interval(Duration::from_millis(FRAME_MS as u64));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
 
@@ -150,9 +146,6 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
         Pausing,
     }
     let mut phase = if clips.is_empty() { Phase::Pausing } else { Phase::Speaking };
-    if !clips.is_empty() {
-        windows.push(Window { first_event: 0 });
-    }
     let mut seq: u32 = 0;
     let mut last_reply_seq: Option<u32> = None;
 
@@ -176,9 +169,8 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
                         }
                     }
                     Phase::Waiting => {
-                        let window = windows.last().expect("a window per clip");
                         let waited = phase_started.elapsed();
-                        let events = &result.events[window.first_event..];
+                        let events = &result.events[clip_first_event..];
                         let started = events.iter().any(|(_, e)| matches!(e, ServerEvent::SpeechStarted { .. } | ServerEvent::ResponseAudioStarted { .. }));
                         let finished = events.iter().rev().find_map(|(_, e)| match e {
                             ServerEvent::ResponseAudioDone { .. } | ServerEvent::ReplyCancelled { .. } => Some(true),
@@ -209,7 +201,7 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
                                 break;
                             }
                             frame_index = 0;
-                            windows.push(Window { first_event: result.events.len() });
+                            clip_first_event = result.events.len();
                             phase = Phase::Speaking;
                         }
                         &silence

@@ -294,8 +294,13 @@ async fn the_answers_eval_judges_the_last_reply_of_each_conversation() {
     };
     let report = parley_client::answers::run_answers(&options, "smoke", &lines).await.unwrap();
     let run = |id: &str, mode: &str| report.runs.iter().find(|r| r.id == id && r.mode.as_str() == mode).unwrap();
-    // Typed, SmolLM2 names Paris, and the dog from the first turn of the same session.
-    assert!(run("smoke-fact", "text").correct, "{:#?}", report.runs);
+    // Every run is judged by its own reply (whether SmolLM2 names Paris varies: the eval's
+    // numbers say how often); typed, the dog is named from the first turn of the same session.
+    for r in &report.runs {
+        assert!(r.reply_words > 0 && r.error.is_none(), "{r:?}");
+        let paris = parley_client::answers::contains_phrase(&r.reply_text, "paris");
+        assert!(r.id != "smoke-fact" || r.correct == paris, "{r:?}");
+    }
     assert!(run("smoke-follow", "text").correct, "{:#?}", report.runs);
     // Spoken: each turn heard in one session, and the last reply judged.
     let spoken = run("smoke-follow", "audio");
