@@ -2,7 +2,7 @@
 //! server, each in a fresh session, typed and spoken (espeak-ng voices); the last reply is judged
 //! by the words it must contain. Reports accuracy per mode and category, reply length, and replies
 //! that loop (a repeated run of 4 words).
-use crate::eval::{EvalOptions, Mode, check_voices, synthesize, text_conversation};
+use crate::eval::{EvalOptions, Mode, synthesize, text_conversation};
 use crate::talk::{Clip, TalkOptions};
 use anyhow::Context;
 use futures_util::StreamExt;
@@ -223,24 +223,8 @@ impl AnswersReport {
 /// Runs every line in every mode, each in a fresh session, `concurrency` sessions at once, and
 /// prints progress to stderr. `set` names the set in the report.
 pub async fn run_answers(options: &EvalOptions, set: &str, lines: &[AnswerLine]) -> anyhow::Result<AnswersReport> {
-    anyhow::ensure!(options.concurrency > 0, "--concurrency must be at least 1");
-    if options.modes.contains(&Mode::Audio) {
-        anyhow::ensure!(!options.voices.is_empty(), "audio mode needs at least one voice");
-        check_voices(&options.voices)?;
-    }
-    let url = crate::endpoint_url(&options.server);
-    let mut ws = crate::connect(&url)
-        .await
-        .with_context(|| format!("cannot reach the server at {url} (is it running? start it with scripts/serve)"))?;
-    let _ = futures_util::SinkExt::close(&mut ws).await;
-
-    let mut jobs = Vec::new();
-    for (i, line) in lines.iter().enumerate() {
-        for &mode in &options.modes {
-            let voice = (mode == Mode::Audio).then(|| options.voices[i % options.voices.len()].clone());
-            jobs.push((line, mode, voice));
-        }
-    }
+    crate::eval::preflight(options).await?;
+    let jobs = crate::eval::jobs(lines, options);
     let total = jobs.len();
     let done = AtomicUsize::new(0);
     let runs: Vec<AnswerRun> = futures_util::stream::iter(jobs)

@@ -410,9 +410,9 @@ struct Job<'a> {
     voice: Option<String>,
 }
 
-/// Runs every line in every mode, each in a fresh session, `concurrency` sessions at once, and
-/// prints progress to stderr. `set` names the set in the report.
-pub async fn run_safety(options: &EvalOptions, set: &str, lines: &[SetLine]) -> anyhow::Result<SafetyReport> {
+/// Checks that an eval can run: at least one session at a time, the voices exist (audio mode),
+/// and the server answers.
+pub async fn preflight(options: &EvalOptions) -> anyhow::Result<()> {
     anyhow::ensure!(options.concurrency > 0, "--concurrency must be at least 1");
     if options.modes.contains(&Mode::Audio) {
         anyhow::ensure!(!options.voices.is_empty(), "audio mode needs at least one voice");
@@ -423,14 +423,27 @@ pub async fn run_safety(options: &EvalOptions, set: &str, lines: &[SetLine]) -> 
         .await
         .with_context(|| format!("cannot reach the server at {url} (is it running? start it with scripts/serve)"))?;
     let _ = ws.close(None).await;
+    Ok(())
+}
 
+/// Every line in every mode, with its voice in audio mode (the voices rotate over the lines).
+pub fn jobs<'a, L>(lines: &'a [L], options: &EvalOptions) -> Vec<(&'a L, Mode, Option<String>)> {
     let mut jobs = Vec::new();
     for (i, line) in lines.iter().enumerate() {
         for &mode in &options.modes {
             let voice = (mode == Mode::Audio).then(|| options.voices[i % options.voices.len()].clone());
-            jobs.push(Job { line, mode, voice });
+            jobs.push((line, mode, voice));
         }
     }
+    jobs
+}
+
+/// Runs every line in every mode, each in a fresh session, `concurrency` sessions at once, and
+/// prints progress to stderr. `set` names the set in the report.
+pub async fn run_safety(options: &EvalOptions, set: &str, lines: &[SetLine]) -> anyhow::Result<SafetyReport> {
+    preflight(options).await?;
+    let jobs: Vec<Job> =
+        jobs(lines, options).into_iter().map(|(line, mode, voice)| Job { line, mode, voice }).collect();
     let total = jobs.len();
     let done = AtomicUsize::new(0);
     let runs: Vec<Run> = futures_util::stream::iter(jobs)
