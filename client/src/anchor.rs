@@ -168,6 +168,10 @@ mod tests {
         assert!((ms(found[0].end) - 1480).abs() <= 15, "{found:?}");
         assert!(utterances(&silence(2000), RATE).is_empty());
         assert!(utterances(&[0.1; 100], RATE).is_empty());
+        // A sample rate under the band (a malformed file): nothing found, no panic.
+        for rate in [1, 50, 150, 200, 201, 400] {
+            assert!(utterances(&[0.1; 4000], rate).is_empty(), "{rate} Hz");
+        }
     }
 
     #[test]
