@@ -115,19 +115,29 @@ def sha256_file(path):
 
 
 def load_lock():
+    """Each role's wheels, in lock order (a model split across part wheels has several)."""
     lock = tomllib.loads((MODELS / "lock.toml").read_text())
     by_role = {}
     for wheel in lock["wheel"]:
         for role in wheel["roles"]:
-            by_role[role] = wheel
+            by_role.setdefault(role, []).append(wheel)
     missing = [r for r in ROLES if r not in by_role]
     if missing:
         raise ProvisionError(f"models/lock.toml has no package for role(s) {', '.join(missing)}")
     return by_role
 
 
-def source_fields(wheel):
-    return {"package": wheel["package"], "version": wheel["version"], "wheel_sha256": wheel["sha256"], "licence": wheel["licence"]}
+def source_fields(wheels):
+    """Where a role's files came from. For a model in several part wheels: the packages joined with
+    " + ", and as `wheel_sha256` the sha256 of their sha256s (hex, one per line, in order); `parts`
+    lists each wheel."""
+    if len(wheels) == 1:
+        w = wheels[0]
+        return {"package": w["package"], "version": w["version"], "wheel_sha256": w["sha256"], "licence": w["licence"]}
+    joined = hashlib.sha256("".join(w["sha256"] + "\n" for w in wheels).encode()).hexdigest()
+    parts = [{"package": w["package"], "version": w["version"], "wheel_sha256": w["sha256"]} for w in wheels]
+    return {"package": " + ".join(w["package"] for w in wheels), "version": " + ".join(sorted({w["version"] for w in wheels})),
+            "wheel_sha256": joined, "licence": wheels[0]["licence"], "parts": parts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,15 +242,14 @@ def fetch_wheel(wheel, dest):
     return path, "downloaded"
 
 
-def unpack(wheel, path, staging):
-    src = staging / wheel["package"]
+def unpack(wheel, path, src):
+    """Unpacks the wheel into `src`, which every wheel shares (each has its own top-level package)."""
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
         missing = [f for f in wheel["files"] if f not in names]
         if missing:
             raise ProvisionError(f"{wheel['wheel']} lacks {missing}: models/lock.toml does not match the package")
         z.extractall(src)
-    return src
 
 
 def ensure_onnxruntime(wheel_path, version):
@@ -548,7 +557,7 @@ def check_only(cache, key, roles):
         bad = damaged_files(cache, manifest_files(manifest))
         if bad:
             raise ProvisionError("damaged cache: " + "; ".join(f"{f} {why}" for f, why in bad) + ": re-run models/provision.sh --force")
-    wheel = load_lock()["runtime"]
+    wheel = load_lock()["runtime"][0]
     ensure_onnxruntime(wheel_dir() / wheel["wheel"], wheel["version"])
     run_checks(cache, manifest, roles, progress)
     print(f"all checks passed for {cache}")
@@ -568,7 +577,7 @@ def provision(cache, key, roles, force):
     roles = [r for r in ROLES if r in roles or r in reuse]
     build = [r for r in roles if r not in reuse]
     # onnxruntime is always fetched: the parity checks run on it.
-    wheels = {lock[r]["package"]: lock[r] for r in ["runtime", *build]}
+    wheels = {w["package"]: w for r in ["runtime", *build] for w in lock[r]}
     progress = Progress(1 + len(wheels) + 1 + 2 * len(build) + 1)
     with progress.step(f"checking the cache at {cache}"):
         print(f"      rebuilding: {'--force' if why is None else why}", flush=True)
@@ -587,15 +596,16 @@ def provision(cache, key, roles, force):
             with progress.step(f"{package}=={wheel['version']}: fetching and verifying {wheel['wheel']}"):
                 paths[package], how = fetch_wheel(wheel, wheel_dir())
                 print(f"      {how}, sha256 {wheel['sha256'][:16]}… matches models/lock.toml", flush=True)
-        ensure_onnxruntime(paths["onnxruntime"], lock["runtime"]["version"])
+        ensure_onnxruntime(paths["onnxruntime"], lock["runtime"][0]["version"])
 
         with progress.step("unpacking the wheels"):
-            srcs = {lock[r]["package"]: unpack(lock[r], paths[lock[r]["package"]], src_root) for r in build}
+            for w in {w["package"]: w for r in build for w in lock[r]}.values():
+                unpack(w, paths[w["package"]], src_root)
 
         stage.mkdir(parents=True)
         manifest = {"schema": SCHEMA, "key": key, "runtime": None, "models": {}}
         for role in roles:
-            wheel = lock[role]
+            wheels_of_role = lock[role]
             with contextlib.nullcontext() if role in reuse else progress.step(describe(role)):
                 if role in reuse:
                     old = reuse[role]
@@ -606,16 +616,16 @@ def provision(cache, key, roles, force):
                     result = old
                 else:
                     try:
-                        result = build_runtime(srcs[wheel["package"]], stage) if role == "runtime" else build_role(role, srcs[wheel["package"]], stage)
+                        result = build_runtime(src_root, stage) if role == "runtime" else build_role(role, src_root, stage)
                     except ProvisionError:
                         raise
                     except Exception as e:
                         raise ProvisionError(f"{role}: conversion failed: {type(e).__name__}: {e}") from e
                 if role == "runtime":
-                    manifest["runtime"] = {"file": result["file"], "sha256": sha256_file(stage / result["file"]), **source_fields(wheel)}
+                    manifest["runtime"] = {"file": result["file"], "sha256": sha256_file(stage / result["file"]), **source_fields(wheels_of_role)}
                 else:
                     files = {name: {**e, "sha256": sha256_file(stage / e["file"])} for name, e in result["files"].items()}
-                    manifest["models"][role] = {**source_fields(wheel), "files": files, "meta": result.get("meta", {})}
+                    manifest["models"][role] = {**source_fields(wheels_of_role), "files": files, "meta": result.get("meta", {})}
 
         run_checks(stage, manifest, build, progress)
 

@@ -28,7 +28,7 @@ fn data(name: &str) -> PathBuf {
 
 fn load(voice: VoiceConfig, safety: SafetyConfig) -> Arc<VoicePipeline> {
     let manifest = Manifest::load_default().unwrap_or_else(|e| panic!("{e}"));
-    Arc::new(VoicePipeline::load(manifest, voice, &safety).unwrap_or_else(|e| panic!("{e}")))
+    Arc::new(VoicePipeline::load(manifest, voice, &safety, &Default::default()).unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// The models, loaded once for the whole test binary and shared by every test's server.
@@ -138,7 +138,7 @@ async fn a_librivox_question_is_transcribed_and_answered_aloud() {
 async fn a_second_turn_remembers_the_first() {
     let server = server().await;
     // Spoken by the server's own voice: espeak-ng's "dog called Max" is heard as "uncalled mix".
-    // SmolLM2 is sensitive to phrasing: after "I have a dog called Max." it answered "What is my
+    // SmolLM2-135M (the earlier default) was sensitive to phrasing: after "I have a dog called Max." it answered "What is my
     // dog called?" with "I'm not a dog-specific AI". After "My dog is called Max." it named the dog
     // in all 24 variants of the two transcripts Whisper may give.
     let (first, rate) = piper("My dog is called Max.").await;
@@ -294,7 +294,7 @@ async fn the_answers_eval_judges_the_last_reply_of_each_conversation() {
     };
     let report = parley_client::answers::run_answers(&options, "smoke", &lines).await.unwrap();
     let run = |id: &str, mode: &str| report.runs.iter().find(|r| r.id == id && r.mode.as_str() == mode).unwrap();
-    // Every run is judged by its own reply (whether SmolLM2 names Paris varies: the eval's
+    // Every run is judged by its own reply (whether the model names Paris varies: the eval's
     // numbers say how often); typed, the dog is named from the first turn of the same session.
     for r in &report.runs {
         assert!(r.reply_words > 0 && r.error.is_none(), "{r:?}");

@@ -1,4 +1,4 @@
-//! The reply LLM: SmolLM2-135M-Instruct (ChatML), greedy decoding with a KV cache, streamed as text.
+//! The reply LLM (Qwen2.5-Coder-0.5B-Instruct by default; any ChatML GGUF the converter maps), greedy decoding with a KV cache, streamed as text.
 //!
 //! - **Prompt**: `history` rendered as ChatML turns (the manifest's `chat_template`), preceded by the
 //!   default system prompt when the history does not start with one, and followed by the assistant
@@ -21,7 +21,7 @@
 //!   (up to [`LAST_MESSAGE_RESERVE`]): so the kept conversation, and with it the cached prefix,
 //!   changes only every few turns, and a prefill of the user's first words drops the same turns as
 //!   the reply to all of them (dropping one turn per call would re-prefill the whole conversation
-//!   on every turn once it is full: ~2.6 s at 1024 tokens). A single message too long on its own
+//!   on every turn once it is full: ~3 s at 1024 tokens). A single message too long on its own
 //!   keeps only its last tokens, and the system prompt at most half of the budget.
 //! - **No copying**: a reply never repeats a run of [`NO_REPEAT_NGRAM`] tokens that its own text or
 //!   an earlier assistant turn in the prompt already has; the token that would complete one gives
@@ -42,11 +42,11 @@ use serde::Deserialize;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-/// Default bound on prompt + reply tokens (the model was trained on 8192). The KV cache takes
-/// 46 KB per position (47 MB at 1024) and attention cost grows with it.
+/// Default bound on prompt + reply tokens (the converter's rotary tables cover 8192). Qwen2.5-0.5B's
+/// KV cache takes 24.6 KB per position (25 MB at 1024) and attention cost grows with it.
 pub const DEFAULT_MAX_CONTEXT: usize = 1024;
-/// Conversations whose KV cache is kept at once (47 MB each at 1024 positions, allocated as
-/// conversations come). Past it every turn re-prefills its whole conversation (up to ~2.6 s of
+/// Conversations whose KV cache is kept at once (25 MB each at 1024 positions, allocated as
+/// conversations come). Past it every turn re-prefills its whole conversation (up to ~3 s of
 /// both cores): at 6 caches, 8 sessions took first-token p95 from 268 ms (6 sessions) to 1.9 s.
 pub const MAX_CONVERSATIONS: usize = 8;
 /// Older messages are dropped this many at a time (see the module doc).
@@ -150,7 +150,7 @@ struct Meta {
     chat_template: ChatTemplate,
 }
 
-/// SmolLM2 with its tokenizer and the KV caches of the last conversations.
+/// The reply model with its tokenizer and the KV caches of the last conversations.
 pub struct Llm {
     session: Session,
     tokenizer: tokenizers::Tokenizer,

@@ -117,9 +117,10 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// The cache this build uses: `$PARLEY_MODELS`, else `~/.cache/parley/models/<MODELS_KEY>`.
+    /// The cache this build uses: `$PARLEY_MODELS` (when set and not empty), else
+    /// `~/.cache/parley/models/<MODELS_KEY>`.
     pub fn default_dir() -> PathBuf {
-        if let Some(dir) = std::env::var_os("PARLEY_MODELS") {
+        if let Some(dir) = std::env::var_os("PARLEY_MODELS").filter(|dir| !dir.is_empty()) {
             return PathBuf::from(dir);
         }
         let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
