@@ -99,6 +99,7 @@ pub struct Config {
     pub models: Option<std::path::PathBuf>,
     pub voice: crate::pipeline::voice::VoiceConfig,
     pub safety: crate::safety::SafetyConfig,
+    pub reply: crate::pipeline::chat_api::ReplyConfig,
 }
 
 impl Default for Config {
@@ -123,6 +124,7 @@ impl Default for Config {
             models: None,
             voice: Default::default(),
             safety: Default::default(),
+            reply: Default::default(),
         }
     }
 }

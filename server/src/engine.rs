@@ -33,6 +33,9 @@ pub enum EngineError {
     Stopped(&'static str),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The reply came from an external endpoint, which failed.
+    #[error(transparent)]
+    Api(#[from] crate::pipeline::chat_api::ApiError),
 }
 
 type Job<M> = Box<dyn FnOnce(&mut M) + Send>;

@@ -26,6 +26,7 @@
 //!
 //! Turn numbers start at 1 and increase; turn 0 is an untracked stream (the per-frame echo): no
 //! audio events, no latency report, not cancellable.
+pub mod chat_api;
 pub mod chunker;
 pub mod echo;
 pub mod voice;
@@ -388,7 +389,7 @@ pub fn from_config(config: &crate::config::Config) -> Result<Arc<dyn Pipeline>, 
         crate::config::PipelineKind::Voice => {
             let dir = config.models.clone().unwrap_or_else(crate::models::Manifest::default_dir);
             let manifest = crate::models::Manifest::load(&dir)?;
-            Ok(Arc::new(voice::VoicePipeline::load(manifest, config.voice.clone(), &config.safety)?))
+            Ok(Arc::new(voice::VoicePipeline::load(manifest, config.voice.clone(), &config.safety, &config.reply)?))
         }
     }
 }

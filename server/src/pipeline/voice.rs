@@ -1,4 +1,4 @@
-//! The voice pipeline: Silero VAD with endpointing → Whisper → input safety gate → SmolLM2
+//! The voice pipeline: Silero VAD with endpointing → Whisper → input safety gate → the reply LLM
 //! (streamed) → clause chunker → output safety gate → Piper → voice safety gate, per session, over
 //! models loaded once and owned by engine threads.
 //!
@@ -34,6 +34,7 @@
 //! against the enrolled voice before it goes to the session (audio that deviates is cut). Reply
 //! text reaches the client chunk by chunk, only once its audio passed. A gate that cannot run
 //! fails closed.
+use super::chat_api::{Backend, ChatApi, ReplyConfig};
 use super::chunker::{Chunker, sentence_ends};
 use super::{Command, Hold, Pipeline, ReplyOutput, SessionClosed, SessionIo, TurnMarks};
 use crate::audio::PIPELINE_RATE;
@@ -168,6 +169,21 @@ pub struct VoiceConfig {
     pub espeak_voice: String,
 }
 
+/// The default system prompt, chosen on the answers eval's dev set (`tests/data/answers/dev.jsonl`,
+/// every other line, typed, Qwen2.5-Coder-0.5B): 79% with these examples, 76% with the instruction
+/// alone, 75.5% with the previous prompt (which named the assistant "Parley": the model then
+/// answered "Parley" to "Name a musical instrument"). The examples' facts are in no held-out line.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a friendly voice assistant. Answer directly and correctly \
+in one short spoken sentence, without lists or markdown. Examples:
+User: What is the capital of Kenya?
+Assistant: The capital of Kenya is Nairobi.
+User: What is eight plus nine?
+Assistant: Eight plus nine is seventeen.
+User: How do I remove a splinter?
+Assistant: Wash the skin, then pull the splinter out gently with clean tweezers.
+User: My cousin is called Tom. What is my cousin's name?
+Assistant: Your cousin is called Tom.";
+
 impl Default for VoiceConfig {
     fn default() -> Self {
         Self {
@@ -186,9 +202,7 @@ impl Default for VoiceConfig {
             busy_speculate_after_ms: 160,
             max_reply_tokens: 60,
             max_reply_sentences: 2,
-            system_prompt: "You are Parley, a friendly voice assistant. Answer in one or two short spoken \
-                            sentences. No lists, no markdown, no emoji."
-                .into(),
+            system_prompt: DEFAULT_SYSTEM_PROMPT.into(),
             threads_vad: 1,
             threads_asr: 2,
             threads_llm: 2,
@@ -228,11 +242,27 @@ pub struct Engines {
     pub first_audio_due: watch::Sender<usize>,
     /// End-of-turn verdicts made: ahead, in the pause (index 0), and in the reply (index 1).
     pub turn_verdicts: [AtomicU64; 2],
+    /// The external reply endpoint (`[reply] backend = "openai"`), which then makes every reply;
+    /// the embedded model still judges whether a transcript reads as finished.
+    pub chat_api: Option<Arc<ChatApi>>,
 }
 
 impl Engines {
     /// Loads the policy and every model (each on its engine thread) and logs where each came from.
-    pub fn load(manifest: &Arc<Manifest>, config: &VoiceConfig, safety: &SafetyConfig) -> Result<Engines, ModelError> {
+    pub fn load(
+        manifest: &Arc<Manifest>,
+        config: &VoiceConfig,
+        safety: &SafetyConfig,
+        reply: &ReplyConfig,
+    ) -> Result<Engines, ModelError> {
+        let chat_api = match reply.backend {
+            Backend::Embedded => None,
+            Backend::Openai => {
+                let api = ChatApi::new(reply).map_err(ModelError::Invalid)?;
+                tracing::info!(url = %api.url(), model = %reply.model, "replies come from an external endpoint");
+                Some(Arc::new(api))
+            }
+        };
         let policy = Arc::new(Policy::load(safety.policy.as_deref()).map_err(ModelError::Invalid)?);
         let audit = AuditLog::open(&safety.audit_log)
             .map_err(|e| ModelError::Invalid(format!("safety audit log {}: {e}", safety.audit_log.display())))?;
@@ -280,6 +310,7 @@ impl Engines {
             replies_running: AtomicUsize::new(0),
             first_audio_due: watch::Sender::new(0),
             turn_verdicts: Default::default(),
+            chat_api,
         };
         engines.warm_up(config)?;
         Ok(engines)
@@ -375,8 +406,13 @@ impl VoicePipeline {
     }
 
     /// Loads every model from `manifest` and the safety policy, and builds the pipeline.
-    pub fn load(manifest: Manifest, config: VoiceConfig, safety: &SafetyConfig) -> Result<Self, ModelError> {
-        let engines = Engines::load(&Arc::new(manifest), &config, safety)?;
+    pub fn load(
+        manifest: Manifest,
+        config: VoiceConfig,
+        safety: &SafetyConfig,
+        reply: &ReplyConfig,
+    ) -> Result<Self, ModelError> {
+        let engines = Engines::load(&Arc::new(manifest), &config, safety, reply)?;
         Ok(Self::new(Arc::new(engines), config))
     }
 
@@ -1273,7 +1309,6 @@ impl ReplyContext {
         pieces: &mpsc::Sender<Piece>,
     ) -> Option<EngineError> {
         let (delta_tx, mut delta_rx) = mpsc::channel::<String>(DELTA_QUEUE);
-        let llm = self.engines.llm.clone();
         let first_chunk_out = Arc::new(AtomicBool::new(false));
         // The engine jobs hold the only sender: the deltas end when the generation does.
         let slices = Arc::new(DeltaSink {
@@ -1284,52 +1319,18 @@ impl ReplyContext {
             engines: self.engines.clone(),
             deltas: delta_tx,
         });
-        let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
-        let generation = tokio::spawn(
-            async move {
-                // In this session's own KV cache: other sessions' replies do not evict its prefix.
-                let asked = Instant::now();
-                let start = move |llm: &mut Llm| Ok((Instant::now(), llm.start(key, &messages, max_tokens)?));
-                let (ran, mut decoding) = llm.try_run(Priority::High, start).await?;
-                let g = decoding.generation();
-                tracing::debug!(
-                    prompt_tokens = g.prompt_tokens,
-                    prefilled_tokens = g.prefilled_tokens,
-                    dropped_messages = g.dropped_messages,
-                    queued_ms = ran.saturating_duration_since(asked).as_secs_f64() * 1000.0,
-                    prefill_ms = g.prefill_ms,
-                    "reply prefilled"
-                );
-                loop {
-                    let sink = slices.clone();
-                    // Until its first chunk is out the reply is urgent; then it gives way to other
-                    // sessions' first words until its next chunk is due.
-                    let priority = match sink.first_audio.next_due() {
-                        _ if !sink.first_chunk_out.load(Ordering::Relaxed) => Priority::High,
-                        Some(due) => Priority::By(due),
-                        None => Priority::Low,
-                    };
-                    let (slice, done) = llm
-                        .try_run(priority, move |llm| {
-                            while !llm.resume(&mut decoding, 1, |delta| sink.push(delta))? {
-                                if sink.may_yield() {
-                                    return Ok((decoding, false));
-                                }
-                            }
-                            Ok((decoding, true))
-                        })
-                        .await?;
-                    if done {
-                        return Ok::<_, EngineError>(());
-                    }
-                    decoding = slice;
-                    if let Some(until) = slices.first_audio.next_due() {
-                        slices.engines.hold_back(until, || slices.stopped()).await;
-                    }
+        let max_tokens = self.config.max_reply_tokens;
+        let generation = match self.engines.chat_api.clone() {
+            Some(api) => tokio::spawn(
+                async move {
+                    let sink = slices;
+                    let stopped = || sink.cancel.load(Ordering::Relaxed) || sink.halt.load(Ordering::Relaxed);
+                    api.stream(&messages, max_tokens, &sink.deltas, stopped).await.map_err(EngineError::from)
                 }
-            }
-            .in_current_span(),
-        );
+                .in_current_span(),
+            ),
+            None => self.generate_embedded(messages, slices),
+        };
         let mut chunker = Chunker::new();
         let mut first_token_seen = false;
         let mut first_chunk_sent = false;
@@ -1395,6 +1396,61 @@ impl ReplyContext {
             Ok(Err(e)) => Some(e),
             Err(e) => Some(EngineError::Stopped(if e.is_panic() { "llm (panicked)" } else { "llm" })),
         }
+    }
+
+    /// The embedded model's reply, token by token on its engine thread, into `slices`.
+    fn generate_embedded(
+        &self,
+        messages: Vec<Message>,
+        slices: Arc<DeltaSink>,
+    ) -> tokio::task::JoinHandle<Result<(), EngineError>> {
+        let llm = self.engines.llm.clone();
+        let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
+        tokio::spawn(
+            async move {
+                // In this session's own KV cache: other sessions' replies do not evict its prefix.
+                let asked = Instant::now();
+                let start = move |llm: &mut Llm| Ok((Instant::now(), llm.start(key, &messages, max_tokens)?));
+                let (ran, mut decoding) = llm.try_run(Priority::High, start).await?;
+                let g = decoding.generation();
+                tracing::debug!(
+                    prompt_tokens = g.prompt_tokens,
+                    prefilled_tokens = g.prefilled_tokens,
+                    dropped_messages = g.dropped_messages,
+                    queued_ms = ran.saturating_duration_since(asked).as_secs_f64() * 1000.0,
+                    prefill_ms = g.prefill_ms,
+                    "reply prefilled"
+                );
+                loop {
+                    let sink = slices.clone();
+                    // Until its first chunk is out the reply is urgent; then it gives way to other
+                    // sessions' first words until its next chunk is due.
+                    let priority = match sink.first_audio.next_due() {
+                        _ if !sink.first_chunk_out.load(Ordering::Relaxed) => Priority::High,
+                        Some(due) => Priority::By(due),
+                        None => Priority::Low,
+                    };
+                    let (slice, done) = llm
+                        .try_run(priority, move |llm| {
+                            while !llm.resume(&mut decoding, 1, |delta| sink.push(delta))? {
+                                if sink.may_yield() {
+                                    return Ok((decoding, false));
+                                }
+                            }
+                            Ok((decoding, true))
+                        })
+                        .await?;
+                    if done {
+                        return Ok::<_, EngineError>(());
+                    }
+                    decoding = slice;
+                    if let Some(until) = slices.first_audio.next_due() {
+                        slices.engines.hold_back(until, || slices.stopped()).await;
+                    }
+                }
+            }
+            .in_current_span(),
+        )
     }
 }
 
@@ -2042,7 +2098,8 @@ mod tests {
         let manifest = Arc::new(Manifest::load_default().unwrap_or_else(|e| panic!("{e}")));
         let audit_log = std::env::temp_dir().join(format!("parley-unit-audit-{}.jsonl", std::process::id()));
         let safety = SafetyConfig { audit_log, ..Default::default() };
-        let engines = Arc::new(Engines::load(&manifest, &VoiceConfig::default(), &safety).unwrap());
+        let engines =
+            Arc::new(Engines::load(&manifest, &VoiceConfig::default(), &safety, &Default::default()).unwrap());
         let quiet = |tts: &mut Synthesizer| {
             if let Synthesizer::Piper(tts) = tts {
                 tts.set_noise(false);
