@@ -146,8 +146,9 @@ fn a_prefill_in_slices_gives_the_same_reply() {
 }
 
 /// The end-of-turn cue for unpunctuated transcripts: a request or an answer that is complete
-/// ends a sentence more likely than words that trail off, by a wide margin (measured: complete
-/// 0.06–0.69, trailing off at most 0.003); and the reply after it reuses the prefill.
+/// ends a sentence more likely than words that trail off, by a wide margin (measured with
+/// Qwen2.5-Coder-0.5B: complete at least 0.029, trailing off at most 0.0001; the server's
+/// `sentence_end_threshold` is 0.01); and the reply after it reuses the prefill.
 #[test]
 fn complete_words_end_a_sentence_more_likely_than_trailing_ones() {
     let mut llm = llm();
@@ -159,7 +160,7 @@ fn complete_words_end_a_sentence_more_likely_than_trailing_ones() {
     let trailing = ["I have a cat and", "Can you help me with", "I would like to", "I have a cat in"];
     let lowest = complete.map(|t| p(&mut llm, t)).into_iter().fold(f32::MAX, f32::min);
     let highest = trailing.map(|t| p(&mut llm, t)).into_iter().fold(0.0, f32::max);
-    assert!(lowest > 0.05 && highest < 0.01, "complete at least {lowest}, trailing at most {highest}");
+    assert!(lowest > 0.01 && highest < 0.001, "complete at least {lowest}, trailing at most {highest}");
     let history = [Message::system(SYSTEM), Message::user("What time is it")];
     let fresh = llm.generate(&history, 10, |_| ControlFlow::Continue(())).unwrap();
     llm.reset_cache();
