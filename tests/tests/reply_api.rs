@@ -121,13 +121,14 @@ async fn replies_come_from_a_real_openai_compatible_server_and_remember_the_conv
         ..Default::default()
     };
     let server = parley(reply).await;
-    let texts = ["What is the capital of France?".to_string(), "My dog is called Max. What is my dog called?".into()];
-    let mut events = vec![Vec::new(), Vec::new()];
+    let texts = ["What is the capital of France?", "My dog is called Max.", "What is my dog called?"].map(String::from);
+    let mut events = vec![Vec::new(); 3];
     let mut audio = false;
     text_conversation(&options(&server), &texts, &mut events, &mut audio).await.unwrap();
     let said = replies(&events);
     assert!(said[0].contains("Paris"), "{said:?}");
-    assert!(said[1].contains("Max"), "{said:?}");
+    // The name is only in an earlier turn: the endpoint got the conversation.
+    assert!(said[2].contains("Max"), "{said:?}");
     assert!(audio, "the last reply was spoken");
     // The reply went through the output gate and the voice gate like the embedded model's.
     let gated = |stage: SafetyStage| {
