@@ -99,7 +99,7 @@ pub struct Config {
     pub models: Option<std::path::PathBuf>,
     pub voice: crate::pipeline::voice::VoiceConfig,
     pub safety: crate::safety::SafetyConfig,
-    pub reply: crate::pipeline::chat_api::ReplyConfig,
+    pub reply: crate::models::chat_api::ReplyConfig,
 }
 
 impl Default for Config {

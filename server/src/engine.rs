@@ -35,7 +35,7 @@ pub enum EngineError {
     Model(#[from] ModelError),
     /// The reply came from an external endpoint, which failed.
     #[error(transparent)]
-    Api(#[from] crate::pipeline::chat_api::ApiError),
+    Api(#[from] crate::models::chat_api::ApiError),
 }
 
 type Job<M> = Box<dyn FnOnce(&mut M) + Send>;

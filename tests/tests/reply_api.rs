@@ -8,7 +8,7 @@ use parley_protocol::ServerEvent;
 use parley_protocol::event::SafetyStage;
 use parley_server::config::Config;
 use parley_server::models::Manifest;
-use parley_server::pipeline::chat_api::{Backend, ReplyConfig};
+use parley_server::models::chat_api::{Backend, ReplyConfig};
 use parley_server::pipeline::voice::{VoiceConfig, VoicePipeline};
 use parley_server::safety::SafetyConfig;
 use parley_tests::TestServer;

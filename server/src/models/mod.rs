@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 pub mod asr;
+pub mod chat_api;
 pub mod espeak;
 pub mod llm;
 pub mod speaker;

@@ -26,7 +26,6 @@
 //!
 //! Turn numbers start at 1 and increase; turn 0 is an untracked stream (the per-frame echo): no
 //! audio events, no latency report, not cancellable.
-pub mod chat_api;
 pub mod chunker;
 pub mod echo;
 pub mod voice;

@@ -34,12 +34,12 @@
 //! against the enrolled voice before it goes to the session (audio that deviates is cut). Reply
 //! text reaches the client chunk by chunk, only once its audio passed. A gate that cannot run
 //! fails closed.
-use super::chat_api::{Backend, ChatApi, ReplyConfig};
 use super::chunker::{Chunker, sentence_ends};
 use super::{Command, Hold, Pipeline, ReplyOutput, SessionClosed, SessionIo, TurnMarks};
 use crate::audio::PIPELINE_RATE;
 use crate::engine::{Engine, EngineError, Priority};
 use crate::models::asr::{Asr, Settled, Transcript};
+use crate::models::chat_api::{Backend, ChatApi, ReplyConfig};
 use crate::models::llm::{DROP_BLOCK, Llm, Message};
 use crate::models::text_embed::TextEmbedder;
 use crate::models::tts::{Rest, Synthesizer, TtsBackend};
@@ -1324,9 +1324,9 @@ impl ReplyContext {
         let generation = match self.engines.chat_api.clone() {
             Some(api) => tokio::spawn(
                 async move {
-                    let sink = slices;
-                    let stopped = || sink.cancel.load(Ordering::Relaxed) || sink.halt.load(Ordering::Relaxed);
-                    api.stream(&messages, max_tokens, &sink.deltas, stopped).await.map_err(EngineError::from)
+                    api.stream(&messages, max_tokens, &slices.deltas, || slices.stopped())
+                        .await
+                        .map_err(EngineError::from)
                 }
                 .in_current_span(),
             ),

@@ -15,7 +15,7 @@
 //! - **Bounded**: an SSE line longer than [`MAX_LINE_BYTES`] or a reply past `max_tokens` × 32
 //!   characters ends the reply; the conversation sent keeps the system prompt and the latest
 //!   messages up to [`MAX_PROMPT_CHARS`].
-use crate::models::llm::{Message, Role};
+use super::llm::{Message, Role};
 use serde::Deserialize;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
