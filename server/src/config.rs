@@ -24,40 +24,7 @@ impl PipelineKind {
     }
 }
 
-/// How the echo pipeline answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum EchoMode {
-    /// Every input frame is sent straight back through the whole audio path (Opus decode,
-    /// resample, ring, pacer, resample, Opus encode): the per-frame cost of a voice session
-    /// without its models.
-    Frame,
-    /// Every audio message is sent straight back as received, header and Opus packet, without
-    /// decoding: what the transport itself (WebSocket, session, send queue) adds per frame.
-    Packet,
-    /// An energy VAD finds each utterance; after its end the utterance is played back as a reply
-    /// (turns, latency events and barge-in, without models).
-    Utterance,
-}
-
-/// Echo pipeline settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EchoConfig {
-    pub mode: EchoMode,
-    /// Frame RMS above which a 20 ms frame counts as voiced, in dBFS.
-    pub vad_threshold_dbfs: f32,
-    /// Silence after speech that ends the user's turn, in ms (the endpointing delay).
-    pub endpoint_silence_ms: u32,
-    /// Voiced audio needed to start a turn, in ms (rejects clicks).
-    pub min_speech_ms: u32,
-}
-
-impl Default for EchoConfig {
-    fn default() -> Self {
-        Self { mode: EchoMode::Frame, vad_threshold_dbfs: -40.0, endpoint_silence_ms: 400, min_speech_ms: 60 }
-    }
-}
+pub use crate::conversation::echo::{EchoConfig, EchoMode};
 
 /// Everything `run` needs to know.
 #[derive(Debug, Clone, Deserialize)]
@@ -97,7 +64,7 @@ pub struct Config {
     /// The provisioned model cache (holding `manifest.json`); `None`: `$PARLEY_MODELS`, else the
     /// cache this build expects (`~/.cache/parley/models/<key>`).
     pub models: Option<std::path::PathBuf>,
-    pub voice: crate::pipeline::voice::VoiceConfig,
+    pub voice: crate::conversation::voice::VoiceConfig,
     pub safety: crate::safety::SafetyConfig,
     pub reply: crate::models::chat_api::ReplyConfig,
 }

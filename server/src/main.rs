@@ -137,7 +137,7 @@ fn main() -> anyhow::Result<()> {
         // The voice pipeline loads every model (seconds): off the async runtime.
         let pipeline = {
             let config = config.clone();
-            tokio::task::spawn_blocking(move || parley_server::pipeline::from_config(&config)).await??
+            tokio::task::spawn_blocking(move || parley_server::server::pipeline_from_config(&config)).await??
         };
         tracing::info!(pipeline = config.pipeline.name(), "serving ws://{}/v1/voice", config.listen);
         let metrics = std::sync::Arc::new(parley_server::metrics::Metrics::default());

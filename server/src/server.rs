@@ -3,10 +3,10 @@
 //! beyond `max_sessions` with close code 1013, and on shutdown tells every session to close and
 //! waits for them to drain.
 use crate::config::Config;
+use crate::conversation::{self, Pipeline};
 use crate::http::{self, Request};
 use crate::metrics::Metrics;
-use crate::pipeline::{self, Pipeline};
-use crate::session::{self, SessionContext, close_message};
+use crate::transport::{self, SessionContext, close_message};
 use futures_util::SinkExt;
 use parley_protocol::{CloseCode, ErrorCode, ServerEvent, WS_PATH};
 use std::future::Future;
@@ -50,11 +50,29 @@ struct Shared {
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future) -> Result<(), ServerError> {
     let pipeline = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || pipeline::from_config(&config))
+        tokio::task::spawn_blocking(move || pipeline_from_config(&config))
             .await
             .map_err(|e| ServerError::PipelineUnavailable(e.to_string()))??
     };
     run_with_pipeline(listener, config, pipeline, Arc::new(Metrics::default()), shutdown).await
+}
+
+/// Builds the pipeline the configuration names. The voice pipeline loads every model from the
+/// provisioned cache first (seconds: call it off the async runtime, e.g. in `spawn_blocking`).
+pub fn pipeline_from_config(config: &Config) -> Result<Arc<dyn Pipeline>, crate::models::ModelError> {
+    match config.pipeline {
+        crate::config::PipelineKind::Echo => Ok(Arc::new(conversation::echo::EchoPipeline::new(config.echo.clone()))),
+        crate::config::PipelineKind::Voice => {
+            let dir = config.models.clone().unwrap_or_else(crate::models::Manifest::default_dir);
+            let manifest = crate::models::Manifest::load(&dir)?;
+            Ok(Arc::new(conversation::voice::VoicePipeline::load(
+                manifest,
+                config.voice.clone(),
+                &config.safety,
+                &config.reply,
+            )?))
+        }
+    }
 }
 
 /// Runs the server with a given pipeline and metrics registry until `shutdown` completes, then
@@ -204,7 +222,7 @@ async fn run_session(ws: WebSocketStream<TcpStream>, shared: &Arc<Shared>, _perm
         pipeline: shared.pipeline.clone(),
         shutdown: shared.shutdown.subscribe(),
     };
-    session::serve(ws, ctx).await;
+    transport::v1::serve(ws, ctx).await;
 }
 
 /// Over `max_sessions`: an `error` event, then close 1013 with the reason.

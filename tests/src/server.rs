@@ -1,7 +1,7 @@
 //! A real Parley server on 127.0.0.1:0 for one test, with the pipeline the test chooses.
 use parley_server::config::Config;
+use parley_server::conversation::Pipeline;
 use parley_server::metrics::Metrics;
-use parley_server::pipeline::Pipeline;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

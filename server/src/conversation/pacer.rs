@@ -1,21 +1,22 @@
-//! The paced sender: turns the pipeline's reply audio into 20 ms Opus frames and hands them to
-//! the WebSocket writer no more than `max_lead` ahead of real time, so a cancel (barge-in) can
-//! stop a reply within one frame and drop everything unsent. It also sends the audio events
-//! (`response.audio.started`/`done`, `reply.cancelled`) and completes `turn.latency`.
-use crate::audio::codec::OpusEncoder;
+//! The paced sender: cuts the conversation's reply audio into 20 ms frames at the stream's rate
+//! and hands them to the transport ([`Transmit`]: Opus frames for v1, base64 PCM or G.711 for
+//! the Realtime API) no more than `max_lead` ahead of real time, so a cancel (barge-in) can stop
+//! a reply within one frame and drop everything unsent. It also makes the audio events
+//! (`response.audio.started`/`done`, `reply.cancelled`), completes `turn.latency`, and says when
+//! each turn's reply has ended.
 use crate::audio::resample::Resampler;
+use crate::conversation::{Output, ReplyControl, TurnMarks};
 use crate::metrics::Metrics;
-use crate::pipeline::{Output, ReplyControl, TurnMarks};
-use crate::session::Outbox;
 use parley_protocol::event::{LatencyMark, mark};
-use parley_protocol::{FRAME_MS, FrameHeader, MAX_OPUS_PACKET_BYTES, ServerEvent, frame::HEADER_LEN, frame_samples};
+use parley_protocol::{FRAME_MS, ServerEvent, frame_samples};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 
-/// A pacer has nothing more to do: the pipeline's side closed or the encoder failed.
+/// A pacer has nothing more to do: the pipeline's side closed, or the audio could not be
+/// resampled or encoded.
 #[derive(Debug, thiserror::Error)]
 pub enum PacerError {
     #[error(transparent)]
@@ -24,22 +25,31 @@ pub enum PacerError {
     Resample(#[from] crate::audio::resample::ResampleError),
 }
 
+/// The transport's side of the pacer: how events and frames reach the client.
+pub trait Transmit: Send {
+    /// An event of the conversation, in order with the audio.
+    fn event(&mut self, event: &ServerEvent);
+    /// The next frame (20 ms at `rate`) of reply audio of `turn` (0: an untracked stream); `seq`
+    /// numbers the frames of the session's reply stream, `ref_ts_us` is the client timestamp of
+    /// the input it answers.
+    fn frame(&mut self, turn: u64, pcm: &[f32], rate: u32, seq: u32, ref_ts_us: u64) -> Result<(), PacerError>;
+    /// `turn`'s reply ended and all its audio was sent (a cancelled one gets `reply.cancelled`
+    /// instead).
+    fn turn_end(&mut self, _turn: u64) {}
+}
+
 const FRAME: Duration = Duration::from_millis(FRAME_MS as u64);
 
 pub struct Pacer {
     rx: mpsc::Receiver<Output>,
     control: Arc<ReplyControl>,
-    outbox: Outbox,
+    transmit: Box<dyn Transmit>,
     metrics: Arc<Metrics>,
     max_lead: Duration,
-    bitrate: i32,
-    complexity: i32,
     rate: u32,
-    encoder: OpusEncoder,
     resampler: Option<Resampler>,
     /// Reply audio at the stream rate, not yet framed.
     pcm: Vec<f32>,
-    packet: Vec<u8>,
     seq: u32,
     ref_ts_us: u64,
     /// The player's clock: when it plays the first frame of the current run of frames (a client
@@ -65,24 +75,20 @@ impl Pacer {
     pub fn new(
         rx: mpsc::Receiver<Output>,
         control: Arc<ReplyControl>,
-        outbox: Outbox,
+        transmit: Box<dyn Transmit>,
         metrics: Arc<Metrics>,
-        config: &crate::config::Config,
-    ) -> Result<Self, PacerError> {
+        max_lead: Duration,
+    ) -> Self {
         let rate = control.output_rate.load(Relaxed);
-        Ok(Self {
+        Self {
             rx,
             control,
-            outbox,
+            transmit,
             metrics,
-            max_lead: Duration::from_millis(config.max_lead_ms as u64),
-            bitrate: config.opus_bitrate,
-            complexity: config.opus_complexity,
+            max_lead,
             rate,
-            encoder: OpusEncoder::new(rate, config.opus_bitrate, config.opus_complexity)?,
             resampler: None,
             pcm: Vec::with_capacity(frame_samples(48_000) * 16),
-            packet: vec![0; HEADER_LEN + MAX_OPUS_PACKET_BYTES],
             seq: 0,
             ref_ts_us: 0,
             run_start: Instant::now(),
@@ -90,7 +96,7 @@ impl Pacer {
             ready_at: None,
             turn: None,
             marks: Vec::new(),
-        })
+        }
     }
 
     fn frame_len(&self) -> usize {
@@ -128,7 +134,7 @@ impl Pacer {
 
     fn ingest(&mut self, output: Output) -> Result<(), PacerError> {
         match output {
-            Output::Event(event) => self.outbox.event(&event),
+            Output::Event(event) => self.transmit.event(&event),
             Output::Marks(marks) => {
                 if self.marks.len() >= 8 {
                     self.marks.remove(0);
@@ -165,9 +171,10 @@ impl Pacer {
                     if partial > 0 {
                         self.pcm.resize(self.pcm.len() + frame - partial, 0.0);
                     }
-                } else if self.turn.is_none() && !cancelled {
-                    // A turn without audio: report its latency now.
+                } else if !cancelled && self.turn.as_ref().is_none_or(|t| t.turn != turn) {
+                    // A turn without audio: report its latency now; it has ended.
                     self.send_latency(turn, None);
+                    self.transmit.turn_end(turn);
                 }
             }
         }
@@ -178,7 +185,6 @@ impl Pacer {
         let rate = self.control.output_rate.load(Relaxed);
         if rate != self.rate {
             self.rate = rate;
-            self.encoder = OpusEncoder::new(rate, self.bitrate, self.complexity)?;
             self.resampler = None;
             self.pcm.clear();
         }
@@ -194,11 +200,10 @@ impl Pacer {
         let frame = self.frame_len();
         if let Some(state) = self.turn.as_ref().filter(|t| t.turn > 0 && t.frames == 0) {
             let event = ServerEvent::ResponseAudioStarted { turn: state.turn, first_seq: self.seq };
-            self.outbox.event(&event);
+            self.transmit.event(&event);
         }
-        let n = self.encoder.encode(&self.pcm[..frame], &mut self.packet[HEADER_LEN..])?;
-        FrameHeader::audio(self.seq, self.ref_ts_us).write(&mut self.packet);
-        self.outbox.audio(&self.packet[..HEADER_LEN + n]);
+        let turn = self.turn.as_ref().map_or(0, |t| t.turn);
+        self.transmit.frame(turn, &self.pcm[..frame], self.rate, self.seq, self.ref_ts_us)?;
         self.pcm.drain(..frame);
         self.ready_at = None;
         self.seq = self.seq.wrapping_add(1);
@@ -249,7 +254,8 @@ impl Pacer {
                     frames: state.frames,
                     audio_ms: state.frames as u64 * FRAME_MS as u64,
                 };
-                self.outbox.event(&event);
+                self.transmit.event(&event);
+                self.transmit.turn_end(state.turn);
             }
             self.turn = None;
         }
@@ -273,7 +279,7 @@ impl Pacer {
             played_ms: played.as_millis() as u64,
             sent_ms: sent.as_millis() as u64,
         };
-        self.outbox.event(&event);
+        self.transmit.event(&event);
         self.control.record_cancel(state.turn, played.as_millis() as u64);
         self.control.set_playing(0, Instant::now());
         self.turn = None;
@@ -299,13 +305,23 @@ impl Pacer {
         if first_frame.is_some() {
             self.metrics.turn_seconds.observe(total);
         }
-        self.outbox.event(&ServerEvent::TurnLatency { turn, marks: out, total_ms: total.as_secs_f64() * 1000.0 });
+        self.transmit.event(&ServerEvent::TurnLatency { turn, marks: out, total_ms: total.as_secs_f64() * 1000.0 });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A transport that drops what it is given.
+    struct Discard;
+
+    impl Transmit for Discard {
+        fn event(&mut self, _event: &ServerEvent) {}
+        fn frame(&mut self, _: u64, _: &[f32], _: u32, _: u32, _: u64) -> Result<(), PacerError> {
+            Ok(())
+        }
+    }
 
     /// A reply whose second part reaches the pacer after the first has played is one underrun
     /// of the pipeline's making, about as long as the gap; one whose audio waits while the pacer
@@ -314,12 +330,10 @@ mod tests {
     async fn frames_sent_after_the_player_needs_them_are_underruns_by_cause() {
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel(16);
-        let (out_tx, mut out_rx) = mpsc::channel(1024);
         let control = Arc::new(ReplyControl::new(48_000));
-        let config = crate::config::Config::default();
-        let pacer = Pacer::new(rx, control, Outbox::new(out_tx, metrics.clone()), metrics.clone(), &config).unwrap();
+        let lead = Duration::from_millis(100);
+        let pacer = Pacer::new(rx, control, Box::new(Discard), metrics.clone(), lead);
         let pacer = tokio::spawn(pacer.run());
-        tokio::spawn(async move { while out_rx.recv().await.is_some() {} });
         let audio =
             |turn, ms: usize| Output::Audio { turn, pcm: vec![0.0; 16 * ms], sample_rate: 16_000, ref_ts_us: 0 };
         // Turn 1: 200 ms, then 100 ms more at once (in time): no underrun.

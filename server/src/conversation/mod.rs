@@ -1,4 +1,6 @@
-//! The boundary between a session's transport and the pipeline that answers it.
+//! The conversation core, transport-neutral: PCM in, events and PCM out. This file is its
+//! boundary with the transports (`crate::transport`); below it are the pipelines that answer a
+//! session ([`echo`], [`voice`]), the clause [`chunker`] and the [`pacer`].
 //!
 //! A [`Pipeline`] is built once per server and shared by all sessions (models live there, never
 //! one copy per session). For each session the server calls [`Pipeline::start`] with a
@@ -28,6 +30,7 @@
 //! audio events, no latency report, not cancellable.
 pub mod chunker;
 pub mod echo;
+pub mod pacer;
 pub mod voice;
 
 use crate::audio::ring::AudioInput;
@@ -377,19 +380,6 @@ impl ReplyControl {
         let until = self.playing_until_ns.load(Relaxed);
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         (turn > 0 && now_ns < until && turn > self.cancel_upto.load(Relaxed)).then_some(turn)
-    }
-}
-
-/// Builds the pipeline the configuration names. The voice pipeline loads every model from the
-/// provisioned cache first (seconds: call it off the async runtime, e.g. in `spawn_blocking`).
-pub fn from_config(config: &crate::config::Config) -> Result<Arc<dyn Pipeline>, crate::server::ServerError> {
-    match config.pipeline {
-        crate::config::PipelineKind::Echo => Ok(Arc::new(echo::EchoPipeline::new(config.echo.clone()))),
-        crate::config::PipelineKind::Voice => {
-            let dir = config.models.clone().unwrap_or_else(crate::models::Manifest::default_dir);
-            let manifest = crate::models::Manifest::load(&dir)?;
-            Ok(Arc::new(voice::VoicePipeline::load(manifest, config.voice.clone(), &config.safety, &config.reply)?))
-        }
     }
 }
 

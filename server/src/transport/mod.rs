@@ -1,0 +1,315 @@
+//! The edge: wire protocols that drive the conversation core. Each session is one WebSocket; this
+//! module runs its life (the writer task with its stall deadline, the pacer, the conversation
+//! worker, the idle timeout, shutdown and the close handshake) and hands every client message to
+//! the session's [`Protocol`]:
+//! - [`v1`]: Parley's own protocol at `/v1/voice`, binary Opus frames plus JSON events;
+//! - [`realtime`]: the OpenAI Realtime API (GA) at `/v1/realtime`, JSON with base64 audio.
+//!
+//! A protocol turns client messages into audio for the input ring and [`Command`]s for the
+//! worker, and, through the [`Transmit`] it gives the pacer, turns the core's events and reply
+//! frames into its own messages.
+pub mod v1;
+
+use crate::audio::PIPELINE_RATE;
+use crate::audio::ring::{InputFeed, input_ring};
+use crate::config::Config;
+use crate::conversation::pacer::{Pacer, Transmit};
+use crate::conversation::{Command, Pipeline, ReplyControl, ReplyOutput, SessionIo};
+use crate::metrics::{CloseReason, InputError, Metrics};
+use futures_util::{SinkExt, StreamExt};
+use parley_protocol::{CloseCode, DEFAULT_SAMPLE_RATE, ErrorCode};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::Instrument;
+
+/// Queue of client commands to the worker (text turns and cancels are rare).
+const COMMAND_QUEUE: usize = 16;
+/// Queue of conversation outputs to the pacer (items, not bytes: one may hold a whole sentence).
+const REPLY_QUEUE: usize = 32;
+/// How long a closing session waits for the close handshake.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How a session ends: the reason counted, and the close frame to send (none when the client
+/// closed or is gone).
+pub type Ending = (CloseReason, Option<(CloseCode, String)>);
+
+/// The bounded queue of messages to the client. Policy when full: drop the newest message and
+/// count it; the writer's stall deadline then closes the session.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Message>,
+    metrics: Arc<Metrics>,
+}
+
+impl Outbox {
+    pub(crate) fn new(tx: mpsc::Sender<Message>, metrics: Arc<Metrics>) -> Self {
+        Self { tx, metrics }
+    }
+
+    pub fn push(&self, message: Message) {
+        if self.tx.try_send(message).is_err() {
+            self.metrics.send_queue_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn text(&self, text: String) {
+        self.push(Message::text(text));
+    }
+
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        self.push(close_message(code, reason));
+    }
+}
+
+pub fn close_message(code: CloseCode, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame { code: WsCloseCode::from(code.code()), reason: reason.into() }))
+}
+
+/// How the writer task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriterEnd {
+    /// It sent a close frame.
+    Closed,
+    /// Its queue closed.
+    Done,
+    /// A write did not finish within the deadline: the client stopped reading.
+    Stalled,
+    /// The socket failed.
+    Failed,
+}
+
+type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+
+async fn write_loop(mut sink: Sink, mut rx: mpsc::Receiver<Message>, deadline: Duration) -> WriterEnd {
+    while let Some(message) = rx.recv().await {
+        let mut closing = matches!(message, Message::Close(_));
+        let batch = async {
+            sink.feed(message).await?;
+            // Batch what is already queued into one flush.
+            while !closing && let Ok(next) = rx.try_recv() {
+                closing = matches!(next, Message::Close(_));
+                sink.feed(next).await?;
+            }
+            sink.flush().await
+        };
+        match tokio::time::timeout(deadline, batch).await {
+            Err(_) => return WriterEnd::Stalled,
+            Ok(Err(_)) => return WriterEnd::Failed,
+            Ok(Ok(())) if closing => return WriterEnd::Closed,
+            Ok(Ok(())) => {}
+        }
+    }
+    WriterEnd::Done
+}
+
+/// What a session needs from the server.
+pub struct SessionContext {
+    pub id: u64,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub pipeline: Arc<dyn Pipeline>,
+    pub shutdown: broadcast::Receiver<()>,
+}
+
+/// What a protocol gets to drive one session's conversation.
+pub struct Link {
+    pub session_id: String,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub outbox: Outbox,
+    /// Cancels, the reply stream's rate, what is playing.
+    pub control: Arc<ReplyControl>,
+    pub commands: mpsc::Sender<Command>,
+    /// The worker's 16 kHz input ring.
+    pub feed: InputFeed,
+    pub pipeline_name: &'static str,
+}
+
+/// One wire protocol's side of a session.
+pub trait Protocol: Send {
+    /// The first message(s) of the session (`session.created`).
+    fn greet(&mut self);
+    /// Handles one client message; returns how the session ends, if it must.
+    fn handle(&mut self, message: Message) -> Option<Ending>;
+    /// Tells the client about a problem of the session (before a close), in this protocol's terms.
+    fn error(&mut self, code: ErrorCode, message: &str);
+}
+
+/// Serves one upgraded connection with the protocol `build` makes (given the session's link, it
+/// returns the protocol and the pacer's transmitter) until the session ends; counts how it ended.
+pub async fn serve<P, B>(ws: WebSocketStream<TcpStream>, ctx: SessionContext, build: B)
+where
+    P: Protocol,
+    B: FnOnce(Link) -> Result<(P, Box<dyn Transmit>), String>,
+{
+    let span = tracing::info_span!("session", id = ctx.id);
+    let metrics = ctx.metrics.clone();
+    metrics.sessions_total.fetch_add(1, Relaxed);
+    metrics.sessions_active.fetch_add(1, Relaxed);
+    let reason = run(ws, ctx, build).instrument(span.clone()).await;
+    span.in_scope(|| tracing::info!(reason = reason.label(), "session ended"));
+    metrics.session_closed(reason);
+    metrics.sessions_active.fetch_sub(1, Relaxed);
+}
+
+async fn run<P, B>(ws: WebSocketStream<TcpStream>, mut ctx: SessionContext, build: B) -> CloseReason
+where
+    P: Protocol,
+    B: FnOnce(Link) -> Result<(P, Box<dyn Transmit>), String>,
+{
+    let config = ctx.config.clone();
+    let (sink, mut stream) = ws.split();
+    let (out_tx, out_rx) = mpsc::channel(config.send_queue);
+    let mut writer = tokio::spawn(write_loop(sink, out_rx, config.write_timeout()).in_current_span());
+    let outbox = Outbox::new(out_tx, ctx.metrics.clone());
+
+    let control = Arc::new(ReplyControl::new(DEFAULT_SAMPLE_RATE));
+    let capacity = (PIPELINE_RATE * config.input_buffer_ms / 1000) as usize;
+    let (feed, audio) = input_ring(capacity);
+    let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
+    let session_id = format!("sess_{}", ctx.id);
+    let link = Link {
+        session_id: session_id.clone(),
+        config: config.clone(),
+        metrics: ctx.metrics.clone(),
+        outbox: outbox.clone(),
+        control: control.clone(),
+        commands: command_tx,
+        feed,
+        pipeline_name: ctx.pipeline.name(),
+    };
+    let (mut protocol, transmit) = match build(link) {
+        Ok(built) => built,
+        Err(e) => {
+            tracing::error!(error = %e, "session set-up failed");
+            outbox.close(CloseCode::InternalError, "server audio set-up failed");
+            return CloseReason::Internal;
+        }
+    };
+    let lead = Duration::from_millis(config.max_lead_ms as u64);
+    let pacer = Pacer::new(reply_rx, control.clone(), transmit, ctx.metrics.clone(), lead);
+    let mut pacer = tokio::spawn(
+        async move {
+            if let Err(e) = pacer.run().await {
+                tracing::error!(error = %e, "pacer failed");
+            }
+        }
+        .in_current_span(),
+    );
+    let worker = ctx.pipeline.start(SessionIo {
+        session_id: session_id.clone(),
+        audio,
+        commands: command_rx,
+        output: ReplyOutput::new(reply_tx, control),
+    });
+    protocol.greet();
+    tracing::info!(%session_id, "session started");
+
+    let idle = tokio::time::sleep(config.idle_timeout());
+    tokio::pin!(idle);
+    let mut writer_end = None;
+    let (reason, close): Ending = loop {
+        tokio::select! {
+            biased;
+            _ = ctx.shutdown.recv() => {
+                protocol.error(ErrorCode::ShuttingDown, "the server is shutting down");
+                break (CloseReason::Shutdown, Some((CloseCode::GoingAway, "server shutting down".into())));
+            }
+            end = &mut writer => {
+                let end = end.unwrap_or(WriterEnd::Failed);
+                writer_end = Some(end);
+                break match end {
+                    WriterEnd::Stalled => {
+                        tracing::warn!("client stopped reading; closing");
+                        (CloseReason::SlowConsumer, None)
+                    }
+                    _ => (CloseReason::ClientGone, None),
+                };
+            }
+            _ = &mut pacer => {
+                break (CloseReason::Internal, Some((CloseCode::InternalError, "reply audio path failed".into())));
+            }
+            _ = &mut idle => {
+                protocol.error(ErrorCode::IdleTimeout, "no message within the idle timeout");
+                break (CloseReason::IdleTimeout, Some((CloseCode::IdleTimeout, "idle timeout".into())));
+            }
+            message = stream.next() => {
+                idle.as_mut().reset(tokio::time::Instant::now() + config.idle_timeout());
+                match message {
+                    None => break (CloseReason::ClientGone, None),
+                    Some(Ok(message)) => {
+                        if let Some(end) = protocol.handle(message) {
+                            break end;
+                        }
+                    }
+                    Some(Err(WsError::Capacity(e))) => {
+                        ctx.metrics.input_error(InputError::MessageTooBig);
+                        protocol.error(ErrorCode::MessageTooBig, &e.to_string());
+                        let reason = format!("message larger than {} bytes", config.max_message_bytes);
+                        break (CloseReason::MessageTooBig, Some((CloseCode::MessageTooBig, reason)));
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "read failed");
+                        break (CloseReason::ClientGone, None);
+                    }
+                }
+            }
+        }
+    };
+
+    // Stop producing, then say goodbye.
+    worker.abort();
+    pacer.abort();
+    if let Some((code, text)) = close
+        && writer_end.is_none()
+    {
+        outbox.close(code, &text);
+    }
+    drop(protocol);
+    drop(outbox);
+    if writer_end.is_none() {
+        match tokio::time::timeout(CLOSE_GRACE, &mut writer).await {
+            Ok(Ok(WriterEnd::Stalled)) if reason != CloseReason::SlowConsumer => {}
+            Ok(_) => {}
+            Err(_) => writer.abort(),
+        }
+        // Read until the client answers the close (or the grace period ends).
+        let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+    } else {
+        writer.abort();
+    }
+    reason
+}
+
+/// Counts malformed messages in a row: past the configured limit the session is closed (1008).
+pub struct ErrorRun {
+    count: u32,
+    limit: u32,
+}
+
+impl ErrorRun {
+    pub fn new(limit: u32) -> Self {
+        Self { count: 0, limit }
+    }
+
+    pub fn ok(&mut self) {
+        self.count = 0;
+    }
+
+    /// One more bad message: the ending once there were too many in a row.
+    pub fn bad(&mut self) -> Option<Ending> {
+        self.count += 1;
+        (self.count >= self.limit).then(|| {
+            let reason = format!("{} malformed messages in a row", self.count);
+            (CloseReason::TooManyErrors, Some((CloseCode::PolicyViolation, reason)))
+        })
+    }
+}
