@@ -133,7 +133,7 @@ impl Worker {
                 _ = self.io.audio.wait_for(FRAME) => {}
                 command = self.io.commands.recv() => match command {
                     Some(Command::Text(text)) => self.echo_text(text).await?,
-                    Some(Command::Cancel) => {}
+                    Some(_) => {}
                     None => return Ok(()),
                 },
             }

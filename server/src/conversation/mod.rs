@@ -30,10 +30,13 @@
 //! audio events, no latency report, not cancellable.
 pub mod chunker;
 pub mod echo;
+pub mod history;
 pub mod pacer;
 pub mod voice;
 
 use crate::audio::ring::AudioInput;
+use crate::models::llm::Message;
+use history::History;
 use parley_protocol::ServerEvent;
 use parley_protocol::event::{CancelReason, mark};
 use std::sync::Arc;
@@ -59,21 +62,89 @@ pub struct SessionIo {
     pub audio: AudioInput,
     pub commands: mpsc::Receiver<Command>,
     pub output: ReplyOutput,
+    /// The conversation so far, shared with the transport.
+    pub history: Arc<History>,
 }
 
 /// Requests from the client other than audio.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    /// `conversation.item.create`: a typed user turn.
+    /// A typed user turn, answered at once (v1 `conversation.item.create`).
     Text(String),
-    /// `response.cancel`: the session already stopped the audio; stop generating too.
+    /// Stop the reply in progress (the session already stopped its audio).
     Cancel,
+    /// How turns are taken and replies made from now on.
+    Configure(Settings),
+    /// Turn taking by the client: the user's turn is this 16 kHz speech. Its turn number comes
+    /// back in [`Notice::Started`] with `request`.
+    Commit { audio: Vec<f32>, request: u64 },
+    /// Reply now, to the conversation so far (the history's last user item is the request the
+    /// input gate judges). Its turn number comes back in [`Notice::Started`] with `request`.
+    Respond(Respond),
+}
+
+/// Session settings a transport may change (the Realtime API's `session.update`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The server detects turns (VAD and endpointing); off: the client commits them.
+    pub detect_turns: bool,
+    /// A detected turn gets a reply; off: only its transcript.
+    pub create_response: bool,
+    /// The user speaking cancels the reply in progress (barge-in).
+    pub interrupt_response: bool,
+    /// The system prompt (`None`: the configured one).
+    pub instructions: Option<String>,
+    /// Most tokens in one reply (`None`: the configured limit).
+    pub max_tokens: Option<usize>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            detect_turns: true,
+            create_response: true,
+            interrupt_response: true,
+            instructions: None,
+            max_tokens: None,
+        }
+    }
+}
+
+/// A reply asked for by the client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Respond {
+    /// The transport's tag, echoed in [`Notice::Started`].
+    pub request: u64,
+    /// Replaces the system prompt for this reply.
+    pub instructions: Option<String>,
+    /// Spoken (text, audio and the voice gate) or text only.
+    pub audio: bool,
+    /// The reply goes into the history; off: out of band, the history is untouched.
+    pub in_conversation: bool,
+    /// The messages to answer instead of the history.
+    pub input: Option<Vec<Message>>,
+    pub max_tokens: Option<usize>,
+}
+
+/// What the core tells a transport besides the protocol events: for transports whose protocol
+/// names things the v1 events leave implicit (the Realtime API's items and responses).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// Turn `turn` began for the command tagged `request` (a commit or a requested reply).
+    Started { turn: u64, request: u64 },
+    /// Turn `turn`'s reply begins (after the input gate; a refusal is a reply too). `audio`: it
+    /// is spoken.
+    Reply { turn: u64, audio: bool },
+    /// What turn `turn`'s reply read and wrote, in the reply model's tokens (an external endpoint's
+    /// are estimated at 4 characters a token).
+    Usage { turn: u64, input_tokens: u64, output_tokens: u64 },
 }
 
 /// One item of the pipeline → pacer stream.
 #[derive(Debug)]
 pub enum Output {
     Event(ServerEvent),
+    Notice(Notice),
     Audio { turn: u64, pcm: Vec<f32>, sample_rate: u32, ref_ts_us: u64 },
     AudioEnd { turn: u64 },
     Marks(TurnMarks),
@@ -249,6 +320,10 @@ impl ReplyOutput {
 
     pub async fn event(&self, event: ServerEvent) -> Result<(), SessionClosed> {
         self.send(Output::Event(event)).await
+    }
+
+    pub async fn notice(&self, notice: Notice) -> Result<(), SessionClosed> {
+        self.send(Output::Notice(notice)).await
     }
 
     /// Reply audio for `turn`; `ref_ts_us` goes into the frames' header timestamp.

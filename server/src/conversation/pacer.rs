@@ -36,6 +36,8 @@ pub trait Transmit: Send {
     /// `turn`'s reply ended and all its audio was sent (a cancelled one gets `reply.cancelled`
     /// instead).
     fn turn_end(&mut self, _turn: u64) {}
+    /// A notice of the core's (protocols whose events carry no more than v1's ignore them).
+    fn notice(&mut self, _notice: crate::conversation::Notice) {}
 }
 
 const FRAME: Duration = Duration::from_millis(FRAME_MS as u64);
@@ -135,6 +137,7 @@ impl Pacer {
     fn ingest(&mut self, output: Output) -> Result<(), PacerError> {
         match output {
             Output::Event(event) => self.transmit.event(&event),
+            Output::Notice(notice) => self.transmit.notice(notice),
             Output::Marks(marks) => {
                 if self.marks.len() >= 8 {
                     self.marks.remove(0);

@@ -13,6 +13,7 @@ pub mod v1;
 use crate::audio::PIPELINE_RATE;
 use crate::audio::ring::{InputFeed, input_ring};
 use crate::config::Config;
+use crate::conversation::history::History;
 use crate::conversation::pacer::{Pacer, Transmit};
 use crate::conversation::{Command, Pipeline, ReplyControl, ReplyOutput, SessionIo};
 use crate::metrics::{CloseReason, InputError, Metrics};
@@ -129,6 +130,8 @@ pub struct Link {
     pub commands: mpsc::Sender<Command>,
     /// The worker's 16 kHz input ring.
     pub feed: InputFeed,
+    /// The conversation, shared with the worker.
+    pub history: Arc<History>,
     pub pipeline_name: &'static str,
 }
 
@@ -176,7 +179,9 @@ where
     let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
     let session_id = format!("sess_{}", ctx.id);
+    let history = Arc::new(History::default());
     let link = Link {
+        history: history.clone(),
         session_id: session_id.clone(),
         config: config.clone(),
         metrics: ctx.metrics.clone(),
@@ -209,6 +214,7 @@ where
         audio,
         commands: command_rx,
         output: ReplyOutput::new(reply_tx, control),
+        history,
     });
     protocol.greet();
     tracing::info!(%session_id, "session started");

@@ -173,7 +173,7 @@ impl Engines {
         let rate = self.tts_rate;
         run(self.voice_gate.run_blocking(high, move |gate| gate.check(&speech, rate).map(drop)))?;
         run(self.content.run_blocking(high, |c| c.judge("What is the weather like today?", false).map(drop)))?;
-        let messages = prompt(config, &[], "Hello!");
+        let messages = prompt(&config.system_prompt, &[], Some("Hello!".into()));
         run(self.llm.run_blocking(high, move |llm| llm.generate(&messages, 1, |_| ControlFlow::Break(())).map(drop)))?;
         tracing::info!(ms = started.elapsed().as_millis() as u64, "models warmed up");
         Ok(())

@@ -7,8 +7,8 @@ use crate::models::llm::{Llm, Message};
 use parley_protocol::ServerEvent;
 use parley_protocol::event::{SafetyStage, mark};
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -16,10 +16,13 @@ use tracing::Instrument;
 use super::ending::{Ending, ending_before, turn_end_odds};
 use super::engines::{Engines, engine_error};
 use super::gates::Gates;
-use super::speech::{FirstAudioWait, Piece, TtsStage, heard_text, join_text};
+use super::speech::{FirstAudioWait, Piece, TtsStage};
 use super::turns::{Input, Made, PauseSound, prefill, prompt};
+use crate::conversation::Notice;
 use crate::conversation::chunker::{Chunker, sentence_ends};
-use crate::models::llm::DROP_BLOCK;
+use crate::conversation::history::{self, History, Item, Spoken, join_text};
+use crate::models::llm::Role;
+use std::sync::atomic::AtomicUsize;
 /// Text deltas buffered between the LLM thread and the reply task.
 pub(super) const DELTA_QUEUE: usize = 256;
 
@@ -29,12 +32,21 @@ pub(super) const CLAUSE_QUEUE: usize = 32;
 /// Longest the reply model waits for the first chunk's synthesis (a bound, should the stage stall).
 pub(super) const MAX_FIRST_AUDIO_WAIT: Duration = Duration::from_millis(1500);
 
-/// Messages of history kept per session (a memory bound; the LLM itself drops the oldest turns
-/// that do not fit its context, and trimming here earlier would defeat its prefix cache). Past it,
-/// the older half goes: a whole number of the LLM's drop blocks, so the turns it keeps stay put.
-pub(super) const MAX_HISTORY_MESSAGES: usize = 64;
-
-const _: () = assert!((MAX_HISTORY_MESSAGES / 2).is_multiple_of(DROP_BLOCK));
+/// What a reply is asked to do (the session's settings, or a requested reply's own).
+#[derive(Debug, Clone)]
+pub(super) struct Plan {
+    /// Reply to the user's words; off: only transcribe them into the history.
+    pub(super) respond: bool,
+    /// Spoken; off: text only.
+    pub(super) audio: bool,
+    /// The exchange goes into the history; off: out of band.
+    pub(super) in_conversation: bool,
+    /// The system prompt.
+    pub(super) system: String,
+    /// Messages to answer instead of the history.
+    pub(super) input: Option<Vec<Message>>,
+    pub(super) max_tokens: usize,
+}
 
 /// Counts a reply in [`Engines::replies_running`] while its task lives, and in
 /// [`Engines::first_audio_due`] until its first audio exists.
@@ -71,7 +83,8 @@ pub(super) struct ReplyContext {
     pub(super) engines: Arc<Engines>,
     pub(super) config: Arc<VoiceConfig>,
     pub(super) output: ReplyOutput,
-    pub(super) history: Arc<Mutex<Vec<Message>>>,
+    pub(super) history: Arc<History>,
+    pub(super) plan: Plan,
     pub(super) conversation: u64,
     pub(super) cancel: Arc<AtomicBool>,
     pub(super) gates: Gates,
@@ -97,8 +110,9 @@ impl ReplyContext {
 
     pub(super) async fn run(mut self, input: Input) -> Result<(), SessionClosed> {
         let turn = self.turn;
-        let (user_text, ending) = match input {
-            Input::Text(text) => (text, Ending::Finished),
+        // The user's words, whether they are a new item of this turn, and whether they were spoken.
+        let (user_text, ending, new_item, spoken_input) = match input {
+            Input::Text(text) => (text, Ending::Finished, true, false),
             Input::Speech(audio, settled) => {
                 let never = AtomicBool::new(false);
                 let result = self
@@ -106,15 +120,34 @@ impl ReplyContext {
                     .asr
                     .try_run(Priority::High, move |asr| asr.transcribe_unless(&audio, &settled, &never))
                     .await;
-                self.transcribed(result).await?
+                let (text, ending) = self.transcribed(result).await?;
+                (text, ending, true, true)
             }
             Input::Recognised(task) => {
                 let result = task.await.unwrap_or(Err(EngineError::Stopped("asr")));
-                self.transcribed(result).await?
+                let (text, ending) = self.transcribed(result).await?;
+                (text, ending, true, true)
+            }
+            Input::Conversation => {
+                let asked = match &self.plan.input {
+                    Some(input) => input.iter().rev().find(|m| m.role == Role::User).map(|m| m.text.clone()),
+                    None => self.history.last_user_text(),
+                };
+                (asked.unwrap_or_default(), Ending::Finished, false, false)
             }
         };
-        if user_text.is_empty() || self.cancelled() {
+        let user_item = |text: String| {
+            let mut item = Item::new(history::user_item_id(turn), Role::User, text);
+            item.audio = spoken_input;
+            item
+        };
+        if (new_item && user_text.is_empty()) || self.cancelled() {
             // Nothing intelligible was said (or the user went on): no reply.
+            return self.output.audio_end(turn).await;
+        }
+        if !self.plan.respond {
+            // Transcribed only: the turn's words join the conversation, unanswered.
+            self.history.push(user_item(user_text));
             return self.output.audio_end(turn).await;
         }
         // Input gate: before any reply starts. A gate that cannot run fails closed: no reply.
@@ -126,36 +159,48 @@ impl ReplyContext {
                 self.judge_turn_end(&user_text, ending).await;
             }
         };
-        let (decision, ()) = tokio::join!(self.gates.content(SafetyStage::Input, &user_text), judged);
+        let decision = async {
+            match user_text.is_empty() {
+                true => Ok(Some(None)),
+                false => self.gates.content(SafetyStage::Input, &user_text).await.map(|d| d.map(Some)),
+            }
+        };
+        let (decision, ()) = tokio::join!(decision, judged);
         let Some(decision) = decision? else {
             return self.output.audio_end(turn).await;
         };
         self.marks.push((mark::INPUT_SAFE, Instant::now()));
-        if decision.stops() {
+        self.output.notice(Notice::Reply { turn, audio: self.plan.audio }).await?;
+        if let Some(decision) = decision.filter(|d| d.stops()) {
             // The policy's response, in the preset voice. The exchange stays out of the history.
             let response = self.gates.response(&decision);
             self.speak(Script::Say(response)).await?;
             return Ok(());
         }
-        let messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()), user_text.clone());
-        let spoken = self.speak(Script::Generate(messages)).await?;
-        if self.output.discarded() {
-            // Started ahead of an endpoint that never came: the exchange did not happen.
+        let messages = match &self.plan.input {
+            Some(input) => prompt(&self.plan.system, input, None),
+            None => prompt(&self.plan.system, &self.history.messages(), new_item.then(|| user_text.clone())),
+        };
+        let heard = self.speak(Script::Generate(messages)).await?;
+        if self.output.discarded() || !self.plan.in_conversation {
+            // Started ahead of an endpoint that never came (the exchange did not happen), or out
+            // of band.
             return Ok(());
         }
         // History keeps only what the user heard.
-        let heard = spoken.trim().to_string();
-        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        history.push(Message::user(user_text));
-        if !heard.is_empty() {
-            history.push(Message::assistant(heard));
+        if new_item {
+            self.history.push(user_item(user_text));
         }
-        if history.len() > MAX_HISTORY_MESSAGES {
-            history.drain(..MAX_HISTORY_MESSAGES / 2);
+        if !heard.is_empty() {
+            let mut reply = Item::new(history::reply_item_id(turn), Role::Assistant, join_text(&heard));
+            reply.audio = self.plan.audio;
+            reply.spoken = heard;
+            self.history.push(reply);
         }
         // The next prompt is known now: it prefills while the reply plays out and the user
         // answers (when old turns were dropped, that is the whole conversation: ~0.5 s).
-        prefill(&self.engines.llm, self.conversation, &self.config, &history, String::new());
+        let messages = prompt(&self.plan.system, &self.history.messages(), Some(String::new()));
+        prefill(&self.engines.llm, self.conversation, messages, self.plan.max_tokens);
         Ok(())
     }
 
@@ -173,8 +218,8 @@ impl ReplyContext {
         if threshold <= 0.0 {
             return;
         }
-        let messages = prompt(&self.config, &self.history.lock().unwrap_or_else(|e| e.into_inner()), user_text);
-        let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
+        let messages = prompt(&self.plan.system, &self.history.messages(), Some(user_text.to_string()));
+        let (key, max_tokens) = (self.conversation, self.plan.max_tokens);
         let judged = self
             .engines
             .llm
@@ -236,8 +281,8 @@ impl ReplyContext {
         }
     }
 
-    /// Speaks `script` chunk by chunk through the TTS stage; returns the text the user heard.
-    pub(super) async fn speak(&mut self, script: Script) -> Result<String, SessionClosed> {
+    /// Speaks `script` chunk by chunk through the TTS stage; returns the chunks the user heard.
+    pub(super) async fn speak(&mut self, script: Script) -> Result<Vec<Spoken>, SessionClosed> {
         let turn = self.turn;
         // Set by the TTS stage when a gate stops the reply: generation ends, the reply is not cancelled.
         let halt = Arc::new(AtomicBool::new(false));
@@ -250,9 +295,11 @@ impl ReplyContext {
             halt.clone(),
             first_audio.clone(),
             self.ref_ts_us,
+            self.plan.audio,
             marks,
         );
         let stage = tokio::spawn(stage.run(piece_rx).in_current_span());
+        let usage = Arc::new(Usage::default());
         let failure = match script {
             Script::Say(text) => {
                 // Sentence by sentence, so the first is heard while the rest is synthesized.
@@ -263,7 +310,7 @@ impl ReplyContext {
                 }
                 None
             }
-            Script::Generate(messages) => self.generate(messages, halt, &first_audio, &piece_tx).await,
+            Script::Generate(messages) => self.generate(messages, halt, &first_audio, &piece_tx, &usage).await,
         };
         drop(piece_tx);
         if let Some(e) = failure {
@@ -271,21 +318,28 @@ impl ReplyContext {
         }
         let spoken = stage.await.unwrap_or_default();
         if self.output.discarded() {
-            return Ok(String::new());
+            return Ok(Vec::new());
         }
         self.output.event(ServerEvent::ResponseTextDone { turn, text: join_text(&spoken) }).await?;
+        let (input_tokens, output_tokens) = usage.tokens();
+        self.output.notice(Notice::Usage { turn, input_tokens, output_tokens }).await?;
         self.output.audio_end(turn).await?;
         if !self.cancelled() {
-            return Ok(join_text(&spoken));
+            return Ok(spoken);
         }
-        match self.output.played_ms_after_cancel(turn).await {
-            Some(played_ms) => Ok(heard_text(&spoken, played_ms as f64)),
+        let played = match self.plan.audio {
+            true => self.output.played_ms_after_cancel(turn).await,
+            false => None,
+        };
+        match played {
+            Some(played_ms) => Ok(history::heard(&spoken, played_ms as f64)),
             None => {
-                // No audio of this turn reached the pacer: nothing was heard, and the pacer has
-                // not reported the cancel, so it is reported here.
+                // No audio of this turn reached the pacer, and the pacer has not reported the
+                // cancel, so it is reported here. Of a spoken reply nothing was heard; a text
+                // reply was read as it went out.
                 let reason = self.output.cancel_reason();
                 self.output.event(ServerEvent::ReplyCancelled { turn, reason, played_ms: 0, sent_ms: 0 }).await?;
-                Ok(String::new())
+                Ok(if self.plan.audio { Vec::new() } else { spoken })
             }
         }
     }
@@ -298,6 +352,7 @@ impl ReplyContext {
         halt: Arc<AtomicBool>,
         first_audio: &Arc<FirstAudioWait>,
         pieces: &mpsc::Sender<Piece>,
+        usage: &Arc<Usage>,
     ) -> Option<EngineError> {
         let (delta_tx, mut delta_rx) = mpsc::channel::<String>(DELTA_QUEUE);
         let first_chunk_out = Arc::new(AtomicBool::new(false));
@@ -310,17 +365,21 @@ impl ReplyContext {
             engines: self.engines.clone(),
             deltas: delta_tx,
         });
-        let max_tokens = self.config.max_reply_tokens;
+        let max_tokens = self.plan.max_tokens;
         let generation = match self.engines.chat_api.clone() {
-            Some(api) => tokio::spawn(
-                async move {
-                    api.stream(&messages, max_tokens, &slices.deltas, || slices.stopped())
-                        .await
-                        .map_err(EngineError::from)
-                }
-                .in_current_span(),
-            ),
-            None => self.generate_embedded(messages, slices),
+            Some(api) => {
+                let chars: usize = messages.iter().map(|m| m.text.len()).sum();
+                usage.input.store(chars.div_ceil(4), Ordering::Relaxed);
+                tokio::spawn(
+                    async move {
+                        api.stream(&messages, max_tokens, &slices.deltas, || slices.stopped())
+                            .await
+                            .map_err(EngineError::from)
+                    }
+                    .in_current_span(),
+                )
+            }
+            None => self.generate_embedded(messages, slices, usage.clone()),
         };
         let mut chunker = Chunker::new();
         let mut first_token_seen = false;
@@ -350,6 +409,7 @@ impl ReplyContext {
                 }
                 delta = delta_rx.recv() => {
                     let Some(delta) = delta else { break };
+                    usage.output.fetch_add(1, Ordering::Relaxed);
                     if !first_token_seen {
                         first_token_seen = true;
                         let _ = pieces.send(Piece::FirstToken(Instant::now())).await;
@@ -394,9 +454,10 @@ impl ReplyContext {
         &self,
         messages: Vec<Message>,
         slices: Arc<DeltaSink>,
+        usage: Arc<Usage>,
     ) -> tokio::task::JoinHandle<Result<(), EngineError>> {
         let llm = self.engines.llm.clone();
-        let (key, max_tokens) = (self.conversation, self.config.max_reply_tokens);
+        let (key, max_tokens) = (self.conversation, self.plan.max_tokens);
         tokio::spawn(
             async move {
                 // In this session's own KV cache: other sessions' replies do not evict its prefix.
@@ -404,6 +465,7 @@ impl ReplyContext {
                 let start = move |llm: &mut Llm| Ok((Instant::now(), llm.start(key, &messages, max_tokens)?));
                 let (ran, mut decoding) = llm.try_run(Priority::High, start).await?;
                 let g = decoding.generation();
+                usage.input.store(g.prompt_tokens, Ordering::Relaxed);
                 tracing::debug!(
                     prompt_tokens = g.prompt_tokens,
                     prefilled_tokens = g.prefilled_tokens,
@@ -442,6 +504,20 @@ impl ReplyContext {
             }
             .in_current_span(),
         )
+    }
+}
+
+/// The tokens a reply read and wrote (an external endpoint's are estimated: its deltas, and 4
+/// characters a token of the prompt).
+#[derive(Default)]
+pub(super) struct Usage {
+    input: AtomicUsize,
+    output: AtomicUsize,
+}
+
+impl Usage {
+    fn tokens(&self) -> (u64, u64) {
+        (self.input.load(Ordering::Relaxed) as u64, self.output.load(Ordering::Relaxed) as u64)
     }
 }
 

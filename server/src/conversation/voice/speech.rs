@@ -13,17 +13,12 @@ use tokio::sync::mpsc;
 use super::engines::{Engines, engine_error};
 use super::gates::Gates;
 use super::reply::ReplyRunning;
+use crate::conversation::history::Spoken;
 /// A reply's next chunk is made within this under load (its words generated, judged, synthesized,
 /// its voice checked), so its work is due this long before the audio before it has played. Until
 /// then it holds back while other replies' first audio is made ([`Engines::hold_back`]); from then
 /// on its engine jobs go ahead of theirs ([`Priority::By`]).
 pub(super) const NEXT_CHUNK_LEAD: Duration = Duration::from_millis(600);
-
-/// One chunk of the reply: its text and, once synthesized, its length.
-pub(super) struct Spoken {
-    pub(super) text: String,
-    pub(super) audio_ms: f64,
-}
 
 /// What the reply task hands its TTS stage.
 pub(super) enum Piece {
@@ -121,6 +116,8 @@ pub(super) struct TtsStage {
     pub(super) halt: Arc<AtomicBool>,
     pub(super) first_audio: Arc<FirstAudioWait>,
     pub(super) ref_ts_us: u64,
+    /// Spoken; off: text only (no synthesis, no voice gate).
+    pub(super) audio: bool,
     pub(super) marks: TurnMarks,
     pub(super) marks_sent: bool,
     /// Chunks handed to the session, in order.
@@ -141,6 +138,7 @@ impl TtsStage {
         halt: Arc<AtomicBool>,
         first_audio: Arc<FirstAudioWait>,
         ref_ts_us: u64,
+        audio: bool,
         marks: TurnMarks,
     ) -> Self {
         TtsStage {
@@ -151,6 +149,7 @@ impl TtsStage {
             halt,
             first_audio,
             ref_ts_us,
+            audio,
             marks,
             marks_sent: false,
             spoken: Vec::new(),
@@ -289,6 +288,9 @@ impl TtsStage {
         if self.marks.marks.iter().all(|(m, _)| *m != mark::FIRST_CHUNK_SAFE) {
             self.marks.marks.push((mark::FIRST_CHUNK_SAFE, Instant::now()));
         }
+        if !self.audio {
+            return self.write(text).await;
+        }
         let first = self.spoken.is_empty() && self.pending.is_empty();
         let owned = text.clone();
         let head = Duration::from_secs_f64(MIN_CHECK_MS / 1000.0);
@@ -321,6 +323,22 @@ impl TtsStage {
         // The first audio is out (or checked and waiting for more): the reply model goes on.
         self.first_audio.end();
         queued && self.say_rest(rest, first).await
+    }
+
+    /// A text-only reply's chunk, which passed the output gate: out at once. False when the reply
+    /// must stop.
+    async fn write(&mut self, text: String) -> bool {
+        self.first_audio.end();
+        if !self.marks_sent {
+            self.marks_sent = true;
+            if self.output.marks(self.marks.clone()).await.is_err() {
+                return false;
+            }
+        }
+        let delta = if self.spoken.is_empty() { text.clone() } else { format!(" {text}") };
+        self.spoken.push(Spoken { text, audio_ms: 0.0 });
+        let turn = self.gates.turn;
+        self.output.event(ServerEvent::ResponseTextDelta { turn, delta }).await.is_ok() && !self.stopped()
     }
 
     /// Synthesizes and queues the rest of a chunk (the reply's `first` or a later one) whose first
@@ -435,33 +453,6 @@ impl TtsStage {
     }
 }
 
-pub(super) fn join_text(spoken: &[Spoken]) -> String {
-    spoken.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join(" ")
-}
-
-/// The reply text the user heard after a cancel: the chunks whose audio had played by then, the
-/// last one cut in proportion to how much of it played.
-pub(super) fn heard_text(spoken: &[Spoken], played_ms: f64) -> String {
-    let mut heard = Vec::new();
-    let mut start = 0.0;
-    for chunk in spoken {
-        let end = start + chunk.audio_ms;
-        if end <= played_ms {
-            heard.push(chunk.text.clone());
-        } else {
-            let fraction = ((played_ms - start) / chunk.audio_ms).clamp(0.0, 1.0);
-            let words: Vec<&str> = chunk.text.split_whitespace().collect();
-            let n = (words.len() as f64 * fraction).floor() as usize;
-            if n > 0 {
-                heard.push(words[..n].join(" "));
-            }
-            break;
-        }
-        start = end;
-    }
-    heard.join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,7 +485,7 @@ mod tests {
         let gates = Gates { engines: engines.clone(), output, session: "test".into(), turn };
         let first_audio = Arc::new(FirstAudioWait::new(ReplyRunning::new(&engines)));
         let marks = TurnMarks { turn, anchor: Instant::now(), marks: Vec::new() };
-        let stage = TtsStage::new(gates, Default::default(), Default::default(), first_audio, 0, marks);
+        let stage = TtsStage::new(gates, Default::default(), Default::default(), first_audio, 0, true, marks);
         let (pieces, piece_rx) = mpsc::channel(8);
         let stage = tokio::spawn(stage.run(piece_rx));
         pieces.send(Piece::Clause("Here is a short story about a cat who lived by the sea.".into())).await.unwrap();
@@ -525,20 +516,5 @@ mod tests {
         drop(pieces);
         let spoken = stage.await.unwrap();
         assert_eq!(spoken.len(), 2);
-    }
-
-    fn spoken(parts: &[(&str, f64)]) -> Vec<Spoken> {
-        parts.iter().map(|(text, audio_ms)| Spoken { text: text.to_string(), audio_ms: *audio_ms }).collect()
-    }
-
-    #[test]
-    fn history_keeps_only_what_was_played() {
-        let reply = spoken(&[("Sure, the capital of France", 1000.0), ("is Paris, a lovely city.", 2000.0)]);
-        assert_eq!(join_text(&reply), "Sure, the capital of France is Paris, a lovely city.");
-        assert_eq!(heard_text(&reply, 0.0), "");
-        assert_eq!(heard_text(&reply, 1000.0), "Sure, the capital of France");
-        // Half of the second chunk: half of its words.
-        assert_eq!(heard_text(&reply, 2000.0), "Sure, the capital of France is Paris,");
-        assert_eq!(heard_text(&reply, 9000.0), "Sure, the capital of France is Paris, a lovely city.");
     }
 }

@@ -8,8 +8,8 @@ use crate::models::llm::{Llm, Message};
 use crate::models::vad::{CHUNK_SAMPLES, VadState};
 use parley_protocol::ServerEvent;
 use parley_protocol::event::{CancelReason, mark};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -17,7 +17,9 @@ use tracing::Instrument;
 use super::ending::ending_before;
 use super::engines::{Engines, engine_error};
 use super::gates::Gates;
-use super::reply::{ReplyContext, ReplyRunning};
+use super::reply::{Plan, ReplyContext, ReplyRunning};
+use crate::conversation::history::History;
+use crate::conversation::{Notice, Settings};
 /// Longest user turn, in samples (30 s: Whisper's window); a longer one is ended there.
 pub(super) const MAX_UTTERANCE: usize = 30 * PIPELINE_RATE as usize;
 
@@ -88,7 +90,9 @@ pub(super) struct Worker {
     pub(super) pre_roll: Vec<f32>,
     pub(super) state: Turn,
     pub(super) turn: u64,
-    pub(super) history: Arc<Mutex<Vec<Message>>>,
+    pub(super) history: Arc<History>,
+    /// How turns are taken and replies made (the transport may change them).
+    pub(super) settings: Settings,
     /// This session's key for the LLM's per-conversation KV cache.
     pub(super) conversation: u64,
     pub(super) reply: Option<Reply>,
@@ -101,7 +105,6 @@ impl Worker {
         Self {
             engines,
             config,
-            io,
             vad_state: Some(VadState::new()),
             vad_failing: false,
             chunk: [0.0; CHUNK_SAMPLES],
@@ -109,11 +112,13 @@ impl Worker {
             pre_roll: Vec::with_capacity(PRE_ROLL_CHUNKS * CHUNK_SAMPLES),
             state: Turn::Idle { voiced: 0 },
             turn: 0,
-            history: Arc::new(Mutex::new(Vec::new())),
+            history: io.history.clone(),
+            settings: Settings::default(),
             conversation: NEXT_CONVERSATION.fetch_add(1, Ordering::Relaxed),
             reply: None,
             partial: Partial::default(),
             early_asr: None,
+            io,
         }
     }
 
@@ -127,23 +132,78 @@ impl Worker {
             tokio::select! {
                 _ = self.io.audio.wait_for(CHUNK_SAMPLES) => {}
                 command = self.io.commands.recv() => match command {
-                    Some(Command::Text(text)) => {
-                        self.cancel_reply(CancelReason::BargeIn).await;
-                        self.turn += 1;
-                        let now = Instant::now();
-                        let marks = vec![(mark::ENDPOINT, now)];
-                        let output = self.io.output.clone();
-                        self.start_reply(self.turn, Input::Text(text), now, marks, 0, output, None);
-                    }
-                    Some(Command::Cancel) => self.cancel_reply(CancelReason::ClientCancel).await,
+                    Some(command) => self.on_command(command).await?,
                     None => return Ok(()),
                 },
             }
         }
     }
 
+    async fn on_command(&mut self, command: Command) -> Result<(), SessionClosed> {
+        let now = Instant::now();
+        let marks = vec![(mark::ENDPOINT, now)];
+        let output = self.io.output.clone();
+        match command {
+            Command::Text(text) => {
+                self.cancel_reply(CancelReason::BargeIn).await;
+                self.turn += 1;
+                let plan = Plan { respond: true, ..self.plan() };
+                self.start_reply(self.turn, Input::Text(text), plan, now, marks, 0, output, None);
+            }
+            Command::Cancel => self.cancel_reply(CancelReason::ClientCancel).await,
+            Command::Configure(settings) => {
+                if !settings.detect_turns && self.settings.detect_turns {
+                    // The client takes turns now: speech under way is dropped.
+                    self.state = Turn::Idle { voiced: 0 };
+                    self.drop_partial();
+                    self.drop_early_asr();
+                    self.discard_held().await;
+                }
+                self.settings = settings;
+                self.prefill(String::new());
+            }
+            Command::Commit { audio, request } => {
+                self.turn += 1;
+                self.io.output.notice(Notice::Started { turn: self.turn, request }).await?;
+                let plan = Plan { respond: false, ..self.plan() };
+                self.start_reply(self.turn, Input::Speech(audio, Vec::new()), plan, now, marks, 0, output, None);
+            }
+            Command::Respond(respond) => {
+                self.turn += 1;
+                self.io.output.notice(Notice::Started { turn: self.turn, request: respond.request }).await?;
+                let base = self.plan();
+                let plan = Plan {
+                    respond: true,
+                    audio: respond.audio,
+                    in_conversation: respond.in_conversation,
+                    system: respond.instructions.unwrap_or(base.system),
+                    input: respond.input,
+                    max_tokens: respond.max_tokens.unwrap_or(base.max_tokens),
+                };
+                self.start_reply(self.turn, Input::Conversation, plan, now, marks, 0, output, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// What a reply does under the session's settings.
+    fn plan(&self) -> Plan {
+        Plan {
+            respond: self.settings.create_response,
+            audio: true,
+            in_conversation: true,
+            system: self.settings.instructions.clone().unwrap_or_else(|| self.config.system_prompt.clone()),
+            input: None,
+            max_tokens: self.settings.max_tokens.unwrap_or(self.config.max_reply_tokens),
+        }
+    }
+
     /// Scores one 32 ms chunk and advances the turn state.
     pub(super) async fn on_chunk(&mut self) -> Result<(), SessionClosed> {
+        if !self.settings.detect_turns {
+            // The client takes turns (and commits its audio itself).
+            return Ok(());
+        }
         let prob = self.vad().await?;
         let position = self.io.audio.position();
         let config = self.config.clone();
@@ -158,7 +218,9 @@ impl Worker {
                     let start = position.saturating_sub((*voiced * CHUNK_SAMPLES) as u64);
                     // Barge-in: the user talks over the reply; it stops now.
                     let replying = self.reply.as_ref().is_some_and(|r| !r.task.is_finished());
-                    self.cancel_reply(CancelReason::BargeIn).await;
+                    if self.settings.interrupt_response {
+                        self.cancel_reply(CancelReason::BargeIn).await;
+                    }
                     self.turn += 1;
                     let turn = self.turn;
                     self.utterance.clear();
@@ -216,7 +278,11 @@ impl Worker {
                 {
                     self.state = Turn::Idle { voiced: 0 };
                     self.end_turn(turn, last_voiced_end, last_voiced_seen, position).await?;
-                } else if speculate_after_ms > 0 && silence_ms >= speculate_after_ms && held.is_none() {
+                } else if speculate_after_ms > 0
+                    && silence_ms >= speculate_after_ms
+                    && held.is_none()
+                    && self.settings.create_response
+                {
                     self.start_held(turn, last_voiced_end, last_voiced_seen, position);
                 } else if asr_ahead_ms > 0 && silence_ms >= asr_ahead_ms && self.early_asr.is_none() && held.is_none() {
                     self.start_early_asr(last_voiced_end, position);
@@ -280,7 +346,7 @@ impl Worker {
         let marks = vec![(mark::SPEECH_END, last_voiced_seen), (mark::ENDPOINT, endpoint)];
         let (input, _) = self.input(last_voiced_end, position);
         let output = self.io.output.clone();
-        self.start_reply(turn, input, anchor, marks, ref_ts_us, output, None);
+        self.start_reply(turn, input, self.plan(), anchor, marks, ref_ts_us, output, None);
         Ok(())
     }
 
@@ -372,8 +438,9 @@ impl Worker {
     /// the user starts speaking (in case another conversation took the cache) and as their words
     /// settle; the reply task does it too once the history has its exchange.
     pub(super) fn prefill(&self, user_start: String) {
-        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        prefill(&self.engines.llm, self.conversation, &self.config, &history, user_start);
+        let plan = self.plan();
+        let messages = prompt(&plan.system, &self.history.messages(), Some(user_start));
+        prefill(&self.engines.llm, self.conversation, messages, plan.max_tokens);
     }
 
     /// A new utterance: what was recognised of the last one is dropped.
@@ -406,7 +473,7 @@ impl Worker {
         let (input, sound) = self.input(last_voiced_end, position);
         let sound = sound.unwrap_or_else(|| PauseSound::new(&self.utterance));
         let (output, hold) = self.io.output.held();
-        self.start_reply(turn, input, anchor, marks, ref_ts_us, output, Some((hold, sound)));
+        self.start_reply(turn, input, self.plan(), anchor, marks, ref_ts_us, output, Some((hold, sound)));
     }
 
     /// Drops a reply whose output is still held (the user went on): nothing of it is sent.
@@ -425,6 +492,7 @@ impl Worker {
         &mut self,
         turn: u64,
         input: Input,
+        plan: Plan,
         anchor: Instant,
         marks: Vec<(&'static str, Instant)>,
         ref_ts_us: u64,
@@ -446,6 +514,7 @@ impl Worker {
             config: self.config.clone(),
             output,
             history: self.history.clone(),
+            plan,
             conversation: self.conversation,
             cancel: cancel.clone(),
             gates,
@@ -511,9 +580,8 @@ pub(super) const PREFILL_SLICE: usize = 32;
 /// Puts the conversation `history` and the start of the user's next message into conversation
 /// `key`'s KV cache, so that the reply prefills only what follows. Background jobs at low
 /// priority, [`PREFILL_SLICE`] tokens each; nothing waits for them.
-pub(super) fn prefill(llm: &Engine<Llm>, key: u64, config: &VoiceConfig, history: &[Message], user_start: String) {
-    let messages = Arc::new(prompt(config, history, user_start));
-    let (llm, max_tokens) = (llm.clone(), config.max_reply_tokens);
+pub(super) fn prefill(llm: &Engine<Llm>, key: u64, messages: Vec<Message>, max_tokens: usize) {
+    let (messages, llm) = (Arc::new(messages), llm.clone());
     tokio::spawn(
         async move {
             let (started, mut slices) = (Instant::now(), 0);
@@ -536,11 +604,12 @@ pub(super) fn prefill(llm: &Engine<Llm>, key: u64, config: &VoiceConfig, history
     );
 }
 
-/// The reply model's input: the system prompt, the conversation so far, and what the user says.
-pub(super) fn prompt(config: &VoiceConfig, history: &[Message], user: impl Into<String>) -> Vec<Message> {
-    let mut messages = vec![Message::system(config.system_prompt.clone())];
+/// The reply model's input: the system prompt, the conversation so far, and what the user says
+/// (when it is not in the conversation yet).
+pub(super) fn prompt(system: &str, history: &[Message], user: Option<String>) -> Vec<Message> {
+    let mut messages = vec![Message::system(system)];
     messages.extend(history.iter().cloned());
-    messages.push(Message::user(user));
+    messages.extend(user.map(Message::user));
     messages
 }
 
@@ -591,4 +660,6 @@ pub(super) enum Input {
     Speech(Vec<f32>, Vec<u32>),
     Recognised(JoinHandle<Result<Transcript, EngineError>>),
     Text(String),
+    /// Nothing new: the reply answers the conversation as it is.
+    Conversation,
 }
