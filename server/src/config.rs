@@ -37,6 +37,9 @@ pub struct Config {
     /// Largest WebSocket message accepted, in bytes (audio frames are at most 1289 bytes; this
     /// bounds JSON events). Larger ones close the session with 1009.
     pub max_message_bytes: usize,
+    /// Largest message of a Realtime API session (`/v1/realtime`), in bytes: an
+    /// `input_audio_buffer.append` may carry up to 15 MiB of audio, 20 MiB in base64.
+    pub realtime_max_message_bytes: usize,
     /// Malformed messages in a row after which the session is closed with 1008.
     pub max_consecutive_errors: u32,
     /// A session with no client message for this long is closed with 4001, in seconds.
@@ -75,6 +78,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_sessions: 64,
             max_message_bytes: 16 * 1024,
+            realtime_max_message_bytes: 21 * 1024 * 1024,
             max_consecutive_errors: 50,
             idle_timeout_s: 30,
             write_timeout_ms: 2_000,
@@ -131,6 +135,9 @@ impl Config {
         let invalid = |m: &str| Err(ConfigError::Invalid(m.into()));
         if self.max_sessions == 0 {
             return invalid("max_sessions must be at least 1");
+        }
+        if self.realtime_max_message_bytes < 64 * 1024 {
+            return invalid("realtime_max_message_bytes must be at least 64 KiB");
         }
         if self.max_message_bytes < parley_protocol::MAX_AUDIO_MESSAGE_BYTES {
             return invalid("max_message_bytes must hold one audio frame (1289 bytes)");

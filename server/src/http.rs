@@ -90,13 +90,15 @@ pub async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, b
 }
 
 /// The `101 Switching Protocols` answer to a valid upgrade request, or the error status to send.
-pub fn upgrade_response(request: &Request) -> Result<String, &'static str> {
+/// `subprotocol`: the one to accept, of those the client offered.
+pub fn upgrade_response(request: &Request, subprotocol: Option<&str>) -> Result<String, &'static str> {
     if request.header("sec-websocket-version") != Some("13") {
         return Err("426 Upgrade Required");
     }
     let key = request.header("sec-websocket-key").ok_or("400 Bad Request")?;
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+    let protocol = subprotocol.map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n")).unwrap_or_default();
     Ok(format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"
     ))
 }

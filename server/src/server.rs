@@ -175,10 +175,10 @@ async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
             shared.pipeline.render_metrics(&mut text);
             http::respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &text).await
         }
-        ("GET", WS_PATH) if request.is_websocket_upgrade() => {
+        ("GET", WS_PATH | transport::realtime::PATH) if request.is_websocket_upgrade() => {
             return upgrade(stream, request, shared).await;
         }
-        ("GET", WS_PATH) => {
+        ("GET", WS_PATH | transport::realtime::PATH) => {
             http::respond(&mut stream, "426 Upgrade Required", "text/plain", "use a WebSocket client\n").await
         }
         ("GET", _) => http::respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
@@ -189,9 +189,38 @@ async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
     }
 }
 
+/// Which protocol an upgraded connection speaks.
+enum Endpoint {
+    V1,
+    /// The Realtime API, for `model`; `beta`: the client asked for the shut-down beta protocol.
+    Realtime {
+        model: String,
+        beta: bool,
+    },
+}
+
 async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>) {
     let config = &shared.config;
-    let response = match http::upgrade_response(&request) {
+    let (path, query) = request.path.split_once('?').unwrap_or((request.path.as_str(), ""));
+    let endpoint = match path {
+        transport::realtime::PATH => Endpoint::Realtime {
+            model: query
+                .split('&')
+                .find_map(|p| p.strip_prefix("model="))
+                .map(|m| m.chars().take(64).filter(|c| c.is_ascii_graphic()).collect())
+                .unwrap_or_else(|| "parley".into()),
+            beta: request.header("openai-beta").is_some_and(|v| v.contains("realtime=v1")),
+        },
+        _ => Endpoint::V1,
+    };
+    // The Realtime API's browser clients offer `realtime` (and their key as another subprotocol,
+    // which is never echoed).
+    let offered = request.header("sec-websocket-protocol").unwrap_or_default();
+    let subprotocol = match endpoint {
+        Endpoint::Realtime { .. } if offered.split(',').any(|p| p.trim() == "realtime") => Some("realtime"),
+        _ => None,
+    };
+    let response = match http::upgrade_response(&request, subprotocol) {
         Ok(response) => response,
         Err(status) => {
             let _ = http::respond(&mut stream, status, "text/plain", "bad WebSocket upgrade request\n").await;
@@ -203,18 +232,35 @@ async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>) 
     if tokio::io::AsyncWriteExt::write_all(&mut stream, response.as_bytes()).await.is_err() {
         return;
     }
+    let max_message = match endpoint {
+        Endpoint::V1 => config.max_message_bytes,
+        Endpoint::Realtime { .. } => config.realtime_max_message_bytes,
+    };
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(parley_protocol::WS_READ_BUFFER_BYTES)
-        .max_message_size(Some(config.max_message_bytes))
-        .max_frame_size(Some(config.max_message_bytes));
-    let ws = WebSocketStream::from_partially_read(stream, request.rest, Role::Server, Some(ws_config)).await;
-    match permit {
-        Some(permit) => run_session(ws, shared, permit).await,
-        None => refuse(ws, shared).await,
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    let mut ws = WebSocketStream::from_partially_read(stream, request.rest, Role::Server, Some(ws_config)).await;
+    match (permit, endpoint) {
+        (_, Endpoint::Realtime { beta: true, .. }) => {
+            let message = "the beta Realtime protocol (OpenAI-Beta: realtime=v1) was shut down upstream and is not served: \
+                           connect without the OpenAI-Beta header to use the GA protocol";
+            let error = serde_json::json!({"type": "error", "event_id": "event_000000", "error": {
+                "type": "invalid_request_error", "code": "beta_protocol_unsupported", "message": message,
+                "param": null, "event_id": null}});
+            goodbye(&mut ws, error.to_string(), CloseCode::PolicyViolation, "beta protocol not supported").await;
+        }
+        (Some(permit), endpoint) => run_session(ws, shared, permit, endpoint).await,
+        (None, _) => refuse(ws, shared).await,
     }
 }
 
-async fn run_session(ws: WebSocketStream<TcpStream>, shared: &Arc<Shared>, _permit: OwnedSemaphorePermit) {
+async fn run_session(
+    ws: WebSocketStream<TcpStream>,
+    shared: &Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+    endpoint: Endpoint,
+) {
     let ctx = SessionContext {
         id: shared.next_id.fetch_add(1, Relaxed),
         config: shared.config.clone(),
@@ -222,7 +268,10 @@ async fn run_session(ws: WebSocketStream<TcpStream>, shared: &Arc<Shared>, _perm
         pipeline: shared.pipeline.clone(),
         shutdown: shared.shutdown.subscribe(),
     };
-    transport::v1::serve(ws, ctx).await;
+    match endpoint {
+        Endpoint::V1 => transport::v1::serve(ws, ctx).await,
+        Endpoint::Realtime { model, .. } => transport::realtime::serve(ws, ctx, model).await,
+    }
 }
 
 /// Over `max_sessions`: an `error` event, then close 1013 with the reason.
@@ -232,11 +281,15 @@ async fn refuse(mut ws: WebSocketStream<TcpStream>, shared: &Arc<Shared>) {
     let reason = format!("server full: {max} of {max} sessions in use; retry later");
     tracing::info!("refusing a session: {reason}");
     let event = ServerEvent::error(ErrorCode::ServerFull, reason.clone());
+    goodbye(&mut ws, event.to_json(), CloseCode::TryAgainLater, &reason).await;
+}
+
+/// Sends `text`, then closes with `code` and waits (2 s at most) for the client's close answer.
+async fn goodbye(ws: &mut WebSocketStream<TcpStream>, text: String, code: CloseCode, reason: &str) {
     let goodbye = async {
-        ws.send(tokio_tungstenite::tungstenite::Message::text(event.to_json())).await?;
-        ws.send(close_message(CloseCode::TryAgainLater, &reason)).await?;
-        // Wait for the client's close answer.
-        while let Some(Ok(_)) = futures_util::StreamExt::next(&mut ws).await {}
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text)).await?;
+        ws.send(close_message(code, reason)).await?;
+        while let Some(Ok(_)) = futures_util::StreamExt::next(ws).await {}
         Ok::<_, tokio_tungstenite::tungstenite::Error>(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), goodbye).await;

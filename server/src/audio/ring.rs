@@ -63,6 +63,11 @@ impl InputFeed {
         self.wake.notify_one();
         samples.len() - accepted
     }
+
+    /// Samples that fit now (and stamps: one per push of at least 40 samples).
+    pub fn free(&self) -> usize {
+        self.samples.vacant_len().min(self.stamps.vacant_len() * 40)
+    }
 }
 
 /// Consumer side, owned by the pipeline: 16 kHz mono f32 audio and the frame stamps.

@@ -138,6 +138,8 @@ pub enum Notice {
     /// What turn `turn`'s reply read and wrote, in the reply model's tokens (an external endpoint's
     /// are estimated at 4 characters a token).
     Usage { turn: u64, input_tokens: u64, output_tokens: u64 },
+    /// Turn `turn` is over: its reply made (or none), its exchange written to the history.
+    Done { turn: u64 },
 }
 
 /// One item of the pipeline → pacer stream.

@@ -8,6 +8,7 @@
 //! A protocol turns client messages into audio for the input ring and [`Command`]s for the
 //! worker, and, through the [`Transmit`] it gives the pacer, turns the core's events and reply
 //! frames into its own messages.
+pub mod realtime;
 pub mod v1;
 
 use crate::audio::PIPELINE_RATE;
@@ -139,8 +140,9 @@ pub struct Link {
 pub trait Protocol: Send {
     /// The first message(s) of the session (`session.created`).
     fn greet(&mut self);
-    /// Handles one client message; returns how the session ends, if it must.
-    fn handle(&mut self, message: Message) -> Option<Ending>;
+    /// Handles one client message; returns how the session ends, if it must. It may wait (for
+    /// room in the input ring): the next message waits with it.
+    fn handle(&mut self, message: Message) -> impl std::future::Future<Output = Option<Ending>> + Send;
     /// Tells the client about a problem of the session (before a close), in this protocol's terms.
     fn error(&mut self, code: ErrorCode, message: &str);
 }
@@ -252,7 +254,7 @@ where
                 match message {
                     None => break (CloseReason::ClientGone, None),
                     Some(Ok(message)) => {
-                        if let Some(end) = protocol.handle(message) {
+                        if let Some(end) = protocol.handle(message).await {
                             break end;
                         }
                     }

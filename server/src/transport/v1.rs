@@ -125,7 +125,7 @@ impl Protocol for Session {
     }
 
     /// Handles one message; returns how the session ends, if it must.
-    fn handle(&mut self, message: Message) -> Option<Ending> {
+    async fn handle(&mut self, message: Message) -> Option<Ending> {
         let outcome = match message {
             Message::Binary(data) => self.audio_frame(&data),
             Message::Text(text) => self.text_event(text.as_str()),

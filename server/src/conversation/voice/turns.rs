@@ -533,7 +533,8 @@ impl Worker {
                 if let Some(previous) = previous {
                     let _ = previous.await;
                 }
-                if let Err(SessionClosed) = ctx.run(input).await {
+                let output = ctx.output.clone();
+                if ctx.run(input).await.and(output.notice(Notice::Done { turn }).await).is_err() {
                     tracing::debug!("session closed during the reply");
                 }
             }
