@@ -6,6 +6,7 @@
 //! - [`audio`]: WAV reading/writing and resampling.
 //! - [`anchor`]: the reference end of speech of a clip's utterances (the voice-to-voice anchor).
 //! - [`talk`]: one session: stream clips, collect replies, per-frame round trips.
+//! - [`realtime`]: the same session over the OpenAI Realtime API (`parley bench --protocol realtime`).
 //! - [`report`]: the per-turn JSON report of `parley talk --report`.
 //! - [`bench`]: `parley bench`: concurrent sessions as load; latency percentiles, underruns, server CPU/RSS.
 //! - [`transport`]: `parley bench --transport`: many echo streams; per-frame round trips.
@@ -19,6 +20,7 @@ pub mod bench;
 pub mod eval;
 #[cfg(feature = "mic")]
 pub mod mic;
+pub mod realtime;
 pub mod report;
 pub mod talk;
 pub mod transport;
@@ -29,12 +31,15 @@ pub use talk::{TalkError, TalkOptions, TalkResult, talk};
 /// A connected WebSocket to a Parley server.
 pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Opens a session at `url` (see [`endpoint_url`]): Nagle off, so each 20 ms frame leaves at
-/// once, and a small read buffer (see [`parley_protocol::WS_READ_BUFFER_BYTES`]).
-pub async fn connect(url: &str) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+/// Opens a session at a URL (see [`endpoint_url`]) or a request (a URL with headers): Nagle off,
+/// so each 20 ms frame leaves at once, and a small read buffer (see
+/// [`parley_protocol::WS_READ_BUFFER_BYTES`]).
+pub async fn connect(
+    request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(parley_protocol::WS_READ_BUFFER_BYTES);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
     Ok(ws)
 }
 

@@ -5,12 +5,14 @@
 //! server's safety gates, as text and as synthesized speech, and scores it; `parley eval answers`
 //! does the same for whether the replies are right.
 //! `parley bench --sessions N --turns K --input-dir DIR --report OUT.json [--sweep 1,2,4,8]` runs
-//! concurrent sessions as load and reports latency percentiles, underruns and server CPU/RSS.
+//! concurrent sessions as load and reports latency percentiles, underruns and server CPU/RSS;
+//! with `--protocol realtime --server ws://HOST:PORT/v1/realtime` it measures any OpenAI
+//! Realtime-compatible server the same way.
 //! `parley anchor FILE.wav…` prints where each file's utterances start and end by the reference
 //! end-of-speech method that voice-to-voice is measured from.
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use parley_client::bench::BenchOptions;
+use parley_client::bench::{BenchOptions, Protocol};
 use parley_client::eval::{EvalOptions, Mode};
 use parley_client::report::Outcome;
 use parley_client::talk::{Clip, TalkOptions};
@@ -43,9 +45,15 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// Server URL, `ws://HOST:PORT` (`/metrics` is read from the same host and port).
+    /// Server URL, `ws://HOST:PORT` or the endpoint's full URL (`/metrics` is read from the same
+    /// host and port). Without a path: `/v1/voice`, or `/v1/realtime?model=parley` with
+    /// `--protocol realtime`.
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     server: String,
+    /// The sessions' protocol: Parley's own (`v1`: Opus frames at `--rate`), or the OpenAI
+    /// Realtime API (`realtime`: base64 PCM16 at 24 kHz; any Realtime-compatible server).
+    #[arg(long, value_enum, default_value_t = Protocol::V1)]
+    protocol: Protocol,
     /// Concurrent sessions (ignored with `--sweep`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     sessions: u16,
@@ -76,7 +84,7 @@ struct BenchArgs {
     /// Give up on a reply after this many ms.
     #[arg(long, default_value_t = 20_000)]
     reply_timeout_ms: u32,
-    /// Transport only: against a server with `--pipeline echo` (`frame` or `packet` mode), every session
+    /// Transport only (`--protocol v1`): against a server with `--pipeline echo` (`frame` or `packet` mode), every session
     /// streams the first clip's frames for `--seconds`; reports per-frame round trips and losses.
     #[arg(long)]
     transport: bool,
@@ -181,10 +189,12 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let clips = parley_client::bench::load_clips(&args.input_dir, args.rate)?;
     let session_counts = if args.sweep.is_empty() { vec![args.sessions] } else { args.sweep.clone() };
     if args.transport {
+        anyhow::ensure!(args.protocol == Protocol::V1, "--transport measures the v1 protocol only");
         return transport(args, &clips, &session_counts);
     }
     let options = BenchOptions {
         server: args.server.clone(),
+        protocol: args.protocol,
         session_counts: session_counts.into_iter().map(usize::from).collect(),
         turns: args.turns.into(),
         sample_rate: args.rate,

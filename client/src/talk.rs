@@ -105,119 +105,239 @@ impl TalkResult {
     }
 }
 
+/// The wire half of a session, one per protocol: how 20 ms of audio goes out, and what a
+/// message from the server means. [`stream`] does the rest, the same for every protocol.
+pub(crate) trait Wire {
+    /// The message carrying `samples` (20 ms at the clips' rate), the `seq`-th sent, at `sent_us`.
+    fn audio(&mut self, samples: &[f32], seq: u32, sent_us: u64) -> Result<Message, TalkError>;
+    /// Takes in a text or binary message that arrived at `received_us`: its events, frames and
+    /// reply audio go into `result`.
+    fn receive(&mut self, message: Message, received_us: u64, result: &mut TalkResult) -> Result<(), TalkError>;
+}
+
+/// The reference utterances of each clip (mono at `rate`): computed before the stream's clock
+/// starts, as this takes a few ms per second of audio.
+pub(crate) fn anchors(clips: &[Clip], rate: u32) -> Vec<(String, Vec<crate::anchor::Utterance>)> {
+    clips.iter().map(|c| (c.name.clone(), crate::anchor::utterances(&c.samples, rate))).collect()
+}
+
 /// Streams `clips` (one turn each) to the server and collects the replies.
 pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, TalkError> {
     let rate = options.sample_rate;
-    // Before the stream's clock starts: this takes a few ms per second of audio.
-    let anchors: Vec<_> = clips.iter().map(|c| (c.name.clone(), crate::anchor::utterances(&c.samples, rate))).collect();
+    let anchors = anchors(clips, rate);
     let url = crate::endpoint_url(&options.server);
     let mut ws =
         crate::connect(&url).await.map_err(|e| TalkError::Connect { url: url.clone(), source: Box::new(e) })?;
-    let frame = frame_samples(rate);
     let update = ClientEvent::SessionUpdate {
         session: SessionUpdate { input_sample_rate: Some(rate), output_sample_rate: Some(rate) },
     };
     ws.send(Message::text(update.to_json())).await.map_err(Box::new)?;
+    let mut wire = OpusWire::new(rate, options.bitrate)?;
+    let result = TalkResult { report: Report { server: url, ..Report::default() }, ..TalkResult::default() };
+    stream(&mut ws, &mut wire, options, clips, rate, &anchors, result).await
+}
 
-    let mut encoder = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip)?;
-    encoder.set_bitrate(opus::Bitrate::Bits(options.bitrate))?;
-    let mut decoder = opus::Decoder::new(rate, opus::Channels::Mono)?;
-    let mut packet = vec![0u8; MAX_OPUS_PACKET_BYTES];
-    let mut pcm = vec![0f32; frame];
-    let silence = vec![0f32; frame];
+/// Parley's own protocol (`/v1/voice`): binary 20 ms Opus frames both ways, JSON events.
+struct OpusWire {
+    encoder: opus::Encoder,
+    decoder: opus::Decoder,
+    packet: Vec<u8>,
+    frame: usize,
+    last_reply_seq: Option<u32>,
+}
 
+impl OpusWire {
+    fn new(rate: u32, bitrate: i32) -> Result<Self, TalkError> {
+        let mut encoder = opus::Encoder::new(rate, opus::Channels::Mono, opus::Application::Voip)?;
+        encoder.set_bitrate(opus::Bitrate::Bits(bitrate))?;
+        Ok(Self {
+            encoder,
+            decoder: opus::Decoder::new(rate, opus::Channels::Mono)?,
+            packet: vec![0u8; MAX_OPUS_PACKET_BYTES],
+            frame: frame_samples(rate),
+            last_reply_seq: None,
+        })
+    }
+}
+
+impl Wire for OpusWire {
+    fn audio(&mut self, samples: &[f32], seq: u32, sent_us: u64) -> Result<Message, TalkError> {
+        let n = self.encoder.encode_float(samples, &mut self.packet)?;
+        Ok(Message::Binary(Bytes::from(FrameHeader::audio(seq, sent_us).encode(&self.packet[..n]))))
+    }
+
+    fn receive(&mut self, message: Message, received_us: u64, result: &mut TalkResult) -> Result<(), TalkError> {
+        match message {
+            Message::Binary(data) => {
+                let (header, payload) = FrameHeader::decode(&data).map_err(|e| TalkError::Protocol(e.to_string()))?;
+                if self.last_reply_seq.is_some_and(|last| header.seq != last.wrapping_add(1)) {
+                    result.seq_gaps += 1;
+                }
+                self.last_reply_seq = Some(header.seq);
+                let mut out = vec![0f32; self.frame];
+                let n = self.decoder.decode_float(payload, &mut out, false)?;
+                result.reply_audio.extend_from_slice(&out[..n]);
+                result.frames.push(ReceivedFrame { seq: header.seq, timestamp_us: header.timestamp_us, received_us });
+            }
+            Message::Text(text) => {
+                // Unknown (newer) server events are ignored, as the protocol asks.
+                let Ok(event) = ServerEvent::parse(text.as_str()) else {
+                    tracing::warn!(%text, "unparsed server event");
+                    return Ok(());
+                };
+                if let ServerEvent::SessionCreated { session, .. } = &event {
+                    result.report.pipeline = session.pipeline.clone();
+                }
+                result.events.push((received_us, event));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Where a session is in its clips. Each 20 ms tick asks it what to send: the next 20 ms of the
+/// clip being spoken, or silence while it waits for the clip's reply and then pauses.
+struct Script<'a> {
+    options: &'a TalkOptions,
+    clips: &'a [Clip],
+    /// Samples per 20 ms at the clips' rate.
+    frame: usize,
+    clip_index: usize,
+    /// The next 20 ms of the clip to send.
+    frame_index: usize,
+    /// The sequence number of each clip's first 20 ms.
+    first_seq: Vec<Option<usize>>,
+    phase: Phase,
+    phase_started: Instant,
+    /// Where the events since the current clip began start: for deciding when its reply is over.
+    clip_first_event: usize,
+}
+
+enum Phase {
+    Speaking,
+    Waiting,
+    Pausing,
+}
+
+impl<'a> Script<'a> {
+    fn new(options: &'a TalkOptions, clips: &'a [Clip], rate: u32) -> Self {
+        Self {
+            options,
+            clips,
+            frame: frame_samples(rate),
+            clip_index: 0,
+            frame_index: 0,
+            first_seq: vec![None; clips.len()],
+            phase: if clips.is_empty() { Phase::Pausing } else { Phase::Speaking },
+            phase_started: Instant::now(),
+            clip_first_event: 0,
+        }
+    }
+
+    /// Fills `out` (20 ms) with what the tick sending `seq` carries, given the `events` received
+    /// so far; `false` once every clip is done (nothing to send).
+    fn tick(&mut self, events: &[(u64, ServerEvent)], now_us: u64, seq: usize, out: &mut [f32]) -> bool {
+        out.fill(0.0);
+        let ms = |ms: u32| Duration::from_millis(ms.into());
+        loop {
+            match self.phase {
+                Phase::Speaking => {
+                    let clip = &self.clips[self.clip_index].samples;
+                    let begin = self.frame_index * self.frame;
+                    if begin < clip.len() {
+                        let end = (begin + self.frame).min(clip.len());
+                        out[..end - begin].copy_from_slice(&clip[begin..end]);
+                        if self.frame_index == 0 {
+                            self.first_seq[self.clip_index] = Some(seq);
+                        }
+                        self.frame_index += 1;
+                    } else {
+                        self.phase = if self.options.wait_for_reply { Phase::Waiting } else { Phase::Pausing };
+                        self.phase_started = Instant::now();
+                    }
+                }
+                Phase::Waiting => {
+                    let waited = self.phase_started.elapsed();
+                    let events = &events[self.clip_first_event.min(events.len())..];
+                    let started = events.iter().any(|(_, e)| {
+                        matches!(e, ServerEvent::SpeechStarted { .. } | ServerEvent::ResponseAudioStarted { .. })
+                    });
+                    let finished = events.iter().rev().find_map(|(_, e)| match e {
+                        ServerEvent::ResponseAudioDone { .. } | ServerEvent::ReplyCancelled { .. } => Some(true),
+                        ServerEvent::SpeechStarted { .. } => Some(false),
+                        _ => None,
+                    }) == Some(true);
+                    let audio_started_us = events
+                        .iter()
+                        .find_map(|(at, e)| matches!(e, ServerEvent::ResponseAudioStarted { .. }).then_some(*at));
+                    let barge_in = self
+                        .options
+                        .barge_in_ms
+                        .zip(audio_started_us)
+                        .is_some_and(|(ms, at)| now_us >= at + u64::from(ms) * 1000);
+                    if finished
+                        || barge_in
+                        || waited > ms(self.options.reply_timeout_ms)
+                        || (!started && waited > ms(self.options.turn_start_timeout_ms))
+                    {
+                        self.phase = Phase::Pausing;
+                        self.phase_started = Instant::now();
+                        if barge_in {
+                            // No pause: the next clip starts over the reply.
+                            let pause = ms(self.options.pause_ms);
+                            self.phase_started = Instant::now().checked_sub(pause).unwrap_or(self.phase_started);
+                        }
+                    }
+                }
+                Phase::Pausing => {
+                    if self.phase_started.elapsed() >= ms(self.options.pause_ms) {
+                        self.clip_index += 1;
+                        if self.clip_index >= self.clips.len() {
+                            return false;
+                        }
+                        self.frame_index = 0;
+                        self.clip_first_event = events.len();
+                        self.phase = Phase::Speaking;
+                        // The clip's first 20 ms go out on this tick.
+                        continue;
+                    }
+                }
+            }
+            return true;
+        }
+    }
+}
+
+/// Streams `clips` (mono at `rate`, the rate the wire sends) at real-time pace over `ws`, one
+/// 20 ms message per tick, through `wire`; collects what comes back into `result` and accounts
+/// each turn from the reference utterances `anchors` (at `rate`). Shared by every protocol.
+pub(crate) async fn stream(
+    ws: &mut crate::Socket,
+    wire: &mut impl Wire,
+    options: &TalkOptions,
+    clips: &[Clip],
+    rate: u32,
+    anchors: &[(String, Vec<crate::anchor::Utterance>)],
+    mut result: TalkResult,
+) -> Result<TalkResult, TalkError> {
     let start = Instant::now();
     let now_us = || start.elapsed().as_micros() as u64;
-    let mut result =
-        TalkResult { report: Report { server: url.clone(), ..Report::default() }, ..TalkResult::default() };
-    // Where the events since the current clip began start: for deciding when its reply is over.
-    let mut clip_first_event = 0;
     let mut ticker = tokio::time::interval(Duration::from_millis(FRAME_MS as u64));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
-
-    // Position: which clip, which frame in it; then the wait/pause phase.
-    let mut clip_index = 0;
-    let mut frame_index = 0;
-    let mut first_seq: Vec<Option<usize>> = vec![None; clips.len()];
-    let mut phase_started = Instant::now();
-    enum Phase {
-        Speaking,
-        Waiting,
-        Pausing,
-    }
-    let mut phase = if clips.is_empty() { Phase::Pausing } else { Phase::Speaking };
+    let mut script = Script::new(options, clips, rate);
+    let mut pcm = vec![0f32; script.frame];
     let mut seq: u32 = 0;
-    let mut last_reply_seq: Option<u32> = None;
-
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                // Decide what this tick sends.
-                let samples: &[f32] = match phase {
-                    Phase::Speaking => {
-                        let clip = &clips[clip_index].samples;
-                        let begin = frame_index * frame;
-                        if begin < clip.len() {
-                            let end = (begin + frame).min(clip.len());
-                            pcm[..end - begin].copy_from_slice(&clip[begin..end]);
-                            pcm[end - begin..].fill(0.0);
-                            &pcm
-                        } else {
-                            phase = if options.wait_for_reply { Phase::Waiting } else { Phase::Pausing };
-                            phase_started = Instant::now();
-                            &silence
-                        }
-                    }
-                    Phase::Waiting => {
-                        let waited = phase_started.elapsed();
-                        let events = &result.events[clip_first_event..];
-                        let started = events.iter().any(|(_, e)| matches!(e, ServerEvent::SpeechStarted { .. } | ServerEvent::ResponseAudioStarted { .. }));
-                        let finished = events.iter().rev().find_map(|(_, e)| match e {
-                            ServerEvent::ResponseAudioDone { .. } | ServerEvent::ReplyCancelled { .. } => Some(true),
-                            ServerEvent::SpeechStarted { .. } => Some(false),
-                            _ => None,
-                        }) == Some(true);
-                        let audio_started_us = events.iter().find_map(|(at, e)| matches!(e, ServerEvent::ResponseAudioStarted { .. }).then_some(*at));
-                        let barge_in = options.barge_in_ms.zip(audio_started_us).is_some_and(|(ms, at)| now_us() >= at + ms as u64 * 1000);
-                        if finished
-                            || barge_in
-                            || waited > Duration::from_millis(options.reply_timeout_ms as u64)
-                            || (!started && waited > Duration::from_millis(options.turn_start_timeout_ms as u64))
-                        {
-                            phase = Phase::Pausing;
-                            phase_started = Instant::now();
-                            if barge_in {
-                                // No pause: the next clip starts over the reply.
-                                let pause = Duration::from_millis(options.pause_ms as u64);
-                                phase_started = Instant::now().checked_sub(pause).unwrap_or(phase_started);
-                            }
-                        }
-                        &silence
-                    }
-                    Phase::Pausing => {
-                        if phase_started.elapsed() >= Duration::from_millis(options.pause_ms as u64) {
-                            clip_index += 1;
-                            if clip_index >= clips.len() {
-                                break;
-                            }
-                            frame_index = 0;
-                            clip_first_event = result.events.len();
-                            phase = Phase::Speaking;
-                        }
-                        &silence
-                    }
-                };
-                let n = encoder.encode_float(samples, &mut packet)?;
-                let sent = now_us();
-                let message = FrameHeader::audio(seq, sent).encode(&packet[..n]);
-                ws.send(Message::Binary(Bytes::from(message))).await.map_err(Box::new)?;
-                result.sent_us.push(sent);
-                if matches!(phase, Phase::Speaking) {
-                    if frame_index == 0 {
-                        first_seq[clip_index] = Some(seq as usize);
-                    }
-                    frame_index += 1;
+                if !script.tick(&result.events, now_us(), seq as usize, &mut pcm) {
+                    break;
                 }
+                let sent = now_us();
+                let message = wire.audio(&pcm, seq, sent)?;
+                ws.send(message).await.map_err(Box::new)?;
+                result.sent_us.push(sent);
                 seq += 1;
             }
             message = ws.next() => {
@@ -225,31 +345,12 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
                 match message {
                     None => break,
                     Some(Err(e)) => return Err(TalkError::Ws(Box::new(e))),
-                    Some(Ok(Message::Binary(data))) => {
-                        let (header, payload) = FrameHeader::decode(&data).map_err(|e| TalkError::Protocol(e.to_string()))?;
-                        if last_reply_seq.is_some_and(|last| header.seq != last.wrapping_add(1)) {
-                            result.seq_gaps += 1;
-                        }
-                        last_reply_seq = Some(header.seq);
-                        let mut out = vec![0f32; frame];
-                        let n = decoder.decode_float(payload, &mut out, false)?;
-                        result.reply_audio.extend_from_slice(&out[..n]);
-                        result.frames.push(ReceivedFrame { seq: header.seq, timestamp_us: header.timestamp_us, received_us: received });
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        // Unknown (newer) server events are ignored, as the protocol asks.
-                        let Ok(event) = ServerEvent::parse(text.as_str()) else {
-                            tracing::warn!(%text, "unparsed server event");
-                            continue;
-                        };
-                        if let ServerEvent::SessionCreated { session, .. } = &event {
-                            result.report.pipeline = session.pipeline.clone();
-                        }
-                        result.events.push((received, event));
-                    }
                     Some(Ok(Message::Close(frame))) => {
                         result.close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
                         break;
+                    }
+                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                        wire.receive(message, received, &mut result)?;
                     }
                     Some(Ok(_)) => {}
                 }
@@ -257,7 +358,7 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
         }
     }
     let _ = ws.close(None).await;
-    let streamed = crate::report::streamed(&anchors, &first_seq, &result.sent_us, rate);
+    let streamed = crate::report::streamed(anchors, &script.first_seq, &result.sent_us, rate);
     result.report = Report {
         server: result.report.server,
         pipeline: result.report.pipeline,

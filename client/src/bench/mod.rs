@@ -17,11 +17,44 @@ use std::time::{Duration, Instant};
 /// than this after its due time, ms.
 pub const JITTER_ALLOWANCE_MS: u64 = 0;
 
+/// The protocol the sessions speak ([`crate::talk()`] or [`crate::realtime::talk_realtime`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// Parley's own (`/v1/voice`): Opus frames at the stream rate.
+    #[default]
+    V1,
+    /// The OpenAI Realtime API (`/v1/realtime`): base64 PCM16 at 24 kHz in JSON events, for any
+    /// Realtime-compatible server.
+    Realtime,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::V1 => "v1",
+            Protocol::Realtime => "realtime",
+        })
+    }
+}
+
+impl Protocol {
+    /// One session of this protocol.
+    pub async fn talk(self, options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, TalkError> {
+        match self {
+            Protocol::V1 => crate::talk(options, clips).await,
+            Protocol::Realtime => crate::realtime::talk_realtime(options, clips).await,
+        }
+    }
+}
+
 /// What load to generate.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// `ws://host:port`; `/metrics` is read over plain HTTP from the same host and port.
+    /// `ws://host:port` (or a full endpoint URL); `/metrics` is read over plain HTTP from the same
+    /// host and port.
     pub server: String,
+    pub protocol: Protocol,
     /// Concurrent sessions of each run, in order (one entry without `--sweep`).
     pub session_counts: Vec<usize>,
     /// Turns (clips) per session.
@@ -40,6 +73,7 @@ pub struct BenchOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub server: String,
+    pub protocol: Protocol,
     pub turns_per_session: usize,
     pub jitter_allowance_ms: u64,
     pub p95_bound_ms: f64,
@@ -450,12 +484,12 @@ pub async fn run_load(options: &BenchOptions, clips: &[Clip], sessions: usize) -
                 ..TalkOptions::default()
             };
             let session_clips: Vec<Clip> = (0..options.turns).map(|t| clips[(i + t) % clips.len()].clone()).collect();
-            let rate = options.sample_rate;
+            let (rate, protocol) = (options.sample_rate, options.protocol);
             expected.push(session_clips.iter().map(|c| crate::anchor::utterances(&c.samples, rate).len()).sum());
             let delay = Duration::from_millis(options.stagger_ms * i as u64);
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                crate::talk(&talk_options, &session_clips).await
+                protocol.talk(&talk_options, &session_clips).await
             })
         })
         .collect();
@@ -481,6 +515,7 @@ pub async fn run_bench(options: &BenchOptions, clips: &[Clip]) -> BenchReport {
     }
     BenchReport {
         server: options.server.clone(),
+        protocol: options.protocol,
         turns_per_session: options.turns,
         jitter_allowance_ms: JITTER_ALLOWANCE_MS,
         p95_bound_ms: options.p95_bound_ms,
@@ -558,6 +593,20 @@ mod tests {
             Underruns { frames: 5, count: 2, late_ms: 40.0, max_late_ms: 30.0, max_late_at_ms: 80.0 }
         );
         assert_eq!((per_reply[1].frames, per_reply[1].count), (1, 0));
+    }
+
+    #[test]
+    fn frames_sent_ahead_in_bursts_are_not_underruns() {
+        // A server that sends faster than real time (a Realtime delta of several frames, all
+        // arriving together): every frame is there before it is due.
+        let mut frames: Vec<ReceivedFrame> = (0..10).map(|seq| frame(seq, 1000)).collect();
+        frames.extend((10..20).map(|seq| frame(seq, 1100)));
+        frames.extend((20..25).map(|seq| frame(seq, 1390)));
+        assert_eq!(underruns(&frames, &[0], 0), Underruns { frames: 25, ..Underruns::default() });
+        // Behind schedule after a burst: seq 25 is due at 1500, arrives at 1530.
+        frames.push(frame(25, 1530));
+        let late = underruns(&frames, &[0], 0);
+        assert_eq!((late.count, late.max_late_ms, late.max_late_at_ms), (1, 30.0, 500.0));
     }
 
     #[test]

@@ -50,11 +50,12 @@ pub fn markdown(report: &BenchReport) -> String {
         "peak RSS MB",
     ];
     let mut out = format!(
-        "# parley bench: {}\n\n{} clip(s) per session; voice-to-voice in ms from each utterance's reference \
+        "# parley bench: {} (protocol {})\n\n{} clip(s) per session; voice-to-voice in ms from each utterance's reference \
          end of speech, an utterance without a reply after its end counting as ∞; underruns: stalls of a \
          player that starts each reply {} ms after its first frame and plays on from a late frame.\n\n\
          | {} |\n|{}\n",
         report.server,
+        report.protocol,
         report.turns_per_session,
         report.jitter_allowance_ms,
         COLUMNS.join(" | "),
@@ -245,6 +246,7 @@ mod tests {
         };
         let report = BenchReport {
             server: "ws://x".into(),
+            protocol: crate::bench::Protocol::V1,
             turns_per_session: 1,
             jitter_allowance_ms: 0,
             p95_bound_ms: 1000.0,

@@ -62,7 +62,8 @@ pub async fn serve(ws: WebSocketStream<TcpStream>, ctx: super::SessionContext, m
             audio_out: true,
             max_output_tokens: None,
             voice: "parley".into(),
-            transcription: json!({"model": "whisper-tiny.en", "language": "en", "prompt": null}),
+            // Whisper (tiny.en) under the one Whisper name the 1.x SDKs accept.
+            transcription: json!({"model": "whisper-1", "language": "en", "prompt": null}),
         };
         link.control.output_rate.store(Format::Pcm.rate(), Relaxed);
         let state = Arc::new(Mutex::new(State::new(link.outbox.clone(), settings, link.history.clone())));

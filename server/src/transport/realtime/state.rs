@@ -106,6 +106,9 @@ pub struct Response {
     pub turn_done: bool,
     /// The client asked to cancel it.
     pub cancelling: bool,
+    /// Cut by the user's speech, whose `speech_started` is still on its way (the core cuts the
+    /// reply at once, and tells of the speech after the reply's queued output): it ends after.
+    pub awaiting_speech: bool,
 }
 
 impl Response {
@@ -126,6 +129,7 @@ impl Response {
             audio_done: false,
             turn_done: false,
             cancelling: false,
+            awaiting_speech: false,
         }
     }
 
@@ -298,7 +302,8 @@ impl State {
     /// Ends the response in progress once its audio and its turn are over (or at once, `now`).
     pub fn finish(&mut self, now: bool) {
         let Some(response) = self.response.as_ref() else { return };
-        if !now && !(response.turn_done && (response.audio_done || response.item.is_none())) {
+        let over = response.turn_done && (response.audio_done || response.item.is_none()) && !response.awaiting_speech;
+        if !now && !over {
             return;
         }
         let response = self.response.take().expect("checked above");
@@ -343,6 +348,10 @@ impl State {
                 self.speech_start_ms = *audio_start_ms;
                 let item_id = history::user_item_id(*turn);
                 self.send(json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": audio_start_ms, "item_id": item_id}));
+                if let Some(response) = self.response.as_mut().filter(|r| r.awaiting_speech) {
+                    response.awaiting_speech = false;
+                    self.finish(false);
+                }
             }
             ServerEvent::SpeechStopped { turn, audio_end_ms } => {
                 let item_id = history::user_item_id(*turn);
@@ -381,6 +390,7 @@ impl State {
                     CancelReason::Safety => ("incomplete", "content_filter"),
                 });
                 response.audio_done = true;
+                response.awaiting_speech = *reason == CancelReason::BargeIn;
                 self.finish(false);
             }
             ServerEvent::SafetyDecision { turn, stage, action, rule_id, category, score, elapsed_ms, detail } => {
