@@ -494,10 +494,19 @@ impl Session {
         response.metadata = metadata;
         response.max_output_tokens = max_tokens.map_or(json!("inf"), |n| json!(n));
         let respond = Respond { request, instructions, audio, in_conversation, input, max_tokens };
-        self.command(Command::Respond(respond))?;
-        let mut state = self.lock();
-        state.send(json!({"type": "response.created", "response": response.json("in_progress")}));
-        state.response = Some(response);
+        // In place before the core can answer (its notices go to the response in progress).
+        {
+            let mut state = self.lock();
+            state.send(json!({"type": "response.created", "response": response.json("in_progress")}));
+            state.response = Some(response);
+        }
+        if let Err(e) = self.command(Command::Respond(respond)) {
+            let mut state = self.lock();
+            if let Some(response) = state.response.as_mut() {
+                response.error = Some(json!({"type": "server_error", "code": e.code, "message": e.message}));
+            }
+            state.finish(true);
+        }
         Ok(())
     }
 
