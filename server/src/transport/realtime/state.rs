@@ -363,6 +363,9 @@ impl State {
             ServerEvent::TranscriptionCompleted { turn, transcript } => {
                 let item_id = history::user_item_id(*turn);
                 let seconds = self.seconds.remove(turn).unwrap_or(0.0);
+                // Parley's recognizer gives the final text at once: one delta holds it all.
+                self.send(json!({"type": "conversation.item.input_audio_transcription.delta", "item_id": item_id,
+                    "content_index": 0, "delta": transcript, "logprobs": null}));
                 self.send(json!({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
                     "content_index": 0, "transcript": transcript, "logprobs": null,
                     "usage": {"type": "duration", "seconds": seconds}}));
