@@ -402,6 +402,13 @@ class Recorder:
 # --- response checks ---------------------------------------------------------------------------
 
 
+async def answer(s: Session, start: int, kind: str, asked: str) -> dict:
+    """The first `kind` or `error` event at/after start; fails the case on an error."""
+    _, event = await s.wait(f"{kind} or error", lambda e: e.get("type") in (kind, "error"), start=start)
+    check(event["type"] == kind, f"{asked} got an error: {short(event.get('error'))}")
+    return event
+
+
 async def await_response(
     s: Session, start: int, timeout: float = RESPONSE_TIMEOUT
 ) -> tuple[int, dict, int, dict]:
@@ -762,15 +769,7 @@ async def case_barge_in_truncate(s: Session, pcm: bytes) -> None:
         sent_transcript = facts["text"]
         start = len(s.events)
         await s.conn.conversation.item.truncate(item_id=assistant_id, content_index=0, audio_end_ms=300)
-        _, truncated = await s.wait(
-            "conversation.item.truncated or error",
-            lambda e: e.get("type") in ("conversation.item.truncated", "error"),
-            start=start,
-        )
-        check(
-            truncated["type"] == "conversation.item.truncated",
-            f"conversation.item.truncate got an error: {short(truncated.get('error'))}",
-        )
+        truncated = await answer(s, start, "conversation.item.truncated", "conversation.item.truncate")
         check(
             (truncated.get("item_id"), truncated.get("content_index"), truncated.get("audio_end_ms"))
             == (assistant_id, 0, 300),
@@ -778,15 +777,7 @@ async def case_barge_in_truncate(s: Session, pcm: bytes) -> None:
         )
         start = len(s.events)
         await s.conn.conversation.item.retrieve(item_id=assistant_id)
-        _, retrieved = await s.wait(
-            "conversation.item.retrieved or error",
-            lambda e: e.get("type") in ("conversation.item.retrieved", "error"),
-            start=start,
-        )
-        check(
-            retrieved["type"] == "conversation.item.retrieved",
-            f"conversation.item.retrieve got an error: {short(retrieved.get('error'))}",
-        )
+        retrieved = await answer(s, start, "conversation.item.retrieved", "conversation.item.retrieve")
         item = retrieved.get("item") or {}
         check(item.get("id") == assistant_id, f"retrieved item id {item.get('id')!r}, want {assistant_id}")
         kept = "".join(str(c.get("transcript") or "") for c in item.get("content") or [])
@@ -815,10 +806,7 @@ async def case_manual_commit(s: Session, pcm: bytes) -> None:
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": None}},
         }
     )
-    _, updated = await s.wait(
-        "session.updated or error", lambda e: e.get("type") in ("session.updated", "error"), start=start
-    )
-    check(updated["type"] == "session.updated", f"session.update got an error: {short(updated.get('error'))}")
+    updated = await answer(s, start, "session.updated", "session.update")
     td = (
         ((updated.get("session") or {}).get("audio") or {}).get("input", {}).get("turn_detection", "<absent>")
     )
@@ -910,13 +898,7 @@ async def case_bad_events(s: Session) -> None:
             )
     start = len(s.events)
     await s.conn.session.update(session={"type": "realtime", "instructions": "Be brief."})
-    _, updated = await s.wait(
-        "session.updated or error", lambda e: e.get("type") in ("session.updated", "error"), start=start
-    )
-    check(
-        updated["type"] == "session.updated",
-        f"session.update after the bad events got an error: {short(updated.get('error'))}",
-    )
+    updated = await answer(s, start, "session.updated", "session.update after the bad events")
     await s.quiet(0.3)
     s.check_ids()
 
@@ -962,45 +944,21 @@ async def case_client_item_id(s: Session) -> None:
             "content": [{"type": "input_text", "text": "Remember the number seven."}],
         }
     )
-    _, added = await s.wait(
-        "conversation.item.added or error",
-        lambda e: e.get("type") in ("conversation.item.added", "error"),
-        start=start,
-    )
-    check(
-        added["type"] == "conversation.item.added",
-        f"conversation.item.create got an error: {short(added.get('error'))}",
-    )
+    added = await answer(s, start, "conversation.item.added", "conversation.item.create")
     check(
         added["item"].get("id") == item_id,
         f"conversation.item.added item id {added['item'].get('id')!r}, want {item_id}",
     )
     start = len(s.events)
     await s.conn.conversation.item.retrieve(item_id=item_id)
-    _, retrieved = await s.wait(
-        "conversation.item.retrieved or error",
-        lambda e: e.get("type") in ("conversation.item.retrieved", "error"),
-        start=start,
-    )
-    check(
-        retrieved["type"] == "conversation.item.retrieved",
-        f"conversation.item.retrieve got an error: {short(retrieved.get('error'))}",
-    )
+    retrieved = await answer(s, start, "conversation.item.retrieved", "conversation.item.retrieve")
     check(
         retrieved["item"].get("id") == item_id,
         f"retrieved item id {retrieved['item'].get('id')!r}, want {item_id}",
     )
     start = len(s.events)
     await s.conn.conversation.item.delete(item_id=item_id)
-    _, deleted = await s.wait(
-        "conversation.item.deleted or error",
-        lambda e: e.get("type") in ("conversation.item.deleted", "error"),
-        start=start,
-    )
-    check(
-        deleted["type"] == "conversation.item.deleted",
-        f"conversation.item.delete got an error: {short(deleted.get('error'))}",
-    )
+    deleted = await answer(s, start, "conversation.item.deleted", "conversation.item.delete")
     check(
         deleted.get("item_id") == item_id,
         f"conversation.item.deleted item_id {deleted.get('item_id')!r}, want {item_id}",
