@@ -1,6 +1,6 @@
-//! A minimal HTTP/1.1 front door: reads one request head, answers `GET /healthz` and
-//! `GET /metrics`, and performs the WebSocket upgrade for the voice endpoint. Every response
-//! closes the connection; nothing here is a general HTTP server.
+//! A minimal HTTP/1.1 front door: reads one request head, answers `GET /healthz`, `GET /metrics`
+//! and the page's files, and performs the WebSocket upgrade for the voice endpoints. Every
+//! response closes the connection; nothing here is a general HTTP server.
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -80,12 +80,27 @@ pub async fn read_request(stream: &mut TcpStream) -> Result<Request, HttpError> 
 
 /// Writes a complete response and closes the write side.
 pub async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    respond_with(stream, status, content_type, &[], body.as_bytes()).await
+}
+
+/// Writes a complete response with extra header lines (`name: value`) and closes the write side.
+pub async fn respond_with(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
     );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    stream.write_all(body).await?;
     stream.shutdown().await
 }
 

@@ -1,7 +1,7 @@
 //! The listener: accepts connections (at most `max_sessions` + a small margin at once), routes
-//! each request (`/healthz`, `/metrics`, the WebSocket upgrade at `/v1/voice`), refuses sessions
-//! beyond `max_sessions` with close code 1013, and on shutdown tells every session to close and
-//! waits for them to drain.
+//! each request (`/healthz`, `/metrics`, the page at `/`, the WebSocket upgrades at `/v1/voice`
+//! and `/v1/realtime`), refuses sessions beyond `max_sessions` with close code 1013, and on
+//! shutdown tells every session to close and waits for them to drain.
 use crate::config::Config;
 use crate::conversation::{self, Pipeline};
 use crate::http::{self, Request};
@@ -181,7 +181,13 @@ async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
         ("GET", WS_PATH | transport::realtime::PATH) => {
             http::respond(&mut stream, "426 Upgrade Required", "text/plain", "use a WebSocket client\n").await
         }
-        ("GET", _) => http::respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
+        ("GET", path) => match crate::web::find(path) {
+            Some(asset) => {
+                metrics.http_requests.fetch_add(1, Relaxed);
+                http::respond_with(&mut stream, "200 OK", asset.content_type, crate::web::HEADERS, asset.body).await
+            }
+            None => http::respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
+        },
         _ => http::respond(&mut stream, "405 Method Not Allowed", "text/plain", "only GET\n").await,
     };
     if let Err(e) = result {

@@ -59,6 +59,8 @@ pub(super) struct Partial {
     /// Utterance samples the latest pass started from.
     pub(super) covered: usize,
     pub(super) settled: Settled,
+    /// The settled words sent as transcription deltas so far.
+    pub(super) text: String,
     pub(super) running: Option<Pass>,
 }
 
@@ -256,7 +258,7 @@ impl Worker {
                     // The user went on: speech recognised and a reply started ahead are dropped.
                     self.drop_early_asr();
                     self.discard_held().await;
-                    self.listen_ahead().await;
+                    self.listen_ahead(turn).await?;
                 } else if let Some(pass) = &self.partial.running {
                     // A pass still running would hold up the recognition at the pause.
                     pass.cancel.store(true, Ordering::Relaxed);
@@ -400,15 +402,22 @@ impl Worker {
     /// While the user speaks: takes in the pass over the speech so far that finished, and starts
     /// the next when `partial_every_ms` more speech came and the recognizer, the reply model and
     /// the synthesizer are idle (passes are a head start, not worth slowing any reply for: under
-    /// load they would make other sessions' reply audio late).
-    pub(super) async fn listen_ahead(&mut self) {
+    /// load they would make other sessions' reply audio late). Words newly settled are sent as a
+    /// transcription delta of `turn`.
+    pub(super) async fn listen_ahead(&mut self, turn: u64) -> Result<(), SessionClosed> {
         if let Some(pass) = self.partial.running.take_if(|pass| pass.task.is_finished())
             && let Ok(Ok((settled, text))) = pass.task.await
         {
-            if settled.ids.len() > self.partial.settled.ids.len() {
-                self.prefill(text);
-            }
+            let grew = settled.ids.len() > self.partial.settled.ids.len();
             self.partial.settled = settled;
+            if grew {
+                self.prefill(text.clone());
+                if let Some(delta) = text.strip_prefix(self.partial.text.as_str()).filter(|d| !d.trim().is_empty()) {
+                    let delta = delta.to_string();
+                    self.partial.text = text;
+                    self.io.output.event(ServerEvent::TranscriptionDelta { turn, delta }).await?;
+                }
+            }
         }
         let every = (self.config.partial_every_ms * PIPELINE_RATE / 1000) as usize;
         if every == 0
@@ -416,7 +425,7 @@ impl Worker {
             || self.utterance.len() < self.partial.covered + every
             || !self.engines.cores_idle()
         {
-            return;
+            return Ok(());
         }
         let audio = self.utterance.clone();
         self.partial.covered = audio.len();
@@ -431,6 +440,7 @@ impl Worker {
             .await
         });
         self.partial.running = Some(Pass { cancel, task });
+        Ok(())
     }
 
     /// Puts the conversation so far and the start of what the user is saying into this session's

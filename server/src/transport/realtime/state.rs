@@ -226,6 +226,8 @@ pub struct State {
     pub speech_start_ms: u64,
     /// Seconds of input audio of each committed turn, for the transcription's usage.
     pub seconds: HashMap<u64, f64>,
+    /// Transcript text sent in deltas so far, by turn (the recognizer's settled partial words).
+    heard: HashMap<u64, String>,
 }
 
 pub type Shared = Arc<Mutex<State>>;
@@ -241,6 +243,7 @@ impl State {
             commits: HashMap::new(),
             speech_start_ms: 0,
             seconds: HashMap::new(),
+            heard: HashMap::new(),
         }
     }
 
@@ -346,6 +349,7 @@ impl State {
         match event {
             ServerEvent::SpeechStarted { turn, audio_start_ms } => {
                 self.speech_start_ms = *audio_start_ms;
+                self.heard.retain(|heard, _| heard + 1 >= *turn);
                 let item_id = history::user_item_id(*turn);
                 self.send(json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": audio_start_ms, "item_id": item_id}));
                 if let Some(response) = self.response.as_mut().filter(|r| r.awaiting_speech) {
@@ -363,9 +367,13 @@ impl State {
             ServerEvent::TranscriptionCompleted { turn, transcript } => {
                 let item_id = history::user_item_id(*turn);
                 let seconds = self.seconds.remove(turn).unwrap_or(0.0);
-                // Parley's recognizer gives the final text at once: one delta holds it all.
-                self.send(json!({"type": "conversation.item.input_audio_transcription.delta", "item_id": item_id,
-                    "content_index": 0, "delta": transcript, "logprobs": null}));
+                // The deltas spell the final text where the partial words agree with it; the
+                // rest of it comes as one last delta (the final recognition can differ: then
+                // `completed` alone is the truth).
+                let heard = self.heard.remove(turn).unwrap_or_default();
+                if let Some(rest) = transcript.strip_prefix(heard.as_str()).filter(|r| !r.is_empty()) {
+                    self.transcription_delta(&item_id, rest);
+                }
                 self.send(json!({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
                     "content_index": 0, "transcript": transcript, "logprobs": null,
                     "usage": {"type": "duration", "seconds": seconds}}));
@@ -373,6 +381,10 @@ impl State {
                     "content": [{"type": "input_audio", "transcript": transcript, "audio": null}]});
                 let previous = self.history.last_id();
                 self.send(json!({"type": "conversation.item.done", "item": item, "previous_item_id": previous}));
+            }
+            ServerEvent::TranscriptionDelta { turn, delta } => {
+                self.heard.entry(*turn).or_default().push_str(delta);
+                self.transcription_delta(&history::user_item_id(*turn), delta);
             }
             ServerEvent::ResponseTextDelta { turn, delta } => {
                 let Some(response) = self.response_of(*turn).filter(|r| r.item.is_some()) else { return };
@@ -425,6 +437,11 @@ impl State {
             // session's v1 settings.
             _ => {}
         }
+    }
+
+    fn transcription_delta(&mut self, item_id: &str, delta: &str) {
+        self.send(json!({"type": "conversation.item.input_audio_transcription.delta", "item_id": item_id,
+            "content_index": 0, "delta": delta, "logprobs": null}));
     }
 
     fn notice(&mut self, notice: Notice) {

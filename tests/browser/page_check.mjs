@@ -1,0 +1,222 @@
+// The page in a real headless Chromium (Debian's, driven by playwright-core), hearing real speech
+// from a WAV file through Chromium's fake microphone. Run by tests/tests/browser.rs, which starts
+// the servers, writes the clips and passes their paths as one JSON argument:
+//   {voice, echo, unreachable: base URLs; clips: {conversation, unsafe, question, ptt}: WAV paths;
+//    artifacts: a folder for screenshots}
+// Prints one line per case and `N passed, M failed` last; on stdin/stdout it asks the test to stop
+// the echo server (`STOP echo`, answered with a line) for the "server gone" case.
+import { createRequire } from "node:module";
+import { createInterface } from "node:readline";
+import path from "node:path";
+
+const require = createRequire(`${process.env.PARLEY_NODE_MODULES}/`);
+const { chromium } = require("playwright-core");
+const config = JSON.parse(process.argv[2]);
+const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+
+const FLAGS = [
+  "--no-sandbox",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--no-first-run",
+  "--disable-gpu",
+];
+
+/** A fresh browser whose microphone plays `wav` once (then silence); `fakeUi`: grant the microphone. */
+async function browser(wav, fakeUi = true) {
+  const media = wav
+    ? ["--use-fake-device-for-media-stream", `--use-file-for-fake-audio-capture=${wav}%noloop`]
+    : ["--use-fake-device-for-media-stream"];
+  const args = [...FLAGS, ...media, ...(fakeUi ? ["--use-fake-ui-for-media-stream"] : [])];
+  return chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args });
+}
+
+async function open(b, url, init) {
+  const page = await b.newPage({ viewport: { width: 1100, height: 900 } });
+  page.on("pageerror", (e) => console.log(`  page error: ${e.message}`));
+  if (init) await page.addInitScript(init);
+  await page.goto(url);
+  return page;
+}
+
+/** The page's own record (`window.parley`), without its DOM elements. */
+function view(page) {
+  return page.evaluate(() => {
+    const { turns, ...rest } = window.parley;
+    return { ...rest, turns: turns.map(({ el, ...t }) => t) };
+  });
+}
+
+/** Waits until `test(view)` holds, polling every 200 ms, up to `seconds`. */
+async function until(page, seconds, what, test) {
+  const deadline = Date.now() + seconds * 1000;
+  for (;;) {
+    const v = await view(page);
+    if (test(v)) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(v).slice(0, 1500)}`);
+    await page.waitForTimeout(200);
+  }
+}
+
+function check(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+async function alertText(page) {
+  return (await page.locator("#alert").textContent()) ?? "";
+}
+
+const cases = {
+  // Hands-free over v1 (WebCodecs Opus): a question heard (partial then final), its reply played
+  // and measured, spoken over and stopped at once, then the second question answered.
+  async conversation() {
+    const b = await browser(config.clips.conversation);
+    try {
+      const page = await open(b, config.voice);
+      await page.click("#connect");
+      await until(page, 15, "the v1 link", (v) => v.protocol?.startsWith("v1"));
+      const v = await until(page, 60, "two answered turns", (v) => v.turns.length >= 2 && v.turns[1].done);
+      const [first, second] = v.turns;
+      check(/story|knight|dragon/i.test(first.heard) && first.final, `turn 1 heard ${JSON.stringify(first.heard)}`);
+      check(first.partials >= 1, `turn 1 had no partial transcript (${first.partials})`);
+      check(first.v2vMs > 0 && first.v2vMs < 5000, `turn 1 voice-to-voice ${first.v2vMs}`);
+      check(first.cancelled === "barge_in" && !first.done, `turn 1 was not cut by the barge-in: ${first.cancelled}`);
+      check(v.stats.flushed > 0, `nothing was flushed at the barge-in (${v.stats.flushed})`);
+      check(second.playedAtStart === v.stats.playedAtFlush,
+        `turn 1 played on after its flush: ${second.playedAtStart} != ${v.stats.playedAtFlush} samples`);
+      check(/weather/i.test(second.heard), `turn 2 heard ${JSON.stringify(second.heard)}`);
+      check(second.reply.length > 0 && second.v2vMs > 0, `turn 2: ${JSON.stringify(second)}`);
+      await page.waitForTimeout(300);
+      const shown = await page.locator(".turn").nth(1).locator(".v2v strong").getAttribute("data-ms");
+      check(Number(shown) === second.v2vMs, `the page shows ${shown}, not ${second.v2vMs}`);
+      check((await page.locator(".turn").first().locator(".badge").textContent()).includes("Interrupted"), "no badge");
+      check(v.stats.played > 48000, `only ${v.stats.played} samples played`);
+      const shot = path.join(config.artifacts, "finished-turn.png");
+      await page.screenshot({ path: shot, fullPage: true });
+      return `heard ${JSON.stringify(second.heard)}, v2v ${first.v2vMs} / ${second.v2vMs} ms (server ${Math.round(
+        first.totalMs)} / ${Math.round(second.totalMs)} ms), ${first.partials} partial(s), flushed ${
+        v.stats.flushed} samples, played ${v.stats.played}; screenshot ${shot}`;
+    } finally {
+      await b.close();
+    }
+  },
+
+  // A spoken unsafe request: the refusal is shown with its rule, and spoken.
+  async unsafe_request() {
+    const b = await browser(config.clips.unsafe);
+    try {
+      const page = await open(b, config.voice);
+      await page.click("#connect");
+      const v = await until(page, 45, "the refusal", (v) => v.turns[0]?.done);
+      const turn = v.turns[0];
+      const refusal = turn.safety.find((d) => d.stage === "input" && (d.action === "refuse" || d.action === "block"));
+      check(refusal && /^VW-/.test(refusal.rule_id), `no input refusal citing a VW- rule: ${JSON.stringify(turn.safety)}`);
+      const chip = await page.locator(".turn .chip.stop").first().textContent();
+      check(chip.includes(refusal.rule_id) && /refused|blocked/.test(chip), `chip: ${chip}`);
+      check(turn.reply.length > 0 && v.stats.played > 0, "the refusal was not spoken");
+      await page.screenshot({ path: path.join(config.artifacts, "refusal.png"), fullPage: true });
+      return `heard ${JSON.stringify(turn.heard)}; shown "${chip.trim()}"; said ${JSON.stringify(turn.reply)}`;
+    } finally {
+      await b.close();
+    }
+  },
+
+  // Without WebCodecs the page talks pcm16 over the Realtime endpoint instead.
+  async realtime_fallback() {
+    const b = await browser(config.clips.question);
+    try {
+      const page = await open(b, config.voice, () => {
+        delete window.AudioEncoder;
+        delete window.AudioDecoder;
+      });
+      await page.click("#connect");
+      const v = await until(page, 45, "an answered turn", (v) => v.turns[0]?.done);
+      const turn = v.turns[0];
+      check(v.protocol.startsWith("Realtime"), `protocol ${v.protocol}`);
+      check(turn.final && turn.heard.length > 0 && turn.reply.length > 0, JSON.stringify(turn));
+      check(turn.v2vMs > 0 && turn.marks.length > 3 && turn.safety.length > 0, JSON.stringify(turn));
+      check(v.stats.played > 0, "no reply audio played");
+      return `heard ${JSON.stringify(turn.heard)}, v2v ${turn.v2vMs} ms (server ${Math.round(turn.totalMs)} ms)`;
+    } finally {
+      await b.close();
+    }
+  },
+
+  // Push to talk: the first question is said with the button up (never heard), the second held.
+  async push_to_talk() {
+    const b = await browser(config.clips.ptt);
+    try {
+      const page = await open(b, config.voice);
+      await page.check("input[value=push-to-talk]");
+      await page.click("#connect");
+      await until(page, 15, "the v1 link", (v) => v.protocol !== null);
+      const started = Date.now();
+      await page.waitForTimeout(4500);
+      check((await view(page)).turns.length === 0, "speech was heard with the talk button up");
+      await page.keyboard.down("Space");
+      check((await page.locator("#talk").getAttribute("aria-pressed")) === "true", "Space did not press Talk");
+      await page.waitForTimeout(Math.max(0, 9000 - (Date.now() - started)));
+      await page.keyboard.up("Space");
+      const v = await until(page, 45, "the held question's answer", (v) => v.turns[0]?.done);
+      check(v.turns.length === 1 && v.turns[0].heard.length > 0, JSON.stringify(v.turns));
+      return `one turn, heard ${JSON.stringify(v.turns[0].heard)}`;
+    } finally {
+      await b.close();
+    }
+  },
+
+  // Full, gone, unreachable, and no microphone: each said in plain words.
+  async connection_problems() {
+    const b = await browser(config.clips.question);
+    const denied = await browser(null, false);
+    try {
+      const first = await open(b, config.echo);
+      await first.click("#connect");
+      await until(first, 15, "the first session", (v) => v.state === "live");
+      const second = await open(b, config.echo);
+      await second.click("#connect");
+      await until(second, 15, "the refusal", (v) => v.state === "failed");
+      const full = await alertText(second);
+      check(/server is full/i.test(full), `full: ${full}`);
+      check((await second.locator("#connect").textContent()) === "Reconnect", "no Reconnect");
+      console.log("STOP echo");
+      await lines.next();
+      await until(first, 15, "the server going away", (v) => v.state === "failed");
+      const gone = await alertText(first);
+      check(/shut down|lost the connection/i.test(gone), `gone: ${gone}`);
+      const nowhere = await open(b, config.unreachable).catch(() => null);
+      check(nowhere === null, "a page loaded from a closed port");
+      // The page still open, with its server gone: the reconnect cannot reach it.
+      await first.click("#connect");
+      await until(first, 15, "the failed reconnect", (v) => v.state === "failed" && v.protocol === null);
+      const unreachable = await alertText(first);
+      check(/can't reach/i.test(unreachable), `unreachable: ${unreachable}`);
+      const mute = await open(denied, config.voice);
+      await mute.click("#connect");
+      await until(mute, 15, "the microphone refusal", (v) => v.state === "failed");
+      const micText = await alertText(mute);
+      check(/microphone permission was denied/i.test(micText), `microphone: ${micText}`);
+      return `full: "${full}" | gone: "${gone}" | unreachable: "${unreachable}" | no microphone: "${micText}"`;
+    } finally {
+      await b.close();
+      await denied.close();
+    }
+  },
+};
+
+let passed = 0;
+let failed = 0;
+for (const [name, run] of Object.entries(cases)) {
+  const started = Date.now();
+  try {
+    const detail = await run();
+    passed += 1;
+    console.log(`PASS ${name} (${((Date.now() - started) / 1000).toFixed(1)} s): ${detail}`);
+  } catch (error) {
+    failed += 1;
+    console.log(`FAIL ${name} (${((Date.now() - started) / 1000).toFixed(1)} s): ${error.stack ?? error}`);
+  }
+}
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed === 0 ? 0 : 1);
