@@ -79,7 +79,11 @@ async function connect() {
     const microphone = await openMicrophone().catch((error) => {
       throw new Error(microphoneProblem(error));
     });
-    session.graph = await AudioGraph.open(microphone, Link.rate, { frame, started, stats });
+    // The worklets load from the server: failing that, the server is not there.
+    session.graph = await AudioGraph.open(microphone, Link.rate, { frame, started, stats }).catch((error) => {
+      microphone.getTracks().forEach((track) => track.stop());
+      throw new Error(unreachable(error.message));
+    });
     session.firstFrame = null;
     session.stopping = false;
     session.link = new Link({ event, audio, closed });
@@ -213,6 +217,11 @@ function event(e) {
   }
 }
 
+function unreachable(detail) {
+  const why = detail ? ` (${detail})` : "";
+  return `Can't reach the Parley server at ${location.host}${why}. Check that it is running, then press Reconnect.`;
+}
+
 function closed({ code, reason, opened }) {
   const wanted = session.stopping;
   hangUp();
@@ -221,7 +230,7 @@ function closed({ code, reason, opened }) {
   setStatus("failed", "Disconnected");
   setControls(false);
   if (!opened) {
-    showAlert(`Can't reach the Parley server at ${location.host}. Check that it is running, then press Reconnect.`);
+    showAlert(unreachable());
   } else if (code === 1013) {
     showAlert(`The server is full${reason ? ` (${reason})` : ""}. Press Reconnect in a moment.`);
   } else if (code === 1001) {
@@ -292,7 +301,8 @@ function renderTiming(t) {
     element("span", "", figure, " voice to voice");
   }
   if (t.marks.length === 0) return;
-  const total = Math.max(1, t.totalMs);
+  // One scale for every turn (the full bar is a second, or the turn when longer), so turns compare.
+  const scale = Math.max(1000, t.totalMs);
   const bar = element("div", "stages", timing);
   bar.setAttribute("aria-hidden", "true");
   const list = element("ul", "stage-list", timing);
@@ -303,7 +313,7 @@ function renderTiming(t) {
     const ms = Math.max(0, Math.round(mark.at_ms - previous));
     previous = mark.at_ms;
     const segment = element("span", `stage s${i % 9}`, bar);
-    segment.style.width = `${(100 * ms) / total}%`;
+    segment.style.width = `${(100 * ms) / scale}%`;
     segment.title = `${STAGES[mark.stage] ?? mark.stage}: ${ms} ms`;
     const item = element("li", "", list);
     element("span", `swatch s${i % 9}`, item);

@@ -22,8 +22,13 @@ export function openMicrophone() {
 export class AudioGraph {
   static async open(microphone, rate, handlers) {
     const context = new AudioContext({ sampleRate: rate, latencyHint: "interactive" });
-    await context.audioWorklet.addModule("/worklets.js");
-    await context.resume();
+    try {
+      await context.audioWorklet.addModule("/worklets.js");
+      await context.resume();
+    } catch (error) {
+      context.close();
+      throw error;
+    }
     return new AudioGraph(context, microphone, handlers);
   }
 

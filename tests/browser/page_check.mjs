@@ -79,7 +79,7 @@ const cases = {
       const v = await until(page, 60, "two answered turns", (v) => v.turns.length >= 2 && v.turns[1].done);
       const [first, second] = v.turns;
       check(/story|knight|dragon/i.test(first.heard) && first.final, `turn 1 heard ${JSON.stringify(first.heard)}`);
-      check(first.partials >= 1, `turn 1 had no partial transcript (${first.partials})`);
+      check(first.partials >= 1, `turn 1 had no partial transcript: ${JSON.stringify(first)}`);
       check(first.v2vMs > 0 && first.v2vMs < 5000, `turn 1 voice-to-voice ${first.v2vMs}`);
       check(first.cancelled === "barge_in" && !first.done, `turn 1 was not cut by the barge-in: ${first.cancelled}`);
       check(v.stats.flushed > 0, `nothing was flushed at the barge-in (${v.stats.flushed})`);
@@ -111,7 +111,7 @@ const cases = {
       const v = await until(page, 45, "the refusal", (v) => v.turns[0]?.done);
       const turn = v.turns[0];
       const refusal = turn.safety.find((d) => d.stage === "input" && (d.action === "refuse" || d.action === "block"));
-      check(refusal && /^VW-/.test(refusal.rule_id), `no input refusal citing a VW- rule: ${JSON.stringify(turn.safety)}`);
+      check(refusal && /^VW-/.test(refusal.rule_id), `heard ${JSON.stringify(turn.heard)}, no input refusal citing a VW- rule: ${JSON.stringify(turn.safety)}`);
       const chip = await page.locator(".turn .chip.stop").first().textContent();
       check(chip.includes(refusal.rule_id) && /refused|blocked/.test(chip), `chip: ${chip}`);
       check(turn.reply.length > 0 && v.stats.played > 0, "the refusal was not spoken");
@@ -207,7 +207,9 @@ const cases = {
 
 let passed = 0;
 let failed = 0;
-for (const [name, run] of Object.entries(cases)) {
+// PARLEY_BROWSER_CASES=a,b runs only those cases (while working on the page).
+const only = process.env.PARLEY_BROWSER_CASES?.split(",");
+for (const [name, run] of Object.entries(cases).filter(([name]) => !only || only.includes(name))) {
   const started = Date.now();
   try {
     const detail = await run();

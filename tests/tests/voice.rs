@@ -420,3 +420,24 @@ async fn a_flagged_reply_and_an_unenrolled_voice_never_reach_the_client() {
     assert!(!text_sent, "no reply text goes out before its audio passed: {events:?}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn words_are_sent_as_they_settle_while_the_user_speaks() {
+    let server = server().await;
+    let reference = &speech_clips()[0]; // 7 s: "and mister john dashwood had then leisure to consider…"
+    let (samples, rate) = read_wav(&reference.path);
+    let result = parley_client::talk(&options(&server), &[clip("long", &samples, rate)]).await.unwrap();
+    let mut heard = String::new();
+    let mut completed = None;
+    for event in events(&result) {
+        match event {
+            ServerEvent::TranscriptionDelta { turn: 1, delta } if completed.is_none() => heard.push_str(delta),
+            ServerEvent::TranscriptionCompleted { turn: 1, transcript } => completed = Some(transcript.clone()),
+            _ => {}
+        }
+    }
+    let completed = completed.expect("turn 1 is transcribed");
+    assert!(!heard.trim().is_empty(), "no words were sent before the transcript of {completed:?}");
+    assert!(completed.starts_with(&heard), "the partial {heard:?} is not the start of {completed:?}");
+    server.stop().await;
+}
