@@ -5,63 +5,12 @@
 //    artifacts: a folder for screenshots}
 // Prints one line per case and `N passed, M failed` last; on stdin/stdout it asks the test to stop
 // the echo server (`STOP echo`, answered with a line) for the "server gone" case.
-import { createRequire } from "node:module";
 import { createInterface } from "node:readline";
 import path from "node:path";
+import { browser, check, open, until, view } from "./driver.mjs";
 
-const require = createRequire(`${process.env.PARLEY_NODE_MODULES}/`);
-const { chromium } = require("playwright-core");
 const config = JSON.parse(process.argv[2]);
 const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-
-const FLAGS = [
-  "--no-sandbox",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-  "--no-first-run",
-  "--disable-gpu",
-];
-
-/** A fresh browser whose microphone plays `wav` once (then silence); `fakeUi`: grant the microphone. */
-async function browser(wav, fakeUi = true) {
-  const media = wav
-    ? ["--use-fake-device-for-media-stream", `--use-file-for-fake-audio-capture=${wav}%noloop`]
-    : ["--use-fake-device-for-media-stream"];
-  const args = [...FLAGS, ...media, ...(fakeUi ? ["--use-fake-ui-for-media-stream"] : [])];
-  return chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args });
-}
-
-async function open(b, url, init) {
-  const page = await b.newPage({ viewport: { width: 1100, height: 900 } });
-  page.on("pageerror", (e) => console.log(`  page error: ${e.message}`));
-  if (init) await page.addInitScript(init);
-  await page.goto(url);
-  return page;
-}
-
-/** The page's own record (`window.parley`), without its DOM elements. */
-function view(page) {
-  return page.evaluate(() => {
-    const { turns, ...rest } = window.parley;
-    return { ...rest, turns: turns.map(({ el, ...t }) => t) };
-  });
-}
-
-/** Waits until `test(view)` holds, polling every 200 ms, up to `seconds`. */
-async function until(page, seconds, what, test) {
-  const deadline = Date.now() + seconds * 1000;
-  for (;;) {
-    const v = await view(page);
-    if (test(v)) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(v).slice(0, 1500)}`);
-    await page.waitForTimeout(200);
-  }
-}
-
-function check(condition, message) {
-  if (!condition) throw new Error(message);
-}
 
 async function alertText(page) {
   return (await page.locator("#alert").textContent()) ?? "";
