@@ -27,7 +27,7 @@ function percentile(values, p) {
 const rows = [];
 for (const clip of args) {
   const wav = path.join(scratch, path.basename(clip));
-  execFileSync("sox", [clip, "-r", "48000", "-c", "1", "-b", "16", wav, "pad", `${LEAD_S}`, `${TAIL_S}`]);
+  execFileSync("sox", ["-G", clip, "-r", "48000", "-c", "1", "-b", "16", wav, "pad", `${LEAD_S}`, `${TAIL_S}`]);
   const seconds = Number(execFileSync("soxi", ["-D", wav]).toString());
   const b = await browser(wav);
   try {

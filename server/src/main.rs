@@ -139,7 +139,11 @@ fn main() -> anyhow::Result<()> {
             let config = config.clone();
             tokio::task::spawn_blocking(move || parley_server::server::pipeline_from_config(&config)).await??
         };
-        tracing::info!(pipeline = config.pipeline.name(), "serving ws://{}/v1/voice", config.listen);
+        tracing::info!(
+            pipeline = config.pipeline.name(),
+            "serving http://{0}/ (the page), ws://{0}/v1/voice and ws://{0}/v1/realtime",
+            config.listen
+        );
         let metrics = std::sync::Arc::new(parley_server::metrics::Metrics::default());
         parley_server::run_with_pipeline(listener, config, pipeline, metrics, shutdown_signal()).await?;
         Ok(())

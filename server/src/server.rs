@@ -98,8 +98,7 @@ pub async fn run_with_pipeline(
         _drain: drain_tx,
     });
     let connections = Arc::new(Semaphore::new(shared.config.max_sessions + EXTRA_CONNECTIONS));
-    let page = listener.local_addr().map(|a| format!("http://{a}/")).unwrap_or_default();
-    tracing::info!(%page, pipeline = shared.pipeline.name(), "listening: open the page to talk");
+    tracing::info!(addr = ?listener.local_addr().ok(), pipeline = shared.pipeline.name(), "listening");
     tokio::select! {
         _ = accept_loop(&listener, &shared, &connections) => {}
         _ = shutdown => tracing::info!("shutting down: draining sessions"),
