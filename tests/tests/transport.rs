@@ -327,6 +327,28 @@ async fn health_and_metrics_answer_on_the_same_port() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_is_served_at_the_root_with_a_strict_policy() {
+    let server = start(Config::default()).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    for header in
+        ["Content-Type: text/html", "Content-Security-Policy: default-src 'self'", "X-Content-Type-Options: nosniff"]
+    {
+        assert!(head.contains(header), "{header} missing in {head}");
+    }
+    assert!(body.contains("<script type=\"module\" src=\"/app.js\">"), "{body}");
+    let (status, body) = http_get(server.addr, "GET /worklets.js HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(body.contains("registerProcessor(\"player\""), "{body}");
+    assert_eq!(http_get(server.addr, "GET /../Cargo.toml HTTP/1.1\r\n\r\n").await.0, "HTTP/1.1 404 Not Found");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_over_the_limit_are_refused_with_1013() {
     let config = Config { max_sessions: 1, ..Config::default() };
     let server = start(config).await;
