@@ -1,7 +1,10 @@
 //! A real Parley server on 127.0.0.1:0 for one test, with the pipeline the test chooses.
 use parley_server::config::Config;
 use parley_server::conversation::Pipeline;
+use parley_server::conversation::voice::{VoiceConfig, VoicePipeline};
 use parley_server::metrics::Metrics;
+use parley_server::models::Manifest;
+use parley_server::safety::SafetyConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +37,21 @@ impl TestServer {
             .unwrap();
         });
         TestServer { addr, metrics, shutdown: Some(tx), task }
+    }
+
+    /// Starts the default configuration with the voice pipeline (every model, from the provisioned
+    /// cache); its safety audit log goes to a temporary file named after `test`.
+    pub async fn voice(test: &str) -> Self {
+        let audit_log = std::env::temp_dir().join(format!("parley-test-{test}-audit-{}.jsonl", std::process::id()));
+        let pipeline = tokio::task::spawn_blocking(move || {
+            let manifest = Manifest::load_default().unwrap_or_else(|e| panic!("{e}"));
+            let safety = SafetyConfig { audit_log, ..Default::default() };
+            let pipeline = VoicePipeline::load(manifest, VoiceConfig::default(), &safety, &Default::default());
+            Arc::new(pipeline.unwrap_or_else(|e| panic!("{e}")))
+        })
+        .await
+        .unwrap();
+        Self::start(Config::default(), pipeline).await
     }
 
     pub fn url(&self) -> String {

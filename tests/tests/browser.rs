@@ -6,9 +6,6 @@
 //! what the page says when the server is full, gone or unreachable, or the microphone is denied.
 use parley_server::config::Config;
 use parley_server::conversation::echo::EchoPipeline;
-use parley_server::conversation::voice::{VoiceConfig, VoicePipeline};
-use parley_server::models::Manifest;
-use parley_server::safety::SafetyConfig;
 use parley_tests::{TESTDATA, TestServer, espeak, read_wav};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -26,19 +23,6 @@ fn node_modules() -> String {
     let out = Command::new(repo().join("scripts/browser")).arg("node-modules").output().unwrap();
     assert!(out.status.success(), "run `scripts/browser setup`: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-async fn voice_server() -> TestServer {
-    let pipeline = tokio::task::spawn_blocking(move || {
-        let manifest = Manifest::load_default().unwrap_or_else(|e| panic!("{e}"));
-        let audit_log = std::env::temp_dir().join(format!("parley-test-browser-audit-{}.jsonl", std::process::id()));
-        let safety = SafetyConfig { audit_log, ..Default::default() };
-        let voice = VoiceConfig::default();
-        Arc::new(VoicePipeline::load(manifest, voice, &safety, &Default::default()).unwrap_or_else(|e| panic!("{e}")))
-    })
-    .await
-    .unwrap();
-    TestServer::start(Config::default(), pipeline).await
 }
 
 /// A clip built from parts: `Say(voice, text)`, a recording, or seconds of silence.
@@ -68,7 +52,7 @@ fn clip(dir: &Path, name: &str, parts: &[Part]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_talks_to_parley_in_chromium() {
     let modules = node_modules();
-    let voice = voice_server().await;
+    let voice = TestServer::voice("browser").await;
     let echo_config = Config { max_sessions: 1, ..Config::default() };
     let mut echo = TestServer::start(echo_config.clone(), Arc::new(EchoPipeline::new(echo_config.echo.clone()))).await;
     // A port that was open a moment ago and is closed now.

@@ -6,14 +6,9 @@
 //! client item ids, an active response, the beta header) and validates every event it receives
 //! strictly with `pydantic.TypeAdapter(RealtimeServerEvent)`; `tests/realtime/pipecat_check.py`
 //! then parses every recorded event with Pipecat's own strict parser.
-use parley_server::config::Config;
-use parley_server::conversation::voice::{VoiceConfig, VoicePipeline};
-use parley_server::models::Manifest;
-use parley_server::safety::SafetyConfig;
 use parley_tests::{TESTDATA, TestServer};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -24,19 +19,6 @@ fn python(major: &str) -> String {
     let out = Command::new(repo().join("scripts/realtime-sdk")).args(["python", major]).output().unwrap();
     assert!(out.status.success(), "run `scripts/realtime-sdk setup`: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-async fn parley() -> TestServer {
-    let pipeline = tokio::task::spawn_blocking(move || {
-        let manifest = Manifest::load_default().unwrap_or_else(|e| panic!("{e}"));
-        let audit_log = std::env::temp_dir().join(format!("parley-test-realtime-audit-{}.jsonl", std::process::id()));
-        let safety = SafetyConfig { audit_log, ..Default::default() };
-        let voice = VoiceConfig::default();
-        Arc::new(VoicePipeline::load(manifest, voice, &safety, &Default::default()).unwrap_or_else(|e| panic!("{e}")))
-    })
-    .await
-    .unwrap();
-    TestServer::start(Config::default(), pipeline).await
 }
 
 /// Runs `script` with `python` and `args`; panics with its output unless it passed.
@@ -53,7 +35,7 @@ fn run(python: &str, script: &str, args: &[String]) {
 /// accepts every event Parley sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdks_and_pipecat_speak_to_parley() {
-    let server = parley().await;
+    let server = TestServer::voice("realtime").await;
     let url = format!("ws://{}/v1", server.addr);
     let speech = Path::new(TESTDATA).join("librivox/sense_and_sensibility_01_austen_64kb-0890.wav");
     let question = Path::new(TESTDATA).join("cards/001.wav");
