@@ -230,15 +230,39 @@ function closed({ code, reason, opened }) {
   setStatus("failed", "Disconnected");
   setControls(false);
   if (!opened) {
-    showAlert(unreachable());
+    // A browser never sees why an upgrade was refused: the server's readiness says.
+    refusal().then(showAlert);
   } else if (code === 1013) {
     showAlert(`The server is full${reason ? ` (${reason})` : ""}. Press Reconnect in a moment.`);
   } else if (code === 1001) {
     showAlert("The server shut down. Press Reconnect when it is back.");
   } else if (code === 4001) {
     showAlert("The session was closed after a long silence. Press Reconnect to go on.");
+  } else if (code === 4002) {
+    showAlert("The session reached its time limit. Press Reconnect to start a new one.");
   } else if (code !== 1000) {
     showAlert(`Lost the connection to the server${reason ? ` (${reason})` : ""}. Press Reconnect to try again.`);
+  }
+}
+
+/** Why a connection was refused before it opened, in plain words, from `/readyz`. */
+async function refusal() {
+  let ready;
+  try {
+    const response = await fetch("/readyz", { cache: "no-store" });
+    ready = { ok: response.ok, ...(await response.json()) };
+  } catch {
+    return unreachable();
+  }
+  switch (ready.status) {
+    case "full":
+      return `The server is full (${ready.sessions} of ${ready.max_sessions} sessions in use). Press Reconnect in a moment.`;
+    case "draining":
+      return "The server is shutting down. Press Reconnect in a moment to reach another instance.";
+    case "loading":
+      return "The server is still loading its models. Press Reconnect in a moment.";
+    default:
+      return "The server refused the connection. Press Reconnect to try again.";
   }
 }
 

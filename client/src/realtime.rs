@@ -55,7 +55,7 @@ pub async fn talk_realtime(options: &TalkOptions, clips: &[Clip]) -> Result<Talk
     let connect_error = |e| TalkError::Connect { url: url.clone(), source: Box::new(e) };
     let mut request = url.as_str().into_client_request().map_err(connect_error)?;
     request.headers_mut().insert("Authorization", "Bearer parley".parse().expect("a valid header value"));
-    let mut ws = crate::connect(request).await.map_err(connect_error)?;
+    let mut ws = crate::connect(request).await.map_err(|e| TalkError::connect(&url, e))?;
     let model = tokio::time::timeout(SETUP_TIMEOUT, set_up(&mut ws))
         .await
         .map_err(|_| TalkError::Protocol("no session.created and session.updated in time".into()))??;

@@ -56,6 +56,9 @@ pub struct Clip {
 pub enum TalkError {
     #[error("connecting to {url}: {source}")]
     Connect { url: String, source: Box<tokio_tungstenite::tungstenite::Error> },
+    /// The server answered the upgrade with an HTTP error (503 full, loading or draining; 401…).
+    #[error("{url} refused the session: {status} {message}{}", retry_after.as_ref().map(|s| format!(" (retry after {s} s)")).unwrap_or_default())]
+    Refused { url: String, status: u16, retry_after: Option<String>, message: String },
     #[error("WebSocket: {0}")]
     Ws(#[from] Box<tokio_tungstenite::tungstenite::Error>),
     #[error("Opus: {0}")]
@@ -64,6 +67,27 @@ pub enum TalkError {
     Closed { code: u16, reason: String },
     #[error("protocol: {0}")]
     Protocol(String),
+}
+
+impl TalkError {
+    /// A failed connection to `url`: an HTTP refusal with the server's own message, else as is.
+    pub fn connect(url: &str, error: tokio_tungstenite::tungstenite::Error) -> Self {
+        let tokio_tungstenite::tungstenite::Error::Http(response) = &error else {
+            return TalkError::Connect { url: url.into(), source: Box::new(error) };
+        };
+        let body = response.body().as_deref().unwrap_or_default();
+        let message = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
+        let header = |name| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        TalkError::Refused {
+            url: url.into(),
+            status: response.status().as_u16(),
+            retry_after: header("retry-after"),
+            message,
+        }
+    }
 }
 
 /// A reply audio frame as received.
@@ -126,8 +150,7 @@ pub async fn talk(options: &TalkOptions, clips: &[Clip]) -> Result<TalkResult, T
     let rate = options.sample_rate;
     let anchors = anchors(clips, rate);
     let url = crate::endpoint_url(&options.server);
-    let mut ws =
-        crate::connect(&url).await.map_err(|e| TalkError::Connect { url: url.clone(), source: Box::new(e) })?;
+    let mut ws = crate::connect(&url).await.map_err(|e| TalkError::connect(&url, e))?;
     let update = ClientEvent::SessionUpdate {
         session: SessionUpdate { input_sample_rate: Some(rate), output_sample_rate: Some(rate) },
     };

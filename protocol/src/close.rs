@@ -21,6 +21,8 @@ pub enum CloseCode {
     SlowConsumer = 4000,
     /// No message from the client for longer than the idle timeout.
     IdleTimeout = 4001,
+    /// The session reached its time or byte budget; open a new one to go on.
+    SessionLimit = 4002,
 }
 
 impl CloseCode {
@@ -40,6 +42,7 @@ impl CloseCode {
             1013 => Self::TryAgainLater,
             4000 => Self::SlowConsumer,
             4001 => Self::IdleTimeout,
+            4002 => Self::SessionLimit,
             _ => return None,
         })
     }
@@ -60,6 +63,7 @@ mod tests {
             CloseCode::TryAgainLater,
             CloseCode::SlowConsumer,
             CloseCode::IdleTimeout,
+            CloseCode::SessionLimit,
         ] {
             assert_eq!(CloseCode::from_code(code.code()), Some(code));
         }

@@ -155,6 +155,8 @@ pub enum ErrorCode {
     SlowConsumer,
     /// The session was idle too long.
     IdleTimeout,
+    /// The session used up its time or byte budget (`max_session_s`, `max_session_bytes`).
+    SessionLimit,
     /// The server is shutting down.
     ShuttingDown,
     /// The server is overloaded (a model's job queue is full); the turn was dropped. Try again.

@@ -32,7 +32,7 @@ pub use crate::conversation::echo::{EchoConfig, EchoMode};
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// Concurrent voice sessions; upgrades beyond it are closed with 1013.
+    /// Concurrent voice sessions; upgrades beyond it get 503 with `Retry-After`.
     pub max_sessions: usize,
     /// Largest WebSocket message accepted, in bytes (audio frames are at most 1289 bytes; this
     /// bounds JSON events). Larger ones close the session with 1009.
@@ -44,6 +44,13 @@ pub struct Config {
     pub max_consecutive_errors: u32,
     /// A session with no client message for this long is closed with 4001, in seconds.
     pub idle_timeout_s: u64,
+    /// A WebSocket ping every this many seconds keeps proxies from closing a quiet tunnel (the
+    /// client's pongs do not count as activity for the idle timeout); 0: none.
+    pub ping_interval_s: u64,
+    /// Longest session, in seconds; then it is closed with 4002. 0: no limit.
+    pub max_session_s: u64,
+    /// Most bytes a session may send, in all its messages; then it is closed with 4002. 0: no limit.
+    pub max_session_bytes: u64,
     /// A write blocked for this long means the client stopped reading: close with 4000, in ms.
     pub write_timeout_ms: u64,
     /// Outgoing messages queued per session before new ones are dropped (≈ 20 ms of audio each).
@@ -54,8 +61,11 @@ pub struct Config {
     pub input_buffer_ms: u32,
     /// Time allowed for the HTTP request head / WebSocket handshake, in ms.
     pub handshake_timeout_ms: u64,
-    /// Time sessions get to finish after a shutdown signal, in ms.
+    /// After a shutdown signal, how long sessions get to finish the turn they are in before they
+    /// are closed (1001), in ms.
     pub drain_timeout_ms: u64,
+    /// The `Retry-After` of a 503 (loading, full, draining), in seconds.
+    pub retry_after_s: u64,
     /// Reply Opus bitrate, in bit/s.
     pub opus_bitrate: i32,
     /// Reply Opus encoder complexity (0–10; 5 costs about half of 10 at nearly the same quality).
@@ -81,12 +91,16 @@ impl Default for Config {
             realtime_max_message_bytes: 21 * 1024 * 1024,
             max_consecutive_errors: 50,
             idle_timeout_s: 30,
+            ping_interval_s: 20,
+            max_session_s: 4 * 3600,
+            max_session_bytes: 1 << 30,
             write_timeout_ms: 2_000,
             send_queue: 64,
             max_lead_ms: 100,
             input_buffer_ms: 2_000,
             handshake_timeout_ms: 5_000,
-            drain_timeout_ms: 5_000,
+            drain_timeout_ms: 10_000,
+            retry_after_s: 2,
             opus_bitrate: 32_000,
             opus_complexity: 5,
             socket_send_buffer: None,

@@ -2,7 +2,8 @@
 //!
 //! # Layout (each layer uses only those below it)
 //! - [`server`]: `run(listener, config, shutdown)`: accept loop, HTTP routing (`/healthz`,
-//!   `/metrics`, the `/v1/voice` and `/v1/realtime` upgrades), session cap, graceful drain;
+//!   `/readyz`, `/metrics`, the `/v1/voice` and `/v1/realtime` upgrades), admission (503 before
+//!   the upgrade), graceful drain;
 //!   [`http`]: the tiny HTTP responder it uses; [`web`]: the browser page it serves at `/`.
 //! - [`transport`]: the edge. One WebSocket session's life (writer, limits, close codes) and the
 //!   wire protocols that drive the conversation: [`transport::v1`] (Opus frames + JSON events)
@@ -30,4 +31,4 @@ pub mod transport;
 pub mod web;
 
 pub use config::Config;
-pub use server::{ServerError, run, run_with_pipeline};
+pub use server::{ServerError, run, run_with_pipeline, serve};

@@ -134,18 +134,12 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let listener =
             tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        // The voice pipeline loads every model (seconds): off the async runtime.
-        let pipeline = {
-            let config = config.clone();
-            tokio::task::spawn_blocking(move || parley_server::server::pipeline_from_config(&config)).await??
-        };
         tracing::info!(
             pipeline = config.pipeline.name(),
-            "serving http://{0}/ (the page), ws://{0}/v1/voice and ws://{0}/v1/realtime",
+            "serving http://{0}/ (the page), ws://{0}/v1/voice and ws://{0}/v1/realtime once the models are loaded",
             config.listen
         );
-        let metrics = std::sync::Arc::new(parley_server::metrics::Metrics::default());
-        parley_server::run_with_pipeline(listener, config, pipeline, metrics, shutdown_signal()).await?;
+        parley_server::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })
 }

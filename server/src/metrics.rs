@@ -63,12 +63,14 @@ pub enum CloseReason {
     TooManyErrors,
     /// No message within the idle timeout.
     IdleTimeout,
+    /// The session's time or byte budget ran out.
+    Budget,
     /// A server-side failure.
     Internal,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::ClientClosed,
         CloseReason::ClientGone,
         CloseReason::Shutdown,
@@ -76,6 +78,7 @@ impl CloseReason {
         CloseReason::MessageTooBig,
         CloseReason::TooManyErrors,
         CloseReason::IdleTimeout,
+        CloseReason::Budget,
         CloseReason::Internal,
     ];
 
@@ -88,7 +91,31 @@ impl CloseReason {
             CloseReason::MessageTooBig => "message_too_big",
             CloseReason::TooManyErrors => "too_many_errors",
             CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Budget => "budget",
             CloseReason::Internal => "internal",
+        }
+    }
+}
+
+/// Why a session was refused before its upgrade; one counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The models are still loading (503).
+    Loading,
+    /// The server is draining after a shutdown signal (503).
+    Draining,
+    /// Every session slot is taken (503).
+    Full,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 3] = [Refusal::Loading, Refusal::Draining, Refusal::Full];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Loading => "loading",
+            Refusal::Draining => "draining",
+            Refusal::Full => "full",
         }
     }
 }
@@ -147,8 +174,7 @@ pub const STAGES: [&str; 9] = [
 pub struct Metrics {
     pub sessions_active: AtomicU64,
     pub sessions_total: AtomicU64,
-    /// Upgrades refused because the server was at `max_sessions`.
-    pub sessions_refused: AtomicU64,
+    sessions_refused: [AtomicU64; Refusal::ALL.len()],
     sessions_closed: [AtomicU64; CloseReason::ALL.len()],
     input_errors: [AtomicU64; InputError::ALL.len()],
     pub frames_received: AtomicU64,
@@ -180,6 +206,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    pub fn session_refused(&self, refusal: Refusal) {
+        self.sessions_refused[refusal as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn sessions_refused(&self, refusal: Refusal) -> u64 {
+        self.sessions_refused[refusal as usize].load(Relaxed)
+    }
+
     pub fn session_closed(&self, reason: CloseReason) {
         self.sessions_closed[reason as usize].fetch_add(1, Relaxed);
     }
@@ -229,13 +263,11 @@ impl Metrics {
             "counter",
             self.sessions_total.load(Relaxed),
         );
-        counter(
-            &mut out,
-            "parley_sessions_refused_total",
-            "Upgrades refused at max_sessions (close 1013).",
-            "counter",
-            self.sessions_refused.load(Relaxed),
-        );
+        let name = "parley_sessions_refused_total";
+        let _ = writeln!(out, "# HELP {name} Sessions refused before the upgrade, by reason.\n# TYPE {name} counter");
+        for refusal in Refusal::ALL {
+            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", refusal.label(), self.sessions_refused(refusal));
+        }
         let _ = writeln!(
             out,
             "# HELP parley_sessions_closed_total Sessions ended, by reason.\n# TYPE parley_sessions_closed_total counter"

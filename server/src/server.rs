@@ -1,20 +1,21 @@
 //! The listener: accepts connections (at most `max_sessions` + a small margin at once), routes
-//! each request (`/healthz`, `/metrics`, the page at `/`, the WebSocket upgrades at `/v1/voice`
-//! and `/v1/realtime`), refuses sessions beyond `max_sessions` with close code 1013, and on
-//! shutdown tells every session to close and waits for them to drain.
+//! each request (`/healthz` liveness, `/readyz` readiness, `/metrics`, the page at `/`, the
+//! WebSocket upgrades at `/v1/voice` and `/v1/realtime`), answers 503 with `Retry-After` before
+//! the upgrade when it cannot take a session (loading, full or draining), and on shutdown lets
+//! every session finish its turn before closing it.
 use crate::config::Config;
 use crate::conversation::{self, Pipeline};
 use crate::http::{self, Request};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Refusal};
 use crate::transport::{self, SessionContext, close_message};
 use futures_util::SinkExt;
-use parley_protocol::{CloseCode, ErrorCode, ServerEvent, WS_PATH};
+use parley_protocol::{CloseCode, WS_PATH};
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument;
@@ -23,6 +24,8 @@ use tracing::Instrument;
 const EXTRA_CONNECTIONS: usize = 64;
 /// Longest back-off after repeated accept errors (e.g. out of file descriptors).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(2);
+/// How often a draining server looks whether its last session has ended.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -38,23 +41,51 @@ pub enum ServerError {
 struct Shared {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
-    pipeline: Arc<dyn Pipeline>,
+    /// Set once the pipeline has loaded: until then `/readyz` says `loading` and upgrades get 503.
+    pipeline: OnceLock<Arc<dyn Pipeline>>,
     sessions: Arc<Semaphore>,
     next_id: AtomicU64,
+    /// Set by the shutdown signal: `/readyz` fails and upgrades get 503 while sessions finish.
+    draining: AtomicBool,
     shutdown: broadcast::Sender<()>,
-    /// Dropped by each connection task when it ends; `run` waits for all of them.
-    _drain: mpsc::Sender<()>,
 }
 
-/// Runs the server with the pipeline the configuration names until `shutdown` completes.
+/// What `/readyz` and the 503 before an upgrade say of a refusal.
+fn refusal_message(refusal: Refusal, max_sessions: usize) -> String {
+    match refusal {
+        Refusal::Loading => "the server is still loading its models; retry later".into(),
+        Refusal::Draining => "the server is shutting down; connect to another instance".into(),
+        Refusal::Full => format!("server full: {max_sessions} of {max_sessions} sessions in use; retry later"),
+    }
+}
+
+impl Shared {
+    fn readiness(&self) -> Result<(), Refusal> {
+        if self.draining.load(Relaxed) {
+            Err(Refusal::Draining)
+        } else if self.pipeline.get().is_none() {
+            Err(Refusal::Loading)
+        } else if self.sessions.available_permits() == 0 {
+            Err(Refusal::Full)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Runs the server with the pipeline the configuration names until `shutdown` completes. The port
+/// answers (`/healthz`, `/readyz`, the page) while the models load.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future) -> Result<(), ServerError> {
-    let pipeline = {
+    let load = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || pipeline_from_config(&config))
-            .await
-            .map_err(|e| ServerError::PipelineUnavailable(e.to_string()))??
+        async move {
+            tokio::task::spawn_blocking(move || pipeline_from_config(&config))
+                .await
+                .map_err(|e| ServerError::PipelineUnavailable(e.to_string()))?
+                .map_err(ServerError::from)
+        }
     };
-    run_with_pipeline(listener, config, pipeline, Arc::new(Metrics::default()), shutdown).await
+    serve(listener, config, load, Arc::new(Metrics::default()), shutdown).await
 }
 
 /// Builds the pipeline the configuration names. The voice pipeline loads every model from the
@@ -75,8 +106,7 @@ pub fn pipeline_from_config(config: &Config) -> Result<Arc<dyn Pipeline>, crate:
     }
 }
 
-/// Runs the server with a given pipeline and metrics registry until `shutdown` completes, then
-/// closes every session (1001) and waits up to `drain_timeout_ms` for them to end.
+/// Runs the server with a loaded pipeline and a metrics registry until `shutdown` completes.
 pub async fn run_with_pipeline(
     listener: TcpListener,
     config: Config,
@@ -84,30 +114,62 @@ pub async fn run_with_pipeline(
     metrics: Arc<Metrics>,
     shutdown: impl Future,
 ) -> Result<(), ServerError> {
+    serve(listener, config, async { Ok(pipeline) }, metrics, shutdown).await
+}
+
+/// Serves `listener` at once, and sessions once `load` yields the pipeline (a failed load ends the
+/// server with its error). When `shutdown` completes: readiness fails and new sessions get 503
+/// while every session finishes the turn it is in (closed with 1001 when it has, or after
+/// `drain_timeout_ms`); returns when the last session has ended or the deadline has passed.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    load: impl Future<Output = Result<Arc<dyn Pipeline>, ServerError>>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future,
+) -> Result<(), ServerError> {
     config.validate()?;
     let (shutdown_tx, _) = broadcast::channel(1);
-    let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
-    let drain_timeout = Duration::from_millis(config.drain_timeout_ms);
+    let drain_deadline = Duration::from_millis(config.drain_timeout_ms) + 2 * transport::CLOSE_GRACE;
     let shared = Arc::new(Shared {
         sessions: Arc::new(Semaphore::new(config.max_sessions)),
         config: Arc::new(config),
         metrics,
-        pipeline,
+        pipeline: OnceLock::new(),
         next_id: AtomicU64::new(1),
+        draining: AtomicBool::new(false),
         shutdown: shutdown_tx,
-        _drain: drain_tx,
     });
     let connections = Arc::new(Semaphore::new(shared.config.max_sessions + EXTRA_CONNECTIONS));
-    tracing::info!(addr = ?listener.local_addr().ok(), pipeline = shared.pipeline.name(), "listening");
-    tokio::select! {
-        _ = accept_loop(&listener, &shared, &connections) => {}
-        _ = shutdown => tracing::info!("shutting down: draining sessions"),
+    tracing::info!(addr = ?listener.local_addr().ok(), "listening");
+    let serving = accept_loop(&listener, &shared, &connections);
+    tokio::pin!(serving, load, shutdown);
+    let mut loading = true;
+    loop {
+        tokio::select! {
+            _ = &mut serving => {}
+            pipeline = &mut load, if loading => {
+                let pipeline = pipeline?;
+                tracing::info!(pipeline = pipeline.name(), "ready");
+                let _ = shared.pipeline.set(pipeline);
+                loading = false;
+            }
+            _ = &mut shutdown => break,
+        }
     }
-    drop(listener);
+    tracing::info!("shutting down: sessions finish their turns; new ones are refused");
+    shared.draining.store(true, Relaxed);
     let _ = shared.shutdown.send(());
-    drop(shared);
-    if tokio::time::timeout(drain_timeout, drain_rx.recv()).await.is_err() {
-        tracing::warn!("sessions still open after the drain timeout");
+    let max = shared.config.max_sessions;
+    let ended = async {
+        while shared.sessions.available_permits() < max {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    };
+    tokio::select! {
+        _ = &mut serving => {}
+        _ = ended => tracing::info!("every session has ended"),
+        _ = tokio::time::sleep(drain_deadline) => tracing::warn!("sessions still open after the drain deadline"),
     }
     Ok(())
 }
@@ -169,10 +231,30 @@ async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
             );
             http::respond(&mut stream, "200 OK", "application/json", &body).await
         }
+        ("GET", "/readyz") => {
+            metrics.http_requests.fetch_add(1, Relaxed);
+            let sessions = metrics.sessions_active.load(Relaxed);
+            match shared.readiness() {
+                Ok(()) => {
+                    let body = format!(
+                        "{{\"status\":\"ready\",\"sessions\":{sessions},\"max_sessions\":{}}}\n",
+                        config.max_sessions
+                    );
+                    http::respond(&mut stream, "200 OK", "application/json", &body).await
+                }
+                Err(refusal) => {
+                    let body = serde_json::json!({"status": refusal.label(), "sessions": sessions,
+                        "max_sessions": config.max_sessions, "message": refusal_message(refusal, config.max_sessions)});
+                    unavailable(&mut stream, config, &format!("{body}\n")).await
+                }
+            }
+        }
         ("GET", "/metrics") => {
             metrics.http_requests.fetch_add(1, Relaxed);
             let mut text = metrics.render();
-            shared.pipeline.render_metrics(&mut text);
+            if let Some(pipeline) = shared.pipeline.get() {
+                pipeline.render_metrics(&mut text);
+            }
             http::respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &text).await
         }
         ("GET", WS_PATH | transport::realtime::PATH) if request.is_websocket_upgrade() => {
@@ -233,8 +315,17 @@ async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>) 
             return;
         }
     };
-    // Take the session slot before answering, so a refusal is a clean close and not a timeout.
-    let permit = shared.sessions.clone().try_acquire_owned().ok();
+    // The session slot is taken before the answer: a server that cannot take the session says so
+    // with a 503 and `Retry-After` (a load balancer retries elsewhere), never after the upgrade.
+    let admitted = shared.readiness().and_then(|()| {
+        let pipeline = shared.pipeline.get().cloned().ok_or(Refusal::Loading)?;
+        let permit = shared.sessions.clone().try_acquire_owned().map_err(|_| Refusal::Full)?;
+        Ok((pipeline, permit))
+    });
+    let (pipeline, permit) = match admitted {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refuse(stream, shared, refusal).await,
+    };
     if tokio::io::AsyncWriteExt::write_all(&mut stream, response.as_bytes()).await.is_err() {
         return;
     }
@@ -247,8 +338,8 @@ async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>) 
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message));
     let mut ws = WebSocketStream::from_partially_read(stream, request.rest, Role::Server, Some(ws_config)).await;
-    match (permit, endpoint) {
-        (_, Endpoint::Realtime { beta: true, .. }) => {
+    match endpoint {
+        Endpoint::Realtime { beta: true, .. } => {
             let message = "the beta Realtime protocol (OpenAI-Beta: realtime=v1) was shut down upstream and is not served: \
                            connect without the OpenAI-Beta header to use the GA protocol";
             let error = serde_json::json!({"type": "error", "event_id": "event_000000", "error": {
@@ -256,14 +347,14 @@ async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>) 
                 "param": null, "event_id": null}});
             goodbye(&mut ws, error.to_string(), CloseCode::PolicyViolation, "beta protocol not supported").await;
         }
-        (Some(permit), endpoint) => run_session(ws, shared, permit, endpoint).await,
-        (None, _) => refuse(ws, shared).await,
+        endpoint => run_session(ws, shared, pipeline, permit, endpoint).await,
     }
 }
 
 async fn run_session(
     ws: WebSocketStream<TcpStream>,
     shared: &Arc<Shared>,
+    pipeline: Arc<dyn Pipeline>,
     _permit: OwnedSemaphorePermit,
     endpoint: Endpoint,
 ) {
@@ -271,7 +362,7 @@ async fn run_session(
         id: shared.next_id.fetch_add(1, Relaxed),
         config: shared.config.clone(),
         metrics: shared.metrics.clone(),
-        pipeline: shared.pipeline.clone(),
+        pipeline,
         shutdown: shared.shutdown.subscribe(),
     };
     match endpoint {
@@ -280,14 +371,25 @@ async fn run_session(
     }
 }
 
-/// Over `max_sessions`: an `error` event, then close 1013 with the reason.
-async fn refuse(mut ws: WebSocketStream<TcpStream>, shared: &Arc<Shared>) {
-    shared.metrics.sessions_refused.fetch_add(1, Relaxed);
-    let max = shared.config.max_sessions;
-    let reason = format!("server full: {max} of {max} sessions in use; retry later");
-    tracing::info!("refusing a session: {reason}");
-    let event = ServerEvent::error(ErrorCode::ServerFull, reason.clone());
-    goodbye(&mut ws, event.to_json(), CloseCode::TryAgainLater, &reason).await;
+/// No session now: 503 with `Retry-After` and an OpenAI-style error body, before any upgrade.
+async fn refuse(mut stream: TcpStream, shared: &Arc<Shared>, refusal: Refusal) {
+    shared.metrics.session_refused(refusal);
+    let message = refusal_message(refusal, shared.config.max_sessions);
+    tracing::info!(reason = refusal.label(), "refusing a session");
+    let code = match refusal {
+        Refusal::Loading => "server_loading",
+        Refusal::Draining => "server_shutting_down",
+        Refusal::Full => "server_full",
+    };
+    let body = serde_json::json!({"error": {"type": "server_error", "code": code, "message": message}});
+    let _ = unavailable(&mut stream, &shared.config, &format!("{body}\n")).await;
+}
+
+/// `503 Service Unavailable` with `Retry-After` and a JSON `body`.
+async fn unavailable(stream: &mut TcpStream, config: &Config, body: &str) -> std::io::Result<()> {
+    let retry = config.retry_after_s.to_string();
+    let headers = [("Retry-After", retry.as_str()), ("Cache-Control", "no-store")];
+    http::respond_with(stream, "503 Service Unavailable", "application/json", &headers, body.as_bytes()).await
 }
 
 /// Sends `text`, then closes with `code` and waits (2 s at most) for the client's close answer.

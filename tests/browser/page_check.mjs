@@ -12,8 +12,12 @@ import { browser, check, open, until, view } from "./driver.mjs";
 const config = JSON.parse(process.argv[2]);
 const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 
-async function alertText(page) {
-  return (await page.locator("#alert").textContent()) ?? "";
+/** The page's alert once it has failed and said why (some reasons it asks the server for). */
+async function failure(page, what) {
+  await until(page, 15, what, (v) => v.state === "failed");
+  const alert = page.locator("#alert");
+  await page.waitForFunction(() => document.querySelector("#alert").textContent.trim() !== "", null, { timeout: 5000 });
+  return (await alert.textContent()) ?? "";
 }
 
 const cases = {
@@ -125,26 +129,22 @@ const cases = {
       await until(first, 15, "the first session", (v) => v.state === "live");
       const second = await open(b, config.echo);
       await second.click("#connect");
-      await until(second, 15, "the refusal", (v) => v.state === "failed");
-      const full = await alertText(second);
+      const full = await failure(second, "the refusal");
       check(/server is full/i.test(full), `full: ${full}`);
       check((await second.locator("#connect").textContent()) === "Reconnect", "no Reconnect");
       console.log("STOP echo");
       await lines.next();
-      await until(first, 15, "the server going away", (v) => v.state === "failed");
-      const gone = await alertText(first);
-      check(/shut down|lost the connection/i.test(gone), `gone: ${gone}`);
+      const gone = await failure(first, "the server going away");
+      check(/shut down/i.test(gone), `gone: ${gone}`);
       const nowhere = await open(b, config.unreachable).catch(() => null);
       check(nowhere === null, "a page loaded from a closed port");
       // The page still open, with its server gone: the reconnect cannot reach it.
       await first.click("#connect");
-      await until(first, 15, "the failed reconnect", (v) => v.state === "failed" && v.protocol === null);
-      const unreachable = await alertText(first);
+      const unreachable = await failure(first, "the failed reconnect");
       check(/can't reach/i.test(unreachable), `unreachable: ${unreachable}`);
       const mute = await open(denied, config.voice);
       await mute.click("#connect");
-      await until(mute, 15, "the microphone refusal", (v) => v.state === "failed");
-      const micText = await alertText(mute);
+      const micText = await failure(mute, "the microphone refusal");
       check(/microphone permission was denied/i.test(micText), `microphone: ${micText}`);
       return `full: "${full}" | gone: "${gone}" | unreachable: "${unreachable}" | no microphone: "${micText}"`;
     } finally {

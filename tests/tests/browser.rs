@@ -54,7 +54,8 @@ async fn the_page_talks_to_parley_in_chromium() {
     let modules = node_modules();
     let voice = TestServer::voice("browser").await;
     let echo_config = Config { max_sessions: 1, ..Config::default() };
-    let mut echo = TestServer::start(echo_config.clone(), Arc::new(EchoPipeline::new(echo_config.echo.clone()))).await;
+    let mut echo =
+        Some(TestServer::start(echo_config.clone(), Arc::new(EchoPipeline::new(echo_config.echo.clone()))).await);
     // A port that was open a moment ago and is closed now.
     let unreachable = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
 
@@ -64,7 +65,7 @@ async fn the_page_talks_to_parley_in_chromium() {
     std::fs::create_dir_all(&dir).unwrap();
     let config = serde_json::json!({
         "voice": format!("http://{}/", voice.addr),
-        "echo": format!("http://{}/", echo.addr),
+        "echo": format!("http://{}/", echo.as_ref().unwrap().addr),
         "unreachable": format!("http://{unreachable}/"),
         "artifacts": artifacts,
         "clips": {
@@ -106,8 +107,11 @@ async fn the_page_talks_to_parley_in_chromium() {
     });
     let mut last = String::new();
     while let Some(line) = rx.recv().await {
-        if line == "STOP echo" {
-            echo.signal_shutdown();
+        if line == "STOP echo"
+            && let Some(server) = echo.take()
+        {
+            // Drained: its sessions closed (1001) and its port is closed too.
+            server.stop().await;
             writeln!(stdin, "stopped").unwrap();
         }
         last = line;
@@ -118,5 +122,7 @@ async fn the_page_talks_to_parley_in_chromium() {
     assert!(status.success(), "page_check.mjs exited with {status}");
     assert!(artifacts.join("finished-turn.png").is_file(), "no screenshot");
     voice.stop().await;
-    echo.stop().await;
+    if let Some(echo) = echo {
+        echo.stop().await;
+    }
 }

@@ -9,6 +9,7 @@ use parley_server::config::{Config, EchoMode};
 use parley_server::conversation::echo::EchoPipeline;
 use parley_server::metrics::{CloseReason, InputError};
 use parley_tests::TestServer;
+use parley_tests::ws::{FRAME, Ws, encoder, expect_close, next_error, next_event, silence_frame, tone_frame};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +17,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const RATE: u32 = 48_000;
-const FRAME: usize = 960;
-/// Longest a test waits for one expected message.
-const WAIT: Duration = Duration::from_secs(15);
+
+async fn connect(server: &TestServer) -> Ws {
+    parley_tests::ws::connect(&server.url()).await
+}
 
 /// A server with the echo pipeline.
 async fn start(config: Config) -> TestServer {
@@ -48,67 +48,6 @@ fn speech(n: usize) -> Vec<Clip> {
             Clip { name: clip.path.display().to_string(), samples }
         })
         .collect()
-}
-
-async fn connect(server: &TestServer) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(server.url()).await.unwrap();
-    ws
-}
-
-/// Next text event, skipping audio; panics on close or timeout.
-async fn next_event(ws: &mut Ws) -> ServerEvent {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("event in time") {
-            Some(Ok(Message::Text(text))) => return ServerEvent::parse(text.as_str()).unwrap(),
-            Some(Ok(Message::Binary(_) | Message::Ping(_) | Message::Pong(_))) => {}
-            other => panic!("expected an event, got {other:?}"),
-        }
-    }
-}
-
-/// Next `error` event's code, skipping others.
-async fn next_error(ws: &mut Ws) -> ErrorCode {
-    loop {
-        if let ServerEvent::Error { error } = next_event(ws).await {
-            return error.code;
-        }
-    }
-}
-
-/// Reads until the close frame; returns its code and reason and the error codes seen before it.
-async fn expect_close(ws: &mut Ws) -> (u16, String, Vec<ErrorCode>) {
-    let mut errors = Vec::new();
-    loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("close in time") {
-            Some(Ok(Message::Close(Some(frame)))) => {
-                return (u16::from(frame.code), frame.reason.to_string(), errors);
-            }
-            Some(Ok(Message::Text(text))) => {
-                if let Ok(ServerEvent::Error { error }) = ServerEvent::parse(text.as_str()) {
-                    errors.push(error.code);
-                }
-            }
-            Some(Ok(_)) => {}
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    }
-}
-
-fn encoder() -> opus::Encoder {
-    opus::Encoder::new(RATE, opus::Channels::Mono, opus::Application::Voip).unwrap()
-}
-
-fn tone_frame(encoder: &mut opus::Encoder, seq: u32) -> Message {
-    let pcm: Vec<f32> = (0..FRAME)
-        .map(|i| ((seq as usize * FRAME + i) as f32 * 440.0 / RATE as f32 * std::f32::consts::TAU).sin() * 0.3)
-        .collect();
-    let packet = encoder.encode_vec_float(&pcm, 1275).unwrap();
-    Message::Binary(Bytes::from(FrameHeader::audio(seq, seq as u64 * 20_000).encode(&packet)))
-}
-
-fn silence_frame(encoder: &mut opus::Encoder, seq: u32) -> Message {
-    let packet = encoder.encode_vec_float(&[0.0; FRAME], 1275).unwrap();
-    Message::Binary(Bytes::from(FrameHeader::audio(seq, seq as u64 * 20_000).encode(&packet)))
 }
 
 /// A well-behaved session beside the misbehaving ones: streams `frames` tone frames in real time
@@ -349,34 +288,6 @@ async fn the_page_is_served_at_the_root_with_a_strict_policy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_over_the_limit_are_refused_with_1013() {
-    let config = Config { max_sessions: 1, ..Config::default() };
-    let server = start(config).await;
-    let mut first = connect(&server).await;
-    assert!(matches!(next_event(&mut first).await, ServerEvent::SessionCreated { .. }));
-    let mut second = connect(&server).await;
-    let (code, reason, errors) = expect_close(&mut second).await;
-    assert_eq!(code, CloseCode::TryAgainLater.code());
-    assert!(reason.contains("server full"), "{reason}");
-    assert_eq!(errors, [ErrorCode::ServerFull]);
-    // The admitted session still works.
-    let mut encoder = encoder();
-    for seq in 0..10 {
-        // A few frames: the resamplers hold back part of the first ones.
-        first.send(tone_frame(&mut encoder, seq)).await.unwrap();
-    }
-    loop {
-        match tokio::time::timeout(WAIT, first.next()).await.unwrap() {
-            Some(Ok(Message::Binary(_))) => break,
-            Some(Ok(_)) => {}
-            other => panic!("{other:?}"),
-        }
-    }
-    assert_eq!(server.metrics.sessions_refused.load(std::sync::atomic::Ordering::Relaxed), 1);
-    server.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_error_events_and_the_session_goes_on() {
     let server = start(Config::default()).await;
     let healthy = healthy_session(server.url(), 100);
@@ -530,25 +441,4 @@ async fn disconnect_mid_reply_is_counted_and_harmless() {
     wait_for("sessions to end", || server.metrics.sessions_active.load(std::sync::atomic::Ordering::Relaxed) == 0)
         .await;
     server.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_tells_sessions_and_drains_them() {
-    let server = start(Config::default()).await;
-    let mut a = connect(&server).await;
-    let mut b = connect(&server).await;
-    assert!(matches!(next_event(&mut a).await, ServerEvent::SessionCreated { .. }));
-    assert!(matches!(next_event(&mut b).await, ServerEvent::SessionCreated { .. }));
-    let metrics = server.metrics.clone();
-    let mut server = server;
-    server.signal_shutdown();
-    for ws in [&mut a, &mut b] {
-        let (code, _, errors) = expect_close(ws).await;
-        assert_eq!(code, CloseCode::GoingAway.code());
-        assert_eq!(errors, [ErrorCode::ShuttingDown]);
-        let _ = ws.close(None).await;
-    }
-    server.drained().await;
-    assert_eq!(metrics.sessions_closed(CloseReason::Shutdown), 2);
-    assert_eq!(metrics.sessions_active.load(std::sync::atomic::Ordering::Relaxed), 0);
 }

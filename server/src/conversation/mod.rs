@@ -394,6 +394,11 @@ pub struct ReplyControl {
     pub(crate) output_rate: AtomicU32,
     /// The last cancel the pacer carried out: (turn, ms of its audio played by then).
     last_cancel: std::sync::Mutex<Option<(u64, u64)>>,
+    /// The latest turn the pacer saw begin (its end of speech or its first reply text) and the
+    /// latest it saw end (all its audio sent, or none to send): a draining session waits for the
+    /// turn in between.
+    turn_begun: AtomicU64,
+    turn_ended: AtomicU64,
 }
 
 impl ReplyControl {
@@ -407,7 +412,23 @@ impl ReplyControl {
             playing_until_ns: AtomicU64::new(0),
             output_rate: AtomicU32::new(output_rate),
             last_cancel: std::sync::Mutex::new(None),
+            turn_begun: AtomicU64::new(0),
+            turn_ended: AtomicU64::new(0),
         }
+    }
+
+    pub(crate) fn turn_begins(&self, turn: u64) {
+        self.turn_begun.fetch_max(turn, Relaxed);
+    }
+
+    pub(crate) fn turn_ends(&self, turn: u64) {
+        self.turn_ended.fetch_max(turn, Relaxed);
+    }
+
+    /// Whether a turn has begun and is neither done nor cancelled.
+    pub fn turn_in_flight(&self) -> bool {
+        let settled = self.turn_ended.load(Relaxed).max(self.cancel_upto.load(Relaxed));
+        self.turn_begun.load(Relaxed) > settled
     }
 
     pub(crate) fn cancel(&self, turn: u64, reason: CancelReason) {

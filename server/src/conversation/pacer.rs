@@ -136,7 +136,15 @@ impl Pacer {
 
     fn ingest(&mut self, output: Output) -> Result<(), PacerError> {
         match output {
-            Output::Event(event) => self.transmit.event(&event),
+            Output::Event(event) => {
+                if let ServerEvent::SpeechStopped { turn, .. }
+                | ServerEvent::TranscriptionCompleted { turn, .. }
+                | ServerEvent::ResponseTextDelta { turn, .. } = &event
+                {
+                    self.control.turn_begins(*turn);
+                }
+                self.transmit.event(&event)
+            }
             Output::Notice(notice) => self.transmit.notice(notice),
             Output::Marks(marks) => {
                 if self.marks.len() >= 8 {
@@ -177,7 +185,7 @@ impl Pacer {
                 } else if !cancelled && self.turn.as_ref().is_none_or(|t| t.turn != turn) {
                     // A turn without audio: report its latency now; it has ended.
                     self.send_latency(turn, None);
-                    self.transmit.turn_end(turn);
+                    self.end_turn(turn);
                 }
             }
         }
@@ -258,10 +266,15 @@ impl Pacer {
                     audio_ms: state.frames as u64 * FRAME_MS as u64,
                 };
                 self.transmit.event(&event);
-                self.transmit.turn_end(state.turn);
+                self.end_turn(state.turn);
             }
             self.turn = None;
         }
+    }
+
+    fn end_turn(&mut self, turn: u64) {
+        self.transmit.turn_end(turn);
+        self.control.turn_ends(turn);
     }
 
     fn cancel(&mut self) {

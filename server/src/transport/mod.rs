@@ -35,8 +35,10 @@ use tracing::Instrument;
 const COMMAND_QUEUE: usize = 16;
 /// Queue of conversation outputs to the pacer (items, not bytes: one may hold a whole sentence).
 const REPLY_QUEUE: usize = 32;
+/// How often a draining session looks whether its turn has finished.
+const DRAIN_CHECK: Duration = Duration::from_millis(50);
 /// How long a closing session waits for the close handshake.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How a session ends: the reason counted, and the close frame to send (none when the client
 /// closed or is gone).
@@ -215,7 +217,7 @@ where
         session_id: session_id.clone(),
         audio,
         commands: command_rx,
-        output: ReplyOutput::new(reply_tx, control),
+        output: ReplyOutput::new(reply_tx, control.clone()),
         history,
     });
     protocol.greet();
@@ -223,13 +225,36 @@ where
 
     let idle = tokio::time::sleep(config.idle_timeout());
     tokio::pin!(idle);
+    let budget = Budget::new(&config);
+    let lifetime = tokio::time::sleep(budget.time);
+    tokio::pin!(lifetime);
+    let mut received: u64 = 0;
+    let mut ping = tokio::time::interval(Duration::from_secs(config.ping_interval_s.max(1)));
+    ping.tick().await;
+    // After the shutdown signal: the turn under way finishes, then the session closes (1001), or
+    // at this deadline.
+    let drain = tokio::time::sleep(Duration::from_millis(config.drain_timeout_ms));
+    tokio::pin!(drain);
+    let mut draining = false;
+    let mut drain_check = tokio::time::interval(DRAIN_CHECK);
+    let going_away = || (CloseReason::Shutdown, Some((CloseCode::GoingAway, "server shutting down".to_string())));
     let mut writer_end = None;
     let (reason, close): Ending = loop {
         tokio::select! {
             biased;
-            _ = ctx.shutdown.recv() => {
-                protocol.error(ErrorCode::ShuttingDown, "the server is shutting down");
-                break (CloseReason::Shutdown, Some((CloseCode::GoingAway, "server shutting down".into())));
+            _ = ctx.shutdown.recv(), if !draining => {
+                draining = true;
+                drain.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(config.drain_timeout_ms));
+            }
+            _ = drain_check.tick(), if draining => {
+                if !control.turn_in_flight() {
+                    protocol.error(ErrorCode::ShuttingDown, "the server is shutting down");
+                    break going_away();
+                }
+            }
+            _ = &mut drain, if draining => {
+                protocol.error(ErrorCode::ShuttingDown, "the server is shutting down (the turn under way was cut short)");
+                break going_away();
             }
             end = &mut writer => {
                 let end = end.unwrap_or(WriterEnd::Failed);
@@ -249,11 +274,25 @@ where
                 protocol.error(ErrorCode::IdleTimeout, "no message within the idle timeout");
                 break (CloseReason::IdleTimeout, Some((CloseCode::IdleTimeout, "idle timeout".into())));
             }
+            _ = &mut lifetime => {
+                let text = format!("the session reached its time limit ({} s)", budget.time.as_secs());
+                protocol.error(ErrorCode::SessionLimit, &text);
+                break (CloseReason::Budget, Some((CloseCode::SessionLimit, "session time limit".into())));
+            }
+            _ = ping.tick(), if config.ping_interval_s > 0 => outbox.push(Message::Ping(Default::default())),
             message = stream.next() => {
-                idle.as_mut().reset(tokio::time::Instant::now() + config.idle_timeout());
+                if !matches!(message, Some(Ok(Message::Pong(_)))) {
+                    idle.as_mut().reset(tokio::time::Instant::now() + config.idle_timeout());
+                }
                 match message {
                     None => break (CloseReason::ClientGone, None),
                     Some(Ok(message)) => {
+                        received += message.len() as u64;
+                        if received > budget.bytes {
+                            let text = format!("the session sent more than its {} bytes", budget.bytes);
+                            protocol.error(ErrorCode::SessionLimit, &text);
+                            break (CloseReason::Budget, Some((CloseCode::SessionLimit, "session byte limit".into())));
+                        }
                         if let Some(end) = protocol.handle(message).await {
                             break end;
                         }
@@ -295,6 +334,23 @@ where
         writer.abort();
     }
     reason
+}
+
+/// A session's budgets: its longest life and the most bytes it may send (`u64::MAX`: none).
+struct Budget {
+    time: Duration,
+    bytes: u64,
+}
+
+impl Budget {
+    fn new(config: &Config) -> Self {
+        // A century stands for "no limit" (a far deadline, not an overflowing one).
+        let time = match config.max_session_s {
+            0 => Duration::from_secs(100 * 365 * 24 * 3600),
+            s => Duration::from_secs(s),
+        };
+        Self { time, bytes: if config.max_session_bytes == 0 { u64::MAX } else { config.max_session_bytes } }
+    }
 }
 
 /// Counts malformed messages in a row: past the configured limit the session is closed (1008).

@@ -1,0 +1,77 @@
+//! A raw v1 WebSocket client for the transport tests: connect, read events and the close, make
+//! Opus frames of a tone or of silence.
+use futures_util::StreamExt;
+use parley_protocol::{ErrorCode, FrameHeader, ServerEvent};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+const RATE: u32 = 48_000;
+/// Samples in one 20 ms frame at 48 kHz.
+pub const FRAME: usize = 960;
+/// Longest a test waits for one expected message.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A v1 session at `url`; panics unless it opens.
+pub async fn connect(url: &str) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws
+}
+
+/// Next text event, skipping audio; panics on close or timeout.
+pub async fn next_event(ws: &mut Ws) -> ServerEvent {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("event in time") {
+            Some(Ok(Message::Text(text))) => return ServerEvent::parse(text.as_str()).unwrap(),
+            Some(Ok(Message::Binary(_) | Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+}
+
+/// Next `error` event's code, skipping others.
+pub async fn next_error(ws: &mut Ws) -> ErrorCode {
+    loop {
+        if let ServerEvent::Error { error } = next_event(ws).await {
+            return error.code;
+        }
+    }
+}
+
+/// Reads until the close frame; returns its code and reason and the error codes seen before it.
+pub async fn expect_close(ws: &mut Ws) -> (u16, String, Vec<ErrorCode>) {
+    let mut errors = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("close in time") {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return (u16::from(frame.code), frame.reason.to_string(), errors);
+            }
+            Some(Ok(Message::Text(text))) => {
+                if let Ok(ServerEvent::Error { error }) = ServerEvent::parse(text.as_str()) {
+                    errors.push(error.code);
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+pub fn encoder() -> opus::Encoder {
+    opus::Encoder::new(RATE, opus::Channels::Mono, opus::Application::Voip).unwrap()
+}
+
+pub fn tone_frame(encoder: &mut opus::Encoder, seq: u32) -> Message {
+    let pcm: Vec<f32> = (0..FRAME)
+        .map(|i| ((seq as usize * FRAME + i) as f32 * 440.0 / RATE as f32 * std::f32::consts::TAU).sin() * 0.3)
+        .collect();
+    let packet = encoder.encode_vec_float(&pcm, 1275).unwrap();
+    Message::Binary(Bytes::from(FrameHeader::audio(seq, seq as u64 * 20_000).encode(&packet)))
+}
+
+pub fn silence_frame(encoder: &mut opus::Encoder, seq: u32) -> Message {
+    let packet = encoder.encode_vec_float(&[0.0; FRAME], 1275).unwrap();
+    Message::Binary(Bytes::from(FrameHeader::audio(seq, seq as u64 * 20_000).encode(&packet)))
+}
