@@ -86,7 +86,7 @@ async function connect() {
     });
     session.firstFrame = null;
     session.stopping = false;
-    session.link = new Link({ event, audio, closed });
+    session.link = new Link({ event, audio, closed }, $("key").value.trim());
   } catch (error) {
     hangUp();
     setStatus("failed", "Not connected");
@@ -262,6 +262,12 @@ async function refusal() {
     case "loading":
       return "The server is still loading its models. Press Reconnect in a moment.";
     default:
+      if (ready.auth) {
+        $("key-field").hidden = false;
+        return $("key").value.trim()
+          ? "The server did not accept the key (wrong, expired, or over its limits). Check it under Server key and press Reconnect."
+          : "This server needs a key. Enter it under Server key and press Reconnect.";
+      }
       return "The server refused the connection. Press Reconnect to try again.";
   }
 }
@@ -374,8 +380,26 @@ function setTalking(talking) {
 }
 
 function typing(target) {
-  return target instanceof HTMLInputElement && target.type === "text";
+  return target instanceof HTMLInputElement && (target.type === "text" || target.type === "password");
 }
+
+/** The key field: shown when the server needs one; filled from `#key=…` (then cleared from the
+ * address bar) or from this tab's earlier entry. */
+async function setUpKey() {
+  const field = $("key");
+  const fromUrl = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (fromUrl) history.replaceState(null, "", location.pathname + location.search);
+  field.value = fromUrl ?? sessionStorage.getItem("parley-key") ?? "";
+  field.addEventListener("change", () => sessionStorage.setItem("parley-key", field.value.trim()));
+  if (fromUrl) sessionStorage.setItem("parley-key", fromUrl);
+  try {
+    const ready = await (await fetch("/readyz", { cache: "no-store" })).json();
+    if (ready.auth) $("key-field").hidden = false;
+  } catch {
+    // Unreachable now: connecting will say so.
+  }
+}
+setUpKey();
 
 $("connect").addEventListener("click", () => (session.link ? hangUp() : connect()));
 for (const radio of document.querySelectorAll("input[name=mode]")) {

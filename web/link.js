@@ -6,13 +6,19 @@
 //   {kind: "reply_text", turn, delta}            {kind: "reply_done", turn}
 //   {kind: "cancelled", turn, reason}            {kind: "safety", turn, decision}
 //   {kind: "latency", turn, marks, totalMs}      {kind: "error", code, message}
-// and `audio(turn, samples)`, `closed({code, reason, opened})`.
+// and `audio(turn, samples)`, `closed({code, reason, opened})`. A key (an API key or a client
+// secret) travels as the subprotocol `openai-insecure-api-key.<key>`.
 import { OpusDecoder, OpusEncoder } from "./audio.js";
 
 /** Frames not sent while the socket's send buffer holds more than this (a stalled network). */
 const MAX_BUFFERED_BYTES = 256 * 1024;
 /** The v1 binary header: version, kind, seq (u32), timestamp_us (u64), big-endian. */
 const HEADER_BYTES = 14;
+
+/** The subprotocols carrying `key` (browsers cannot set headers on a WebSocket), after `first`. */
+function protocols(first, key) {
+  return key ? [first, `openai-insecure-api-key.${key}`] : [first];
+}
 
 function socketUrl(path) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -81,7 +87,7 @@ class Link {
 export class V1Link extends Link {
   static rate = 48000;
 
-  constructor(handlers) {
+  constructor(handlers, key) {
     super(handlers);
     this.rate = V1Link.rate;
     this.seq = 0;
@@ -89,7 +95,7 @@ export class V1Link extends Link {
     const failed = (error) => this.emit({ kind: "error", code: "codec", message: `Opus codec: ${error.message}` });
     this.encoder = new OpusEncoder(this.rate, (bytes, timestampUs) => this.sendPacket(bytes, timestampUs), failed);
     this.decoder = new OpusDecoder(this.rate, (samples, turn) => this.handlers.audio(turn, samples), failed);
-    this.open(socketUrl("/v1/voice"));
+    this.open(socketUrl("/v1/voice"), protocols("parley.v1", key));
   }
 
   /** One 20 ms frame of microphone audio; `timestampUs` on the page's capture clock. */
@@ -172,11 +178,11 @@ const REALTIME_REASONS = { turn_detected: "barge_in", client_cancelled: "client_
 export class RealtimeLink extends Link {
   static rate = 24000;
 
-  constructor(handlers) {
+  constructor(handlers, key) {
     super(handlers);
     this.rate = RealtimeLink.rate;
     this.heard = new Map();
-    this.open(socketUrl("/v1/realtime?model=parley"), ["realtime"]);
+    this.open(socketUrl("/v1/realtime?model=parley"), protocols("realtime", key));
   }
 
   send(samples) {

@@ -80,6 +80,7 @@ pub struct Config {
     pub voice: crate::conversation::voice::VoiceConfig,
     pub safety: crate::safety::SafetyConfig,
     pub reply: crate::models::chat_api::ReplyConfig,
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl Default for Config {
@@ -110,6 +111,7 @@ impl Default for Config {
             voice: Default::default(),
             safety: Default::default(),
             reply: Default::default(),
+            auth: Default::default(),
         }
     }
 }
@@ -162,6 +164,13 @@ impl Config {
         if !(0..=10).contains(&self.opus_complexity) || !(6_000..=510_000).contains(&self.opus_bitrate) {
             return invalid("opus_complexity must be 0..=10 and opus_bitrate 6000..=510000");
         }
+        if !self.listen.ip().is_loopback() && self.auth.keys.is_empty() && !self.auth.allow_anonymous {
+            return invalid(
+                "listening beyond loopback needs API keys ([[auth.keys]], see `parley-server new-key`) \
+                 or auth.allow_anonymous = true",
+            );
+        }
+        crate::auth::Auth::new(&self.auth).map_err(ConfigError::Invalid)?;
         let (full, short) = (self.safety.voice_threshold, self.safety.voice_threshold_short);
         if !(full > 0.0 && full < 1.0 && short > 0.0 && short <= full) {
             return invalid(

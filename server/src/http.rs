@@ -1,6 +1,6 @@
-//! A minimal HTTP/1.1 front door: reads one request head, answers `GET /healthz`, `GET /metrics`
-//! and the page's files, and performs the WebSocket upgrade for the voice endpoints. Every
-//! response closes the connection; nothing here is a general HTTP server.
+//! A minimal HTTP/1.1 front door: reads one request head (and a small body), writes one response,
+//! and performs the WebSocket upgrade for the voice endpoints. Every response closes the
+//! connection; nothing here is a general HTTP server.
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -8,6 +8,8 @@ use tokio::net::TcpStream;
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Headers parsed at most.
 const MAX_HEADERS: usize = 32;
+/// The subprotocol prefix browsers carry a key in (the OpenAI Realtime API's convention).
+pub const INSECURE_KEY_PROTOCOL: &str = "openai-insecure-api-key.";
 
 /// A parsed request head, plus any bytes the client sent after it.
 #[derive(Debug)]
@@ -23,6 +25,16 @@ impl Request {
     /// A header value by case-insensitive name.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The credential presented: `Authorization: Bearer …`, or (browsers cannot set headers on a
+    /// WebSocket) the subprotocol `openai-insecure-api-key.…`.
+    pub fn credential(&self) -> Option<&str> {
+        if let Some(value) = self.header("authorization") {
+            let (scheme, token) = value.trim().split_once(' ').unwrap_or((value, ""));
+            return scheme.eq_ignore_ascii_case("bearer").then_some(token.trim());
+        }
+        self.header("sec-websocket-protocol")?.split(',').find_map(|p| p.trim().strip_prefix(INSECURE_KEY_PROTOCOL))
     }
 
     /// Whether the request asks for a WebSocket upgrade.
@@ -76,6 +88,38 @@ pub async fn read_request(stream: &mut TcpStream) -> Result<Request, HttpError> 
             Err(e) => return Err(HttpError::Malformed(e.to_string())),
         }
     }
+}
+
+/// Reads the request's body (`Content-Length` bytes, at most `max`) after its head.
+pub async fn read_body(stream: &mut TcpStream, request: &Request, max: usize) -> Result<Vec<u8>, HttpError> {
+    let length = match request.header("content-length") {
+        None => 0,
+        Some(v) => v.trim().parse::<usize>().map_err(|_| HttpError::Malformed("bad Content-Length".into()))?,
+    };
+    if length > max {
+        return Err(HttpError::Malformed(format!("body larger than {max} bytes")));
+    }
+    let mut body = request.rest.clone();
+    body.truncate(length);
+    let mut chunk = [0u8; 4096];
+    while body.len() < length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HttpError::Eof);
+        }
+        body.extend_from_slice(&chunk[..n.min(length - body.len())]);
+    }
+    Ok(body)
+}
+
+/// Writes a complete JSON response with extra header lines and closes the write side.
+pub async fn respond_json(
+    stream: &mut TcpStream,
+    status: &str,
+    headers: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> std::io::Result<()> {
+    respond_with(stream, status, "application/json", headers, format!("{body}\n").as_bytes()).await
 }
 
 /// Writes a complete response and closes the write side.

@@ -5,6 +5,7 @@
 //!   `/readyz`, `/metrics`, the `/v1/voice` and `/v1/realtime` upgrades), admission (503 before
 //!   the upgrade), graceful drain;
 //!   [`http`]: the tiny HTTP responder it uses; [`web`]: the browser page it serves at `/`.
+//! - [`auth`]: API keys (stored hashed), signed client secrets, per-key session caps and rates.
 //! - [`transport`]: the edge. One WebSocket session's life (writer, limits, close codes) and the
 //!   wire protocols that drive the conversation: [`transport::v1`] (Opus frames + JSON events)
 //!   and [`transport::realtime`] (the OpenAI Realtime API).
@@ -19,6 +20,7 @@
 //! - [`metrics`]: counters and histograms in the Prometheus text format; [`config`]: defaults,
 //!   TOML file, validation.
 pub mod audio;
+pub mod auth;
 pub mod config;
 pub mod conversation;
 pub mod engine;

@@ -1,6 +1,6 @@
 //! `parley-server`: the Parley voice server. Settings come from defaults, then `--config FILE`
-//! (TOML), then flags. Two offline safety tools run instead of the server when named:
-//! `calibrate-policy` and `eval-voice`.
+//! (TOML), then flags. Offline tools run instead of the server when named: `calibrate-policy`
+//! and `eval-voice` (safety), `new-key` (an API key for the `[auth]` configuration).
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use parley_server::config::{Config, EchoMode, PipelineKind};
@@ -87,6 +87,13 @@ enum Tool {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Make a new API key: prints the key (give it to the client; it is not stored) and the
+    /// `[[auth.keys]]` entry holding its SHA-256 for the configuration.
+    NewKey {
+        /// The key's id, named in logs, metrics and the audit log.
+        #[arg(long)]
+        id: String,
+    },
 }
 
 impl Args {
@@ -144,20 +151,35 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// Runs an offline tool against the provisioned models.
+/// Runs an offline tool (the safety tools against the provisioned models).
 fn run_tool(tool: Tool, config: &Config) -> anyhow::Result<()> {
-    let dir = config.models.clone().unwrap_or_else(Manifest::default_dir);
-    let manifest = Manifest::load(&dir)?;
-    manifest.runtime()?;
+    let manifest = || -> anyhow::Result<Manifest> {
+        let manifest = Manifest::load(&config.models.clone().unwrap_or_else(Manifest::default_dir))?;
+        manifest.runtime()?;
+        Ok(manifest)
+    };
     let result = match tool {
         Tool::CalibratePolicy { policy_file, set, write } => {
             let set = tools::read_set(&set).map_err(anyhow::Error::msg)?;
-            tools::calibrate_policy(&manifest, &policy_file, &set, write)
+            tools::calibrate_policy(&manifest()?, &policy_file, &set, write)
         }
         Tool::EvalVoice { set, limit, tail_ms, report } => {
             let mut set = tools::read_set(&set).map_err(anyhow::Error::msg)?;
             set.truncate(limit);
-            tools::eval_voice(&manifest, &set, &config.safety, tail_ms, report.as_deref())
+            tools::eval_voice(&manifest()?, &set, &config.safety, tail_ms, report.as_deref())
+        }
+        Tool::NewKey { id } => {
+            let (key, sha256) = parley_server::auth::new_key();
+            let secret = parley_server::auth::new_token_secret();
+            println!("API key for {id:?} (give it to the client; the server keeps only its hash):\n  {key}\n");
+            println!("For the server's configuration file:\n");
+            println!(
+                "[[auth.keys]]\nid = {id:?}\nsha256 = \"{sha256}\"\n# max_sessions = 8\n# connections_per_minute = 60\n"
+            );
+            println!(
+                "and once, the same on every instance (it signs client secrets):\n\n[auth]\ntoken_secret = \"{secret}\""
+            );
+            Ok(())
         }
     };
     result.map_err(|e| anyhow::anyhow!("{e}"))

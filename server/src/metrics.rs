@@ -120,6 +120,10 @@ impl Refusal {
     }
 }
 
+/// Why a request was denied by authentication or a key's limits (the error codes of `auth`).
+pub const AUTH_DENIALS: [&str; 5] =
+    ["missing_api_key", "invalid_api_key", "expired_client_secret", "key_session_limit", "rate_limit_exceeded"];
+
 /// Kinds of bad client input; one counter each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputError {
@@ -175,6 +179,7 @@ pub struct Metrics {
     pub sessions_active: AtomicU64,
     pub sessions_total: AtomicU64,
     sessions_refused: [AtomicU64; Refusal::ALL.len()],
+    auth_denied: [AtomicU64; AUTH_DENIALS.len()],
     sessions_closed: [AtomicU64; CloseReason::ALL.len()],
     input_errors: [AtomicU64; InputError::ALL.len()],
     pub frames_received: AtomicU64,
@@ -206,6 +211,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    pub fn auth_denied(&self, code: &str) {
+        if let Some(i) = AUTH_DENIALS.iter().position(|c| *c == code) {
+            self.auth_denied[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn auth_denials(&self, code: &str) -> u64 {
+        AUTH_DENIALS.iter().position(|c| *c == code).map_or(0, |i| self.auth_denied[i].load(Relaxed))
+    }
+
     pub fn session_refused(&self, refusal: Refusal) {
         self.sessions_refused[refusal as usize].fetch_add(1, Relaxed);
     }
@@ -267,6 +282,14 @@ impl Metrics {
         let _ = writeln!(out, "# HELP {name} Sessions refused before the upgrade, by reason.\n# TYPE {name} counter");
         for refusal in Refusal::ALL {
             let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", refusal.label(), self.sessions_refused(refusal));
+        }
+        let name = "parley_auth_denied_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests denied (401, 429) by authentication or a key's limits, by code.\n# TYPE {name} counter"
+        );
+        for (code, count) in AUTH_DENIALS.iter().zip(&self.auth_denied) {
+            let _ = writeln!(out, "{name}{{code=\"{code}\"}} {}", count.load(Relaxed));
         }
         let _ = writeln!(
             out,

@@ -3,6 +3,7 @@
 //! WebSocket upgrades at `/v1/voice` and `/v1/realtime`), answers 503 with `Retry-After` before
 //! the upgrade when it cannot take a session (loading, full or draining), and on shutdown lets
 //! every session finish its turn before closing it.
+use crate::auth::{self, Auth, Denied, Identity, KeySession};
 use crate::config::Config;
 use crate::conversation::{self, Pipeline};
 use crate::http::{self, Request};
@@ -24,6 +25,12 @@ use tracing::Instrument;
 const EXTRA_CONNECTIONS: usize = 64;
 /// Longest back-off after repeated accept errors (e.g. out of file descriptors).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(2);
+/// The subprotocol a browser may offer on `/v1/voice` (to carry its key in another one).
+const V1_SUBPROTOCOL: &str = "parley.v1";
+/// Where browsers' client secrets are minted (OpenAI's path).
+pub const CLIENT_SECRETS_PATH: &str = "/v1/realtime/client_secrets";
+/// Largest client-secret request body.
+const CLIENT_SECRET_BODY_BYTES: usize = 64 * 1024;
 /// How often a draining server looks whether its last session has ended.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
@@ -47,6 +54,7 @@ struct Shared {
     next_id: AtomicU64,
     /// Set by the shutdown signal: `/readyz` fails and upgrades get 503 while sessions finish.
     draining: AtomicBool,
+    auth: Auth,
     shutdown: broadcast::Sender<()>,
 }
 
@@ -131,7 +139,12 @@ pub async fn serve(
     config.validate()?;
     let (shutdown_tx, _) = broadcast::channel(1);
     let drain_deadline = Duration::from_millis(config.drain_timeout_ms) + 2 * transport::CLOSE_GRACE;
+    let auth = Auth::new(&config.auth).map_err(crate::config::ConfigError::Invalid)?;
+    if auth.enabled() && config.auth.token_secret.is_none() {
+        tracing::warn!("auth.token_secret is not set: client secrets minted here work only on this instance");
+    }
     let shared = Arc::new(Shared {
+        auth,
         sessions: Arc::new(Semaphore::new(config.max_sessions)),
         config: Arc::new(config),
         metrics,
@@ -221,6 +234,15 @@ async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
     };
     let path = request.path.split('?').next().unwrap_or_default().to_string();
     let metrics = &shared.metrics;
+    // Everything but liveness, readiness and the page's files (public code, no data) needs a key.
+    let identity = if path == "/metrics" || path.starts_with("/v1/") {
+        match shared.auth.identify(request.credential()) {
+            Ok(identity) => identity,
+            Err(denied) => return deny(&mut stream, shared, &denied).await,
+        }
+    } else {
+        Identity::Anonymous
+    };
     let result = match (request.method.as_str(), path.as_str()) {
         ("GET", "/healthz") => {
             metrics.http_requests.fetch_add(1, Relaxed);
@@ -236,15 +258,14 @@ async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
             let sessions = metrics.sessions_active.load(Relaxed);
             match shared.readiness() {
                 Ok(()) => {
-                    let body = format!(
-                        "{{\"status\":\"ready\",\"sessions\":{sessions},\"max_sessions\":{}}}\n",
-                        config.max_sessions
-                    );
-                    http::respond(&mut stream, "200 OK", "application/json", &body).await
+                    let body = serde_json::json!({"status": "ready", "sessions": sessions,
+                        "max_sessions": config.max_sessions, "auth": shared.auth.enabled()});
+                    http::respond_json(&mut stream, "200 OK", &[], &body).await
                 }
                 Err(refusal) => {
                     let body = serde_json::json!({"status": refusal.label(), "sessions": sessions,
-                        "max_sessions": config.max_sessions, "message": refusal_message(refusal, config.max_sessions)});
+                        "max_sessions": config.max_sessions, "auth": shared.auth.enabled(),
+                        "message": refusal_message(refusal, config.max_sessions)});
                     unavailable(&mut stream, config, &format!("{body}\n")).await
                 }
             }
@@ -258,8 +279,9 @@ async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
             http::respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &text).await
         }
         ("GET", WS_PATH | transport::realtime::PATH) if request.is_websocket_upgrade() => {
-            return upgrade(stream, request, shared).await;
+            return upgrade(stream, request, shared, identity).await;
         }
+        ("POST", CLIENT_SECRETS_PATH) => client_secret(&mut stream, &request, shared, &identity).await,
         ("GET", WS_PATH | transport::realtime::PATH) => {
             http::respond(&mut stream, "426 Upgrade Required", "text/plain", "use a WebSocket client\n").await
         }
@@ -270,7 +292,7 @@ async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
             }
             None => http::respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
         },
-        _ => http::respond(&mut stream, "405 Method Not Allowed", "text/plain", "only GET\n").await,
+        _ => http::respond(&mut stream, "405 Method Not Allowed", "text/plain", "method not allowed\n").await,
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "response failed");
@@ -287,7 +309,7 @@ enum Endpoint {
     },
 }
 
-async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>) {
+async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>, identity: Identity) {
     let config = &shared.config;
     let (path, query) = request.path.split_once('?').unwrap_or((request.path.as_str(), ""));
     let endpoint = match path {
@@ -304,8 +326,12 @@ async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>) 
     // The Realtime API's browser clients offer `realtime` (and their key as another subprotocol,
     // which is never echoed).
     let offered = request.header("sec-websocket-protocol").unwrap_or_default();
+    // Browsers on v1 offer `parley.v1` beside their key (a browser fails a socket whose offered
+    // subprotocols got no answer).
+    let offers = |name: &str| offered.split(',').any(|p| p.trim() == name);
     let subprotocol = match endpoint {
-        Endpoint::Realtime { .. } if offered.split(',').any(|p| p.trim() == "realtime") => Some("realtime"),
+        Endpoint::Realtime { .. } if offers("realtime") => Some("realtime"),
+        Endpoint::V1 if offers(V1_SUBPROTOCOL) => Some(V1_SUBPROTOCOL),
         _ => None,
     };
     let response = match http::upgrade_response(&request, subprotocol) {
@@ -325,6 +351,10 @@ async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>) 
     let (pipeline, permit) = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => return refuse(stream, shared, refusal).await,
+    };
+    let key_session = match shared.auth.admit(&identity) {
+        Ok(key_session) => key_session,
+        Err(denied) => return deny(&mut stream, shared, &denied).await,
     };
     if tokio::io::AsyncWriteExt::write_all(&mut stream, response.as_bytes()).await.is_err() {
         return;
@@ -347,7 +377,7 @@ async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>) 
                 "param": null, "event_id": null}});
             goodbye(&mut ws, error.to_string(), CloseCode::PolicyViolation, "beta protocol not supported").await;
         }
-        endpoint => run_session(ws, shared, pipeline, permit, endpoint).await,
+        endpoint => run_session(ws, shared, pipeline, (permit, key_session), identity, endpoint).await,
     }
 }
 
@@ -355,7 +385,8 @@ async fn run_session(
     ws: WebSocketStream<TcpStream>,
     shared: &Arc<Shared>,
     pipeline: Arc<dyn Pipeline>,
-    _permit: OwnedSemaphorePermit,
+    _held: (OwnedSemaphorePermit, KeySession),
+    identity: Identity,
     endpoint: Endpoint,
 ) {
     let ctx = SessionContext {
@@ -364,11 +395,73 @@ async fn run_session(
         metrics: shared.metrics.clone(),
         pipeline,
         shutdown: shared.shutdown.subscribe(),
+        key_id: identity.key_id().map(Into::into),
     };
     match endpoint {
         Endpoint::V1 => transport::v1::serve(ws, ctx).await,
         Endpoint::Realtime { model, .. } => transport::realtime::serve(ws, ctx, model).await,
     }
+}
+
+/// 401 (with `WWW-Authenticate`) or 429 (with `Retry-After`), with an OpenAI-style error body.
+async fn deny(stream: &mut TcpStream, shared: &Arc<Shared>, denied: &Denied) {
+    shared.metrics.auth_denied(denied.code());
+    tracing::info!(code = denied.code(), "request denied: {denied}");
+    let kind = if denied.retry_after_s().is_some() { "rate_limit_error" } else { "invalid_request_error" };
+    let body = serde_json::json!({"error": {"type": kind, "code": denied.code(), "message": denied.to_string()}});
+    let retry = denied.retry_after_s().map(|s| s.to_string());
+    let headers = match &retry {
+        Some(retry) => vec![("Retry-After", retry.as_str())],
+        None => vec![("WWW-Authenticate", "Bearer realm=\"parley\"")],
+    };
+    let _ = http::respond_json(stream, denied.status(), &headers, &body).await;
+}
+
+/// `POST /v1/realtime/client_secrets`: a short-lived secret for a browser, minted with an API key
+/// (OpenAI's request and response shape; the `session` asked for is not stored: the secret opens
+/// a session with the defaults, which `session.update` changes).
+async fn client_secret(
+    stream: &mut TcpStream,
+    request: &Request,
+    shared: &Arc<Shared>,
+    identity: &Identity,
+) -> std::io::Result<()> {
+    let bad = |message: String| serde_json::json!({"error": {"type": "invalid_request_error", "code": "invalid_value", "message": message}});
+    if request.credential().is_some_and(|c| c.starts_with(auth::SECRET_PREFIX)) {
+        let body = bad("a client secret cannot mint another: use an API key".into());
+        return http::respond_json(stream, "403 Forbidden", &[], &body).await;
+    }
+    let parsed = match http::read_body(stream, request, CLIENT_SECRET_BODY_BYTES).await {
+        Ok(body) if body.iter().all(u8::is_ascii_whitespace) => Ok(serde_json::json!({})),
+        Ok(body) => {
+            serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| format!("the body is not JSON: {e}"))
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    let ttl = parsed.and_then(|body| {
+        let expires = &body["expires_after"];
+        if !(expires["anchor"].is_null() || expires["anchor"] == "created_at") {
+            return Err("expires_after.anchor must be \"created_at\"".to_string());
+        }
+        let seconds = match &expires["seconds"] {
+            serde_json::Value::Null => auth::DEFAULT_SECRET_TTL_S,
+            value => value
+                .as_u64()
+                .filter(|s| auth::SECRET_TTL_S.contains(s))
+                .ok_or_else(|| format!("expires_after.seconds must be an integer in {:?}", auth::SECRET_TTL_S))?,
+        };
+        let model = body["session"]["model"].as_str().unwrap_or("parley").to_string();
+        Ok((Duration::from_secs(seconds), model))
+    });
+    let (ttl, model) = match ttl {
+        Ok(ttl) => ttl,
+        Err(message) => return http::respond_json(stream, "400 Bad Request", &[], &bad(message)).await,
+    };
+    shared.metrics.http_requests.fetch_add(1, Relaxed);
+    let (value, expires_at) = shared.auth.mint(identity.key_id().unwrap_or_default(), ttl);
+    let session = transport::realtime::initial_settings("sess_client_secret".into(), model, &shared.config).json();
+    let body = serde_json::json!({"value": value, "expires_at": expires_at, "session": session});
+    http::respond_json(stream, "200 OK", &[("Cache-Control", "no-store")], &body).await
 }
 
 /// No session now: 503 with `Retry-After` and an OpenAI-style error body, before any upgrade.

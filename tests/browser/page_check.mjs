@@ -1,8 +1,8 @@
 // The page in a real headless Chromium (Debian's, driven by playwright-core), hearing real speech
 // from a WAV file through Chromium's fake microphone. Run by tests/tests/browser.rs, which starts
 // the servers, writes the clips and passes their paths as one JSON argument:
-//   {voice, echo, unreachable: base URLs; clips: {conversation, unsafe, question, ptt}: WAV paths;
-//    artifacts: a folder for screenshots}
+//   {voice, echo, unreachable, keyed (needs a key): base URLs; secret: a client secret for keyed;
+//    clips: {conversation, unsafe, question, ptt}: WAV paths; artifacts: a folder for screenshots}
 // Prints one line per case and `N passed, M failed` last; on stdin/stdout it asks the test to stop
 // the echo server (`STOP echo`, answered with a line) for the "server gone" case.
 import { createInterface } from "node:readline";
@@ -150,6 +150,30 @@ const cases = {
     } finally {
       await b.close();
       await denied.close();
+    }
+  },
+
+  // A server that needs a key: the page shows the key field and says so; a wrong key is refused;
+  // a client secret given in `#key=` (then cleared from the address bar) opens the session.
+  async key_required() {
+    const b = await browser(config.clips.question);
+    try {
+      const page = await open(b, config.keyed);
+      await page.locator("#key-field").waitFor({ state: "visible", timeout: 5000 });
+      await page.click("#connect");
+      const needed = await failure(page, "the key refusal");
+      check(/needs a key/i.test(needed), `no key: ${needed}`);
+      await page.fill("#key", "pk_wrong");
+      await page.click("#connect");
+      const wrong = await failure(page, "the wrong key's refusal");
+      check(/did not accept the key/i.test(wrong), `wrong key: ${wrong}`);
+      const keyed = await open(b, `${config.keyed}#key=${config.secret}`);
+      check(!(await keyed.evaluate(() => location.hash)), "the key stayed in the address bar");
+      await keyed.click("#connect");
+      const v = await until(keyed, 15, "the keyed session", (v) => v.state === "live");
+      return `no key: "${needed}" | wrong key: "${wrong}" | client secret: ${v.protocol}`;
+    } finally {
+      await b.close();
     }
   },
 };

@@ -2,7 +2,7 @@
 """Scenario client for Parley's OpenAI Realtime endpoint (GA event set), driven by the real SDK.
 
     PY tests/realtime/sdk_check.py --url ws://127.0.0.1:PORT/v1 --speech WAV [--speech WAV2] \
-        --events-out FILE.jsonl [--case NAME ...]
+        --events-out FILE.jsonl [--api-key KEY] [--case NAME ...]
 
 PY is a venv from `scripts/realtime-sdk python 1|3` (openai 1.109.1 or 3.63.0); the script works with
 both. Every case opens its own connection with `openai.AsyncOpenAI(websocket_base_url=URL)` and
@@ -1048,6 +1048,46 @@ async def case_beta_header(s: Session, url: str) -> None:
         s.events = beta.events + proto.events
 
 
+async def case_client_secret(s: Session, url: str) -> None:
+    """The API key mints a short-lived client secret with the SDK's client_secrets call (a
+    browser's credential); the secret opens a session that holds a typed turn; a wrong key is
+    refused with HTTP 401 before any upgrade."""
+    minter = openai.AsyncOpenAI(api_key=API_KEY, base_url=url.replace("ws", "http", 1))
+    try:
+        secret = await minter.realtime.client_secrets.create(
+            expires_after={"anchor": "created_at", "seconds": 120},
+            session={"type": "realtime", "model": MODEL},
+        )
+    finally:
+        await minter.close()
+    check(secret.value.startswith("ek_"), f"the secret {secret.value[:8]!r}… is not an ek_ key")
+    check(abs(secret.expires_at - (time.time() + 120)) < 30, f"expires_at {secret.expires_at} is not in 120 s")
+    check(secret.session.type == "realtime", f"the secret's session is {secret.session.type!r}")
+    client = openai.AsyncOpenAI(api_key=secret.value, websocket_base_url=url)
+    try:
+        async with client.realtime.connect(model=MODEL) as conn:
+            s.conn = conn
+            s.start_reader(conn.recv_bytes, conn.parse_event)
+            try:
+                await case_text_turn(s)
+            finally:
+                await s.stop_reader()
+    finally:
+        await client.close()
+    wrong = openai.AsyncOpenAI(api_key="pk_not_a_key", websocket_base_url=url)
+    try:
+        refused = None
+        try:
+            async with wrong.realtime.connect(model=MODEL):
+                pass
+        except Exception as e:  # noqa: BLE001 - the SDK surfaces the websockets library's error
+            refused = e
+        check(refused is not None and "401" in str(refused), f"a wrong key was not refused with 401: {refused!r}")
+    finally:
+        await wrong.close()
+    s.notes.append(f"secret valid until {secret.expires_at}")
+
+
 # --- running -----------------------------------------------------------------------------------
 
 CASES = [
@@ -1063,6 +1103,7 @@ CASES = [
     "client_item_id",
     "active_response",
     "beta_header",
+    "client_secret",
 ]
 
 
@@ -1088,6 +1129,9 @@ async def run_case(
     async def body() -> None:
         if name == "beta_header":
             await case_beta_header(s, args.url)
+            return
+        if name == "client_secret":
+            await case_client_secret(s, args.url)
             return
         client = openai.AsyncOpenAI(api_key=API_KEY, websocket_base_url=args.url)
         try:
@@ -1133,6 +1177,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    global API_KEY
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--url", required=True, help="the SDK's websocket_base_url, e.g. ws://127.0.0.1:PORT/v1"
@@ -1161,7 +1206,9 @@ def main() -> int:
         default=CASE_TIMEOUT,
         help=f"seconds a whole case may take (default {CASE_TIMEOUT:.0f})",
     )
+    parser.add_argument("--api-key", default=API_KEY, help="the API key to connect with")
     args = parser.parse_args()
+    API_KEY = args.api_key
     if len(args.speech) > 2:
         parser.error("at most two --speech clips")
     return asyncio.run(main_async(args))

@@ -11,6 +11,11 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The safety audit log of [`TestServer::voice`]`(test, …)` in this process.
+pub fn audit_log(test: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("parley-test-{test}-audit-{}.jsonl", std::process::id()))
+}
+
 /// Longest a server may take to drain after its shutdown signal.
 const DRAIN_WAIT: Duration = Duration::from_secs(15);
 
@@ -39,10 +44,10 @@ impl TestServer {
         TestServer { addr, metrics, shutdown: Some(tx), task }
     }
 
-    /// Starts the default configuration with the voice pipeline (every model, from the provisioned
-    /// cache); its safety audit log goes to a temporary file named after `test`.
-    pub async fn voice(test: &str) -> Self {
-        let audit_log = std::env::temp_dir().join(format!("parley-test-{test}-audit-{}.jsonl", std::process::id()));
+    /// Starts `config` with the voice pipeline (every model, from the provisioned cache); its
+    /// safety audit log goes to [`audit_log`]`(test)`.
+    pub async fn voice(test: &str, config: Config) -> Self {
+        let audit_log = audit_log(test);
         let pipeline = tokio::task::spawn_blocking(move || {
             let manifest = Manifest::load_default().unwrap_or_else(|e| panic!("{e}"));
             let safety = SafetyConfig { audit_log, ..Default::default() };
@@ -51,7 +56,7 @@ impl TestServer {
         })
         .await
         .unwrap();
-        Self::start(Config::default(), pipeline).await
+        Self::start(config, pipeline).await
     }
 
     pub fn url(&self) -> String {

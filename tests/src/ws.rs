@@ -1,5 +1,5 @@
-//! A raw v1 WebSocket client for the transport tests: connect, read events and the close, make
-//! Opus frames of a tone or of silence.
+//! Raw clients for the transport tests: one plain HTTP request; a v1 WebSocket (connect, read
+//! events and the close, make Opus frames of a tone or of silence).
 use futures_util::StreamExt;
 use parley_protocol::{ErrorCode, FrameHeader, ServerEvent};
 use std::time::Duration;
@@ -8,6 +8,41 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A plain HTTP response: its status code, head (status line and headers) and body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+/// Sends `request` (a whole HTTP/1.1 request) to `addr` and reads the response to the close.
+pub async fn http(addr: std::net::SocketAddr, request: &str) -> Response {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Response { status, head: head.to_string(), body: body.to_string() }
+}
+
+/// A GET of `path`, with `key` as its bearer token.
+pub fn get(path: &str, key: Option<&str>) -> String {
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n")
+}
+
+/// `POST /v1/realtime/client_secrets` with `key` and the JSON `body`.
+pub fn mint(key: &str, body: &str) -> String {
+    format!(
+        "POST /v1/realtime/client_secrets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
 const RATE: u32 = 48_000;
 /// Samples in one 20 ms frame at 48 kHz.
 pub const FRAME: usize = 960;

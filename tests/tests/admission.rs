@@ -14,8 +14,6 @@ use parley_tests::ws::{WAIT, Ws, connect, encoder, expect_close, next_event, sil
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::{self, Message};
 
@@ -24,14 +22,10 @@ async fn start(config: Config) -> TestServer {
     TestServer::start(config, pipeline).await
 }
 
-/// Status line, headers and body of a plain GET.
+/// Head and body of a plain GET.
 async fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    (head.to_string(), body.to_string())
+    let response = parley_tests::ws::http(addr, &parley_tests::ws::get(path, None)).await;
+    (response.head, response.body)
 }
 
 /// The upgrade is refused: its HTTP status, `Retry-After` and the error code of its JSON body.

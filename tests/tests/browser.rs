@@ -3,9 +3,12 @@
 //! hearing real speech through Chromium's fake microphone, against the real server with the real
 //! models. `tests/browser/page_check.mjs` holds the cases: a hands-free conversation with a
 //! barge-in over v1 Opus, a spoken unsafe request, the pcm16 Realtime fallback, push-to-talk, and
-//! what the page says when the server is full, gone or unreachable, or the microphone is denied.
+//! what the page says when the server is full, gone or unreachable, or the microphone is denied,
+//! and a server that needs a key (a client secret in the page's `#key=`).
+use parley_server::auth::{AuthConfig, KeyConfig, key_sha256};
 use parley_server::config::Config;
 use parley_server::conversation::echo::EchoPipeline;
+use parley_tests::ws::{http, mint};
 use parley_tests::{TESTDATA, TestServer, espeak, read_wav};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -52,10 +55,22 @@ fn clip(dir: &Path, name: &str, parts: &[Part]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_talks_to_parley_in_chromium() {
     let modules = node_modules();
-    let voice = TestServer::voice("browser").await;
+    let voice = TestServer::voice("browser", Config::default()).await;
     let echo_config = Config { max_sessions: 1, ..Config::default() };
     let mut echo =
         Some(TestServer::start(echo_config.clone(), Arc::new(EchoPipeline::new(echo_config.echo.clone()))).await);
+    // A server that needs a key, and a client secret for the page minted with it.
+    let key = KeyConfig {
+        id: "page".into(),
+        sha256: key_sha256("pk_page"),
+        max_sessions: None,
+        connections_per_minute: None,
+    };
+    let keyed_config = Config { auth: AuthConfig { keys: vec![key], ..Default::default() }, ..Config::default() };
+    let keyed = TestServer::start(keyed_config.clone(), Arc::new(EchoPipeline::new(keyed_config.echo.clone()))).await;
+    let minted = http(keyed.addr, &mint("pk_page", "{}")).await;
+    assert_eq!(minted.status, 200, "{}", minted.body);
+    let secret: serde_json::Value = serde_json::from_str(&minted.body).unwrap();
     // A port that was open a moment ago and is closed now.
     let unreachable = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
 
@@ -67,6 +82,8 @@ async fn the_page_talks_to_parley_in_chromium() {
         "voice": format!("http://{}/", voice.addr),
         "echo": format!("http://{}/", echo.as_ref().unwrap().addr),
         "unreachable": format!("http://{unreachable}/"),
+        "keyed": format!("http://{}/", keyed.addr),
+        "secret": secret["value"],
         "artifacts": artifacts,
         "clips": {
             "conversation": clip(&dir, "conversation", &[
@@ -122,6 +139,7 @@ async fn the_page_talks_to_parley_in_chromium() {
     assert!(status.success(), "page_check.mjs exited with {status}");
     assert!(artifacts.join("finished-turn.png").is_file(), "no screenshot");
     voice.stop().await;
+    keyed.stop().await;
     if let Some(echo) = echo {
         echo.stop().await;
     }

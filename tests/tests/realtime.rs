@@ -5,10 +5,17 @@
 //! turns at 20 and 100 ms appends, barge-in and truncate, manual commit, bad events, metadata,
 //! client item ids, an active response, the beta header) and validates every event it receives
 //! strictly with `pydantic.TypeAdapter(RealtimeServerEvent)`; `tests/realtime/pipecat_check.py`
-//! then parses every recorded event with Pipecat's own strict parser.
+//! then parses every recorded event with Pipecat's own strict parser. The server requires an API
+//! key, and the `client_secret` case mints a browser's secret with the SDK and talks with it.
+use parley_server::auth::{AuthConfig, KeyConfig, key_sha256};
+use parley_server::config::Config;
 use parley_tests::{TESTDATA, TestServer};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The one API key of the test's server (the SDKs connect with it, or with a client secret it
+/// minted).
+const API_KEY: &str = "pk_parley_realtime_test_key";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -35,7 +42,10 @@ fn run(python: &str, script: &str, args: &[String]) {
 /// accepts every event Parley sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdks_and_pipecat_speak_to_parley() {
-    let server = TestServer::voice("realtime").await;
+    let key =
+        KeyConfig { id: "sdk".into(), sha256: key_sha256(API_KEY), max_sessions: None, connections_per_minute: None };
+    let config = Config { auth: AuthConfig { keys: vec![key], ..Default::default() }, ..Default::default() };
+    let server = TestServer::voice("realtime", config).await;
     let url = format!("ws://{}/v1", server.addr);
     let speech = Path::new(TESTDATA).join("librivox/sense_and_sensibility_01_austen_64kb-0890.wav");
     let question = Path::new(TESTDATA).join("cards/001.wav");
@@ -53,6 +63,8 @@ async fn the_openai_sdks_and_pipecat_speak_to_parley() {
             speech.display().to_string(),
             "--events-out".into(),
             events.display().to_string(),
+            "--api-key".into(),
+            API_KEY.into(),
         ];
         let check = tokio::task::spawn_blocking({
             let python = python.clone();
@@ -66,4 +78,12 @@ async fn the_openai_sdks_and_pipecat_speak_to_parley() {
         }
     }
     server.stop().await;
+    // Every safety decision names the key its session was opened with (through a client secret
+    // too), never the key itself.
+    let audit = std::fs::read_to_string(parley_tests::server::audit_log("realtime")).unwrap();
+    assert!(!audit.is_empty() && !audit.contains(API_KEY));
+    for line in audit.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(entry["key_id"], "sdk", "{line}");
+    }
 }

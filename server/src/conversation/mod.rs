@@ -59,6 +59,9 @@ pub trait Pipeline: Send + Sync + 'static {
 pub struct SessionIo {
     /// Session id, for log fields.
     pub session_id: String,
+    /// The id of the API key the session was opened with (`None`: authentication is off), for
+    /// the safety audit log.
+    pub key_id: Option<Arc<str>>,
     pub audio: AudioInput,
     pub commands: mpsc::Receiver<Command>,
     pub output: ReplyOutput,

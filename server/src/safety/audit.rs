@@ -12,6 +12,8 @@ pub struct AuditEntry<'a> {
     /// Unix time, ms.
     pub ts_ms: u128,
     pub session: &'a str,
+    /// The id of the API key the session was opened with (never the key); null without auth.
+    pub key_id: Option<&'a str>,
     pub turn: u64,
     pub policy_version: &'a str,
     #[serde(flatten)]

@@ -139,9 +139,9 @@ impl Recorder {
 
     /// Appends the decision to the audit log (flushed before this returns) and counts it. A failed
     /// write is logged and counted; the decision itself stands.
-    pub fn record(&self, session: &str, turn: u64, decision: &Decision, judged: &str) {
+    pub fn record(&self, session: &str, key_id: Option<&str>, turn: u64, decision: &Decision, judged: &str) {
         let ts_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
-        let entry = AuditEntry { ts_ms, session, turn, policy_version: &self.policy_version, decision, judged };
+        let entry = AuditEntry { ts_ms, session, key_id, turn, policy_version: &self.policy_version, decision, judged };
         if let Err(e) = self.audit.append(&entry) {
             self.audit_errors.fetch_add(1, Relaxed);
             tracing::error!(error = %e, path = %self.audit.path().display(), "cannot write the safety audit log");

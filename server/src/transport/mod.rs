@@ -120,6 +120,8 @@ pub struct SessionContext {
     pub metrics: Arc<Metrics>,
     pub pipeline: Arc<dyn Pipeline>,
     pub shutdown: broadcast::Receiver<()>,
+    /// The API key the session was opened with.
+    pub key_id: Option<Arc<str>>,
 }
 
 /// What a protocol gets to drive one session's conversation.
@@ -215,6 +217,7 @@ where
     );
     let worker = ctx.pipeline.start(SessionIo {
         session_id: session_id.clone(),
+        key_id: ctx.key_id.clone(),
         audio,
         commands: command_rx,
         output: ReplyOutput::new(reply_tx, control.clone()),

@@ -14,6 +14,7 @@ pub(super) struct Gates {
     pub(super) engines: Arc<Engines>,
     pub(super) output: ReplyOutput,
     pub(super) session: Arc<str>,
+    pub(super) key: Option<Arc<str>>,
     pub(super) turn: u64,
 }
 
@@ -64,9 +65,10 @@ impl Gates {
 
     /// Audits and counts the decision (for a held reply: once it is released), then sends it.
     pub(super) async fn record(&self, decision: Decision, judged: &str) -> Result<Decision, SessionClosed> {
-        let (engines, session, turn) = (self.engines.clone(), self.session.clone(), self.turn);
+        let (engines, session, key, turn) = (self.engines.clone(), self.session.clone(), self.key.clone(), self.turn);
         let (audited, judged) = (decision.clone(), judged.to_string());
-        self.output.when_released(move || engines.recorder.record(&session, turn, &audited, &judged)).await?;
+        let record = move || engines.recorder.record(&session, key.as_deref(), turn, &audited, &judged);
+        self.output.when_released(record).await?;
         self.output.event(decision.event(self.turn)).await?;
         Ok(decision)
     }

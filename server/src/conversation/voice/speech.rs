@@ -482,7 +482,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(1024);
         let output = ReplyOutput::new(tx, Arc::new(ReplyControl::new(engines.tts_rate)));
         let turn = 1;
-        let gates = Gates { engines: engines.clone(), output, session: "test".into(), turn };
+        let gates = Gates { engines: engines.clone(), output, session: "test".into(), key: None, turn };
         let first_audio = Arc::new(FirstAudioWait::new(ReplyRunning::new(&engines)));
         let marks = TurnMarks { turn, anchor: Instant::now(), marks: Vec::new() };
         let stage = TtsStage::new(gates, Default::default(), Default::default(), first_audio, 0, true, marks);

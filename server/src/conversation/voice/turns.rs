@@ -516,6 +516,7 @@ impl Worker {
             engines: self.engines.clone(),
             output: output.clone(),
             session: self.io.session_id.as_str().into(),
+            key: self.io.key_id.clone(),
             turn,
         };
         let running = ReplyRunning::new(&self.engines);

@@ -43,28 +43,33 @@ const MAX_OUTPUT_TOKENS: usize = 1024;
 /// Metadata entries a response may carry (upstream: 16, keys ≤ 64 and values ≤ 512 characters).
 const MAX_METADATA: usize = 16;
 
+/// A new session's settings: pcm16 at 24 kHz both ways, server VAD, the server's instructions.
+pub fn initial_settings(id: String, model: String, config: &crate::config::Config) -> Settings {
+    Settings {
+        id,
+        model,
+        input: Format::Pcm,
+        output: Format::Pcm,
+        turn_detection: Some(TurnDetection {
+            kind: "server_vad".into(),
+            create_response: true,
+            interrupt_response: true,
+        }),
+        instructions: None,
+        default_instructions: config.voice.system_prompt.clone(),
+        audio_out: true,
+        max_output_tokens: None,
+        voice: "parley".into(),
+        // Whisper (tiny.en) under the one Whisper name the 1.x SDKs accept.
+        transcription: json!({"model": "whisper-1", "language": "en", "prompt": null}),
+    }
+}
+
 /// Serves one upgraded `/v1/realtime` connection until it ends. `model`: the `model` query
 /// parameter, echoed in the session.
 pub async fn serve(ws: WebSocketStream<TcpStream>, ctx: super::SessionContext, model: String) {
     super::serve(ws, ctx, move |link| {
-        let settings = Settings {
-            id: link.session_id.clone(),
-            model,
-            input: Format::Pcm,
-            output: Format::Pcm,
-            turn_detection: Some(TurnDetection {
-                kind: "server_vad".into(),
-                create_response: true,
-                interrupt_response: true,
-            }),
-            instructions: None,
-            default_instructions: link.config.voice.system_prompt.clone(),
-            audio_out: true,
-            max_output_tokens: None,
-            voice: "parley".into(),
-            // Whisper (tiny.en) under the one Whisper name the 1.x SDKs accept.
-            transcription: json!({"model": "whisper-1", "language": "en", "prompt": null}),
-        };
+        let settings = initial_settings(link.session_id.clone(), model, &link.config);
         link.control.output_rate.store(Format::Pcm.rate(), Relaxed);
         let state = Arc::new(Mutex::new(State::new(link.outbox.clone(), settings, link.history.clone())));
         let replies = Replies { state: state.clone(), bytes: Vec::new() };
