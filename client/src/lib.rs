@@ -33,14 +33,37 @@ pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTls
 
 /// Opens a session at a URL (see [`endpoint_url`]) or a request (a URL with headers): Nagle off,
 /// so each 20 ms frame leaves at once, and a small read buffer (see
-/// [`parley_protocol::WS_READ_BUFFER_BYTES`]).
+/// [`parley_protocol::WS_READ_BUFFER_BYTES`]). `wss://` trusts the Mozilla root store, and also
+/// the PEM certificates in `$PARLEY_CA_FILE` when set (a private CA or a self-signed server).
 pub async fn connect(
     request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
 ) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(parley_protocol::WS_READ_BUFFER_BYTES);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
+    let connector = match std::env::var_os("PARLEY_CA_FILE") {
+        Some(path) => Some(tls_connector(std::path::Path::new(&path))?),
+        None => None,
+    };
+    let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector).await?;
     Ok(ws)
+}
+
+/// A TLS client trusting the Mozilla roots and the certificates of the PEM file `ca`.
+fn tls_connector(ca: &std::path::Path) -> Result<tokio_tungstenite::Connector, tokio_tungstenite::tungstenite::Error> {
+    use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::pem::PemObject};
+    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{}: {e}", ca.display()));
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))? {
+        roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+    }
+    #[allow(deprecated)] // ring, as the server (see server/src/conn.rs)
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(config)))
 }
 
 /// Builds the endpoint URL from `ws://host:port` or a full `ws://host:port/v1/voice`.

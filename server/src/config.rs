@@ -81,6 +81,10 @@ pub struct Config {
     pub safety: crate::safety::SafetyConfig,
     pub reply: crate::models::chat_api::ReplyConfig,
     pub auth: crate::auth::AuthConfig,
+    /// TLS for every connection (`wss://`, `https://`); `None`: plain TCP.
+    pub tls: Option<crate::conn::TlsConfig>,
+    /// Serve plain TCP on a non-loopback address (behind a proxy that terminates TLS).
+    pub allow_plaintext: bool,
 }
 
 impl Default for Config {
@@ -112,6 +116,8 @@ impl Default for Config {
             safety: Default::default(),
             reply: Default::default(),
             auth: Default::default(),
+            tls: None,
+            allow_plaintext: false,
         }
     }
 }
@@ -163,6 +169,12 @@ impl Config {
         }
         if !(0..=10).contains(&self.opus_complexity) || !(6_000..=510_000).contains(&self.opus_bitrate) {
             return invalid("opus_complexity must be 0..=10 and opus_bitrate 6000..=510000");
+        }
+        if !self.listen.ip().is_loopback() && self.tls.is_none() && !self.allow_plaintext {
+            return invalid(
+                "listening beyond loopback needs TLS ([tls] cert and key) or allow_plaintext = true \
+                 (behind a proxy that terminates TLS)",
+            );
         }
         if !self.listen.ip().is_loopback() && self.auth.keys.is_empty() && !self.auth.allow_anonymous {
             return invalid(

@@ -1,8 +1,8 @@
 //! A minimal HTTP/1.1 front door: reads one request head (and a small body), writes one response,
 //! and performs the WebSocket upgrade for the voice endpoints. Every response closes the
 //! connection; nothing here is a general HTTP server.
+use crate::conn::Conn;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Largest request head accepted, in bytes.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -59,7 +59,7 @@ pub enum HttpError {
 }
 
 /// Reads and parses one request head.
-pub async fn read_request(stream: &mut TcpStream) -> Result<Request, HttpError> {
+pub async fn read_request(stream: &mut Conn) -> Result<Request, HttpError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -91,7 +91,7 @@ pub async fn read_request(stream: &mut TcpStream) -> Result<Request, HttpError> 
 }
 
 /// Reads the request's body (`Content-Length` bytes, at most `max`) after its head.
-pub async fn read_body(stream: &mut TcpStream, request: &Request, max: usize) -> Result<Vec<u8>, HttpError> {
+pub async fn read_body(stream: &mut Conn, request: &Request, max: usize) -> Result<Vec<u8>, HttpError> {
     let length = match request.header("content-length") {
         None => 0,
         Some(v) => v.trim().parse::<usize>().map_err(|_| HttpError::Malformed("bad Content-Length".into()))?,
@@ -114,7 +114,7 @@ pub async fn read_body(stream: &mut TcpStream, request: &Request, max: usize) ->
 
 /// Writes a complete JSON response with extra header lines and closes the write side.
 pub async fn respond_json(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     status: &str,
     headers: &[(&str, &str)],
     body: &serde_json::Value,
@@ -123,13 +123,13 @@ pub async fn respond_json(
 }
 
 /// Writes a complete response and closes the write side.
-pub async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
+pub async fn respond(stream: &mut Conn, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
     respond_with(stream, status, content_type, &[], body.as_bytes()).await
 }
 
 /// Writes a complete response with extra header lines (`name: value`) and closes the write side.
 pub async fn respond_with(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     status: &str,
     content_type: &str,
     headers: &[(&str, &str)],

@@ -3,7 +3,7 @@
 //! # Layout (each layer uses only those below it)
 //! - [`server`]: `run(listener, config, shutdown)`: accept loop, HTTP routing (`/healthz`,
 //!   `/readyz`, `/metrics`, the `/v1/voice` and `/v1/realtime` upgrades), admission (503 before
-//!   the upgrade), graceful drain;
+//!   the upgrade), graceful drain; [`conn`]: a connection, plain TCP or TLS;
 //!   [`http`]: the tiny HTTP responder it uses; [`web`]: the browser page it serves at `/`.
 //! - [`auth`]: API keys (stored hashed), signed client secrets, per-key session caps and rates.
 //! - [`transport`]: the edge. One WebSocket session's life (writer, limits, close codes) and the
@@ -22,6 +22,7 @@
 pub mod audio;
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod conversation;
 pub mod engine;
 pub mod http;

@@ -182,6 +182,8 @@ pub struct Metrics {
     auth_denied: [AtomicU64; AUTH_DENIALS.len()],
     sessions_closed: [AtomicU64; CloseReason::ALL.len()],
     input_errors: [AtomicU64; InputError::ALL.len()],
+    /// TLS handshakes that failed (not TLS, a bad client hello, no common cipher).
+    pub tls_handshake_failures: AtomicU64,
     pub frames_received: AtomicU64,
     pub frames_sent: AtomicU64,
     /// Frames missing from the input sequence (concealed by the decoder).
@@ -331,6 +333,7 @@ impl Metrics {
             ),
             ("parley_replies_cancelled_total", "Replies cancelled (barge-in or client).", &self.replies_cancelled),
             ("parley_http_requests_total", "Plain HTTP requests served.", &self.http_requests),
+            ("parley_tls_handshake_failures_total", "TLS handshakes that failed.", &self.tls_handshake_failures),
         ] {
             counter(&mut out, name, help, "counter", value.load(Relaxed));
         }

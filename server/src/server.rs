@@ -5,6 +5,7 @@
 //! every session finish its turn before closing it.
 use crate::auth::{self, Auth, Denied, Identity, KeySession};
 use crate::config::Config;
+use crate::conn::{Conn, TlsAcceptor};
 use crate::conversation::{self, Pipeline};
 use crate::http::{self, Request};
 use crate::metrics::{Metrics, Refusal};
@@ -55,6 +56,8 @@ struct Shared {
     /// Set by the shutdown signal: `/readyz` fails and upgrades get 503 while sessions finish.
     draining: AtomicBool,
     auth: Auth,
+    /// Set when the configuration names a certificate: every connection is TLS.
+    tls: Option<TlsAcceptor>,
     shutdown: broadcast::Sender<()>,
 }
 
@@ -143,8 +146,10 @@ pub async fn serve(
     if auth.enabled() && config.auth.token_secret.is_none() {
         tracing::warn!("auth.token_secret is not set: client secrets minted here work only on this instance");
     }
+    let tls = config.tls.as_ref().map(TlsAcceptor::new).transpose().map_err(crate::config::ConfigError::Invalid)?;
     let shared = Arc::new(Shared {
         auth,
+        tls,
         sessions: Arc::new(Semaphore::new(config.max_sessions)),
         config: Arc::new(config),
         metrics,
@@ -154,7 +159,7 @@ pub async fn serve(
         shutdown: shutdown_tx,
     });
     let connections = Arc::new(Semaphore::new(shared.config.max_sessions + EXTRA_CONNECTIONS));
-    tracing::info!(addr = ?listener.local_addr().ok(), "listening");
+    tracing::info!(addr = ?listener.local_addr().ok(), tls = shared.tls.is_some(), "listening");
     let serving = accept_loop(&listener, &shared, &connections);
     tokio::pin!(serving, load, shutdown);
     let mut loading = true;
@@ -213,13 +218,25 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, connections: 
     }
 }
 
-async fn handle_connection(mut stream: TcpStream, shared: &Arc<Shared>) {
+async fn handle_connection(tcp: TcpStream, shared: &Arc<Shared>) {
     let config = &shared.config;
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
     if let Some(bytes) = config.socket_send_buffer {
-        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(bytes);
+        let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(bytes);
     }
     let head_timeout = Duration::from_millis(config.handshake_timeout_ms);
+    let mut stream = match &shared.tls {
+        None => Conn::Plain(tcp),
+        Some(tls) => match tokio::time::timeout(head_timeout, tls.accept(tcp)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                shared.metrics.tls_handshake_failures.fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        },
+    };
     let request = match tokio::time::timeout(head_timeout, http::read_request(&mut stream)).await {
         Ok(Ok(request)) => request,
         Ok(Err(http::HttpError::Eof)) | Ok(Err(http::HttpError::Io(_))) => return,
@@ -309,7 +326,7 @@ enum Endpoint {
     },
 }
 
-async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>, identity: Identity) {
+async fn upgrade(mut stream: Conn, request: Request, shared: &Arc<Shared>, identity: Identity) {
     let config = &shared.config;
     let (path, query) = request.path.split_once('?').unwrap_or((request.path.as_str(), ""));
     let endpoint = match path {
@@ -382,7 +399,7 @@ async fn upgrade(mut stream: TcpStream, request: Request, shared: &Arc<Shared>, 
 }
 
 async fn run_session(
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<Conn>,
     shared: &Arc<Shared>,
     pipeline: Arc<dyn Pipeline>,
     _held: (OwnedSemaphorePermit, KeySession),
@@ -404,7 +421,7 @@ async fn run_session(
 }
 
 /// 401 (with `WWW-Authenticate`) or 429 (with `Retry-After`), with an OpenAI-style error body.
-async fn deny(stream: &mut TcpStream, shared: &Arc<Shared>, denied: &Denied) {
+async fn deny(stream: &mut Conn, shared: &Arc<Shared>, denied: &Denied) {
     shared.metrics.auth_denied(denied.code());
     tracing::info!(code = denied.code(), "request denied: {denied}");
     let kind = if denied.retry_after_s().is_some() { "rate_limit_error" } else { "invalid_request_error" };
@@ -421,7 +438,7 @@ async fn deny(stream: &mut TcpStream, shared: &Arc<Shared>, denied: &Denied) {
 /// (OpenAI's request and response shape; the `session` asked for is not stored: the secret opens
 /// a session with the defaults, which `session.update` changes).
 async fn client_secret(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     request: &Request,
     shared: &Arc<Shared>,
     identity: &Identity,
@@ -465,7 +482,7 @@ async fn client_secret(
 }
 
 /// No session now: 503 with `Retry-After` and an OpenAI-style error body, before any upgrade.
-async fn refuse(mut stream: TcpStream, shared: &Arc<Shared>, refusal: Refusal) {
+async fn refuse(mut stream: Conn, shared: &Arc<Shared>, refusal: Refusal) {
     shared.metrics.session_refused(refusal);
     let message = refusal_message(refusal, shared.config.max_sessions);
     tracing::info!(reason = refusal.label(), "refusing a session");
@@ -479,14 +496,14 @@ async fn refuse(mut stream: TcpStream, shared: &Arc<Shared>, refusal: Refusal) {
 }
 
 /// `503 Service Unavailable` with `Retry-After` and a JSON `body`.
-async fn unavailable(stream: &mut TcpStream, config: &Config, body: &str) -> std::io::Result<()> {
+async fn unavailable(stream: &mut Conn, config: &Config, body: &str) -> std::io::Result<()> {
     let retry = config.retry_after_s.to_string();
     let headers = [("Retry-After", retry.as_str()), ("Cache-Control", "no-store")];
     http::respond_with(stream, "503 Service Unavailable", "application/json", &headers, body.as_bytes()).await
 }
 
 /// Sends `text`, then closes with `code` and waits (2 s at most) for the client's close answer.
-async fn goodbye(ws: &mut WebSocketStream<TcpStream>, text: String, code: CloseCode, reason: &str) {
+async fn goodbye(ws: &mut WebSocketStream<Conn>, text: String, code: CloseCode, reason: &str) {
     let goodbye = async {
         ws.send(tokio_tungstenite::tungstenite::Message::text(text)).await?;
         ws.send(close_message(code, reason)).await?;

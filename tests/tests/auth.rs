@@ -145,7 +145,7 @@ async fn keys_and_client_secrets_gate_every_endpoint_but_health_and_the_page() {
 
 #[test]
 fn listening_beyond_loopback_needs_keys_or_an_explicit_waiver() {
-    let open = "listen = \"0.0.0.0:9000\"\n";
+    let open = "listen = \"0.0.0.0:9000\"\nallow_plaintext = true\n";
     let error = Config::from_toml(open).unwrap_err().to_string();
     assert!(error.contains("auth"), "{error}");
     assert!(Config::from_toml(&format!("{open}[auth]\nallow_anonymous = true\n")).is_ok());

@@ -14,6 +14,7 @@ pub mod v1;
 use crate::audio::PIPELINE_RATE;
 use crate::audio::ring::{InputFeed, input_ring};
 use crate::config::Config;
+use crate::conn::Conn;
 use crate::conversation::history::History;
 use crate::conversation::pacer::{Pacer, Transmit};
 use crate::conversation::{Command, Pipeline, ReplyControl, ReplyOutput, SessionIo};
@@ -23,7 +24,6 @@ use parley_protocol::{CloseCode, DEFAULT_SAMPLE_RATE, ErrorCode};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -89,7 +89,7 @@ enum WriterEnd {
     Failed,
 }
 
-type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+type Sink = futures_util::stream::SplitSink<WebSocketStream<Conn>, Message>;
 
 async fn write_loop(mut sink: Sink, mut rx: mpsc::Receiver<Message>, deadline: Duration) -> WriterEnd {
     while let Some(message) = rx.recv().await {
@@ -153,7 +153,7 @@ pub trait Protocol: Send {
 
 /// Serves one upgraded connection with the protocol `build` makes (given the session's link, it
 /// returns the protocol and the pacer's transmitter) until the session ends; counts how it ended.
-pub async fn serve<P, B>(ws: WebSocketStream<TcpStream>, ctx: SessionContext, build: B)
+pub async fn serve<P, B>(ws: WebSocketStream<Conn>, ctx: SessionContext, build: B)
 where
     P: Protocol,
     B: FnOnce(Link) -> Result<(P, Box<dyn Transmit>), String>,
@@ -168,7 +168,7 @@ where
     metrics.sessions_active.fetch_sub(1, Relaxed);
 }
 
-async fn run<P, B>(ws: WebSocketStream<TcpStream>, mut ctx: SessionContext, build: B) -> CloseReason
+async fn run<P, B>(ws: WebSocketStream<Conn>, mut ctx: SessionContext, build: B) -> CloseReason
 where
     P: Protocol,
     B: FnOnce(Link) -> Result<(P, Box<dyn Transmit>), String>,

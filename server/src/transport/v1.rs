@@ -8,6 +8,7 @@ use crate::audio::codec::{OpusDecoder, OpusEncoder};
 use crate::audio::resample::Resampler;
 use crate::audio::ring::InputFeed;
 use crate::config::Config;
+use crate::conn::Conn;
 use crate::conversation::pacer::{PacerError, Transmit};
 use crate::conversation::{Command, ReplyControl};
 use crate::metrics::{CloseReason, InputError, Metrics};
@@ -19,7 +20,6 @@ use parley_protocol::{
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 const MAX_CONCEALED_FRAMES: u32 = 5;
 
 /// Serves one upgraded `/v1/voice` connection until it ends.
-pub async fn serve(ws: WebSocketStream<TcpStream>, ctx: super::SessionContext) {
+pub async fn serve(ws: WebSocketStream<Conn>, ctx: super::SessionContext) {
     super::serve(ws, ctx, |link| {
         let passthrough = link.config.pipeline == crate::config::PipelineKind::Echo
             && link.config.echo.mode == crate::config::EchoMode::Packet;

@@ -12,6 +12,7 @@ use super::{Ending, ErrorRun, Protocol};
 use crate::audio::PIPELINE_RATE;
 use crate::audio::resample::Resampler;
 use crate::audio::ring::InputFeed;
+use crate::conn::Conn;
 use crate::conversation::history::{Item, MAX_ITEM_TEXT};
 use crate::conversation::pacer::Transmit;
 use crate::conversation::{Command, ReplyControl, Respond, Settings as CoreSettings};
@@ -25,7 +26,6 @@ use state::{Replies, Response, Settings, Shared, State, TurnDetection, item_json
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -67,7 +67,7 @@ pub fn initial_settings(id: String, model: String, config: &crate::config::Confi
 
 /// Serves one upgraded `/v1/realtime` connection until it ends. `model`: the `model` query
 /// parameter, echoed in the session.
-pub async fn serve(ws: WebSocketStream<TcpStream>, ctx: super::SessionContext, model: String) {
+pub async fn serve(ws: WebSocketStream<Conn>, ctx: super::SessionContext, model: String) {
     super::serve(ws, ctx, move |link| {
         let settings = initial_settings(link.session_id.clone(), model, &link.config);
         link.control.output_rate.store(Format::Pcm.rate(), Relaxed);
