@@ -15,12 +15,13 @@ const FLAGS = [
   "--disable-gpu",
 ];
 
-/** A fresh browser whose microphone plays `wav` once (then silence); `fakeUi`: grant the microphone. */
-export async function browser(wav, fakeUi = true) {
+/** A fresh browser whose microphone plays `wav` once (then silence); `fakeUi`: grant the microphone;
+ * `extra`: more command-line flags. */
+export async function browser(wav, fakeUi = true, extra = []) {
   const media = wav
     ? ["--use-fake-device-for-media-stream", `--use-file-for-fake-audio-capture=${wav}%noloop`]
     : ["--use-fake-device-for-media-stream"];
-  const args = [...FLAGS, ...media, ...(fakeUi ? ["--use-fake-ui-for-media-stream"] : [])];
+  const args = [...FLAGS, ...media, ...(fakeUi ? ["--use-fake-ui-for-media-stream"] : []), ...extra];
   return chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args });
 }
 

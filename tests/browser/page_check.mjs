@@ -2,6 +2,7 @@
 // from a WAV file through Chromium's fake microphone. Run by tests/tests/browser.rs, which starts
 // the servers, writes the clips and passes their paths as one JSON argument:
 //   {voice, echo, unreachable, keyed (needs a key): base URLs; secret: a client secret for keyed;
+//    tls: {url: https://parley.test:PORT/ (echo, utterance mode), spki: its key's pin};
 //    clips: {conversation, unsafe, question, ptt}: WAV paths; artifacts: a folder for screenshots}
 // Prints one line per case and `N passed, M failed` last; on stdin/stdout it asks the test to stop
 // the echo server (`STOP echo`, answered with a line) for the "server gone" case.
@@ -150,6 +151,25 @@ const cases = {
     } finally {
       await b.close();
       await denied.close();
+    }
+  },
+
+  // Behind TLS at a name that is not localhost (a secure origin only because of TLS): the page
+  // opens the microphone and talks wss://. Chromium maps the name to 127.0.0.1 and trusts the
+  // test certificate by its key's pin.
+  async over_tls() {
+    const { hostname, port } = new URL(config.tls.url);
+    const flags = [`--host-resolver-rules=MAP ${hostname} 127.0.0.1:${port}`, `--ignore-certificate-errors-spki-list=${config.tls.spki}`];
+    const b = await browser(config.clips.question, true, flags);
+    try {
+      const page = await open(b, config.tls.url);
+      const origin = await page.evaluate(() => ({ secure: window.isSecureContext, host: location.hostname }));
+      check(origin.secure && origin.host === hostname, `origin ${JSON.stringify(origin)}`);
+      await page.click("#connect");
+      const v = await until(page, 30, "the echo played back", (v) => v.state === "live" && v.stats.played > 0);
+      return `${config.tls.url} (secure context), ${v.protocol}, ${v.stats.played} samples played`;
+    } finally {
+      await b.close();
     }
   },
 

@@ -2,6 +2,7 @@
 //! transcripts (Debian's `pocketsphinx-testdata`: LibriVox and "cards" recordings), WAV reading,
 //! word error rate, and a real server on a loopback port ([`TestServer`]).
 pub mod server;
+pub mod tls;
 pub mod ws;
 
 pub use server::TestServer;

@@ -6,7 +6,7 @@
 //! what the page says when the server is full, gone or unreachable, or the microphone is denied,
 //! and a server that needs a key (a client secret in the page's `#key=`).
 use parley_server::auth::{AuthConfig, KeyConfig, key_sha256};
-use parley_server::config::Config;
+use parley_server::config::{Config, EchoMode};
 use parley_server::conversation::echo::EchoPipeline;
 use parley_tests::ws::{http, mint};
 use parley_tests::{TESTDATA, TestServer, espeak, read_wav};
@@ -51,6 +51,17 @@ fn clip(dir: &Path, name: &str, parts: &[Part]) -> String {
     path.display().to_string()
 }
 
+/// The base64 SHA-256 of the certificate's public key (Chromium's `--ignore-certificate-errors-spki-list`).
+fn spki_pin(cert: &Path) -> String {
+    let script = format!(
+        "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+        cert.display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// Every case of `page_check.mjs` passes in Chromium.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_talks_to_parley_in_chromium() {
@@ -71,19 +82,26 @@ async fn the_page_talks_to_parley_in_chromium() {
     let minted = http(keyed.addr, &mint("pk_page", "{}")).await;
     assert_eq!(minted.status, 200, "{}", minted.body);
     let secret: serde_json::Value = serde_json::from_str(&minted.body).unwrap();
+    let dir = std::env::temp_dir().join(format!("parley-browser-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The echo behind TLS, for the page at a name that is not localhost.
+    let (tls, _) = parley_tests::tls::certificate(&dir, "parley.test");
+    let spki = spki_pin(&tls.cert);
+    let mut tls_config = Config { tls: Some(tls), ..Config::default() };
+    tls_config.echo.mode = EchoMode::Utterance;
+    let secure = TestServer::start(tls_config.clone(), Arc::new(EchoPipeline::new(tls_config.echo.clone()))).await;
     // A port that was open a moment ago and is closed now.
     let unreachable = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
 
     let artifacts = repo().join("target/test-artifacts/browser");
     std::fs::create_dir_all(&artifacts).unwrap();
-    let dir = std::env::temp_dir().join(format!("parley-browser-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let config = serde_json::json!({
         "voice": format!("http://{}/", voice.addr),
         "echo": format!("http://{}/", echo.as_ref().unwrap().addr),
         "unreachable": format!("http://{unreachable}/"),
         "keyed": format!("http://{}/", keyed.addr),
         "secret": secret["value"],
+        "tls": {"url": format!("https://parley.test:{}/", secure.addr.port()), "spki": spki},
         "artifacts": artifacts,
         "clips": {
             "conversation": clip(&dir, "conversation", &[
@@ -140,6 +158,7 @@ async fn the_page_talks_to_parley_in_chromium() {
     assert!(artifacts.join("finished-turn.png").is_file(), "no screenshot");
     voice.stop().await;
     keyed.stop().await;
+    secure.stop().await;
     if let Some(echo) = echo {
         echo.stop().await;
     }

@@ -8,59 +8,11 @@ use parley_server::config::{Config, EchoMode};
 use parley_server::conn::TlsConfig;
 use parley_server::conversation::echo::EchoPipeline;
 use parley_tests::TestServer;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName, pki_types::pem::PemObject};
-
-/// A test CA and a certificate it signed for `localhost` and 127.0.0.1, made by `openssl` in
-/// `dir`: the server's identity and the CA file a client trusts.
-fn certificate(dir: &Path) -> (TlsConfig, PathBuf) {
-    let openssl = |args: &[&str]| {
-        let status = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl runs (scripts/setup-system installs it)");
-        assert!(status.success(), "openssl {args:?}");
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(
-        &[
-            &["req", "-x509"],
-            &ec[..],
-            &["-days", "2", "-subj", "/CN=Parley test CA", "-keyout", "ca.key", "-out", "ca.pem"],
-        ]
-        .concat(),
-    );
-    openssl(&[&["req"], &ec[..], &["-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "leaf.csr"]].concat());
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "leaf.ext",
-        "-out",
-        "cert.pem",
-    ]);
-    (TlsConfig { cert: dir.join("cert.pem"), key: dir.join("key.pem") }, dir.join("ca.pem"))
-}
 
 fn scratch() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("parley-tls-{}", std::process::id()));
@@ -70,7 +22,7 @@ fn scratch() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_and_https_are_served_with_the_configured_certificate() {
-    let (tls, ca) = certificate(&scratch());
+    let (tls, ca) = parley_tests::tls::certificate(&scratch(), "localhost");
     // SAFETY: set before any thread of this test binary reads the environment (its only test
     // that does).
     unsafe { std::env::set_var("PARLEY_CA_FILE", &ca) };
