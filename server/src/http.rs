@@ -68,25 +68,31 @@ pub async fn read_request(stream: &mut Conn) -> Result<Request, HttpError> {
             return Err(HttpError::Eof);
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                return Ok(Request {
-                    method: request.method.unwrap_or_default().to_string(),
-                    path: request.path.unwrap_or_default().to_string(),
-                    headers: request
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
-                        .collect(),
-                    rest: buf[len..].to_vec(),
-                });
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => {}
-            Ok(httparse::Status::Partial) => return Err(HttpError::TooLarge),
-            Err(e) => return Err(HttpError::Malformed(e.to_string())),
+        if let Some(request) = parse_head(&buf)? {
+            return Ok(request);
         }
+    }
+}
+
+/// Parses the request head at the start of `buf` (bytes after it are kept as `rest`); `None`: it
+/// is not complete yet.
+pub fn parse_head(buf: &[u8]) -> Result<Option<Request>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some(Request {
+            method: request.method.unwrap_or_default().to_string(),
+            path: request.path.unwrap_or_default().to_string(),
+            headers: request
+                .headers
+                .iter()
+                .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                .collect(),
+            rest: buf[len..].to_vec(),
+        })),
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => Ok(None),
+        Ok(httparse::Status::Partial) => Err(HttpError::TooLarge),
+        Err(e) => Err(HttpError::Malformed(e.to_string())),
     }
 }
 
