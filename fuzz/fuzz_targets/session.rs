@@ -35,7 +35,13 @@ fn harness() -> &'static Harness {
             config.echo.mode = EchoMode::Packet;
             let pipeline = Arc::new(EchoPipeline::new(config.echo.clone()));
             let metrics = Default::default();
-            tokio::spawn(parley_server::run_with_pipeline(listener, config, pipeline, metrics, std::future::pending::<()>()));
+            tokio::spawn(parley_server::run_with_pipeline(
+                listener,
+                config,
+                pipeline,
+                metrics,
+                std::future::pending::<()>(),
+            ));
             addr
         });
         Harness { runtime, addr }

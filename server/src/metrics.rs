@@ -376,8 +376,9 @@ impl Metrics {
     }
 }
 
-/// The standard Prometheus process metrics (CPU time, resident and peak resident memory), read
-/// from `/proc/self` (Linux); left out where it cannot be read.
+/// The standard Prometheus process metrics (CPU time, resident and peak resident memory, open
+/// descriptors), read from `/proc/self` (Linux), and the runtime's alive tasks; each left out
+/// where it cannot be read.
 fn render_process(out: &mut String) {
     // utime and stime are fields 14 and 15 of /proc/self/stat, in USER_HZ (100 per second on
     // Linux); the command name (field 2) may hold spaces, so count from its closing parenthesis.
@@ -405,6 +406,15 @@ fn render_process(out: &mut String) {
         if let Some(kib) = kib(key) {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", kib * 1024);
         }
+    }
+    // What a soak watches for leaks: descriptors, and tasks alive on the async runtime.
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let name = "process_open_fds";
+        let _ = writeln!(out, "# HELP {name} Open file descriptors.\n# TYPE {name} gauge\n{name} {}", fds.count());
+    }
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        let (name, tasks) = ("parley_runtime_alive_tasks", handle.metrics().num_alive_tasks());
+        let _ = writeln!(out, "# HELP {name} Tasks alive on the async runtime.\n# TYPE {name} gauge\n{name} {tasks}");
     }
 }
 

@@ -19,14 +19,19 @@ pub struct Response {
 
 /// Sends `request` (a whole HTTP/1.1 request) to `addr` and reads the response to the close.
 pub async fn http(addr: std::net::SocketAddr, request: &str) -> Response {
+    try_http(addr, request).await.expect("the server answers")
+}
+
+/// [`http`], or `None` when the connection fails.
+pub async fn try_http(addr: std::net::SocketAddr, request: &str) -> Option<Response> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+    stream.read_to_string(&mut response).await.ok()?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Response { status, head: head.to_string(), body: body.to_string() }
+    Some(Response { status, head: head.to_string(), body: body.to_string() })
 }
 
 /// A GET of `path`, with `key` as its bearer token.

@@ -8,7 +8,8 @@ use futures_util::{SinkExt, StreamExt};
 use parley_protocol::ServerEvent;
 use parley_server::config::{Config, EchoMode};
 use parley_server::conversation::echo::EchoPipeline;
-use parley_server::metrics::{Metrics, Refusal};
+use parley_server::metrics::Refusal;
+use parley_tests::server::Instance;
 use parley_tests::ws::{Ws, connect, encoder, next_event, silence_frame, tone_frame};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,61 +21,13 @@ use tokio_tungstenite::tungstenite::Message;
 
 const MAX_SESSIONS: usize = 4;
 
-/// One instance on its own runtime: `terminate` is what SIGTERM does; `kill` drops the runtime,
-/// and every socket with it, at once.
-struct Instance {
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    runtime: Option<tokio::runtime::Runtime>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    exited: Option<tokio::sync::oneshot::Receiver<()>>,
-}
-
-impl Instance {
-    fn start() -> Self {
-        let mut config = Config { max_sessions: MAX_SESSIONS, ..Config::default() };
-        config.echo.mode = EchoMode::Utterance;
-        config.echo.endpoint_silence_ms = 300;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let (shutdown, signal) = tokio::sync::oneshot::channel::<()>();
-        let (done, exited) = tokio::sync::oneshot::channel::<()>();
-        let m = metrics.clone();
-        runtime.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let pipeline = Arc::new(EchoPipeline::new(config.echo.clone()));
-            parley_server::run_with_pipeline(listener, config, pipeline, m, async {
-                let _ = signal.await;
-            })
-            .await
-            .unwrap();
-            let _ = done.send(());
-        });
-        Instance { addr, metrics, runtime: Some(runtime), shutdown: Some(shutdown), exited: Some(exited) }
-    }
-
-    fn sessions(&self) -> u64 {
-        self.metrics.sessions_active.load(Relaxed)
-    }
-
-    fn accepted(&self) -> u64 {
-        self.metrics.sessions_total.load(Relaxed)
-    }
-
-    fn kill(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// An instance of four sessions, the echo in utterance mode.
+fn instance() -> Instance {
+    let mut config = Config { max_sessions: MAX_SESSIONS, ..Config::default() };
+    config.echo.mode = EchoMode::Utterance;
+    config.echo.endpoint_silence_ms = 300;
+    let pipeline = Arc::new(EchoPipeline::new(config.echo.clone()));
+    Instance::start(config, pipeline)
 }
 
 /// HAProxy running the shipped configuration; stopped when dropped.
@@ -164,7 +117,7 @@ async fn echoes(ws: &mut Ws) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_spreads_sessions_and_routes_around_full_draining_and_dead_instances() {
-    let mut instances = [Instance::start(), Instance::start(), Instance::start()];
+    let mut instances = [instance(), instance(), instance()];
     // Checks this rare do not run during the test: the 503s and failed connections alone must
     // move sessions (HAProxy's `retry-on 503 conn-failure` and `redispatch`).
     let balancer = Balancer::start(&instances, "1h").await;
@@ -225,7 +178,7 @@ async fn haproxy_spreads_sessions_and_routes_around_full_draining_and_dead_insta
     }
     settle("the replies to start", || instances.iter().all(|i| i.metrics.frames_sent.load(Relaxed) > 0)).await;
     let signalled = Instant::now();
-    instances[1].shutdown.take().unwrap().send(()).unwrap();
+    instances[1].terminate();
     let before = instances[1].accepted();
     let mut fresh = Vec::new();
     for _ in 0..4 {
@@ -256,7 +209,7 @@ async fn haproxy_spreads_sessions_and_routes_around_full_draining_and_dead_insta
     assert_eq!(going_away.len(), 1, "{closes:?}");
     let (_, done, closed_after) = going_away[0];
     assert!(done, "the draining instance's turn was cut: {closes:?}");
-    tokio::time::timeout(Duration::from_secs(15), instances[1].exited.take().unwrap()).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(15), instances[1].exited()).await.unwrap();
     println!(
         "drain: b's running turn finished and its session closed (1001) {closed_after:?} after the signal; b exited after {:?}; new sessions: {:?}",
         signalled.elapsed(),
@@ -289,7 +242,7 @@ async fn haproxy_spreads_sessions_and_routes_around_full_draining_and_dead_insta
     drop(balancer);
 
     // Fast checks: a full instance is marked down by its /readyz and gets no attempt at all.
-    let mut instances = [Instance::start(), Instance::start(), Instance::start()];
+    let mut instances = [instance(), instance(), instance()];
     let balancer = Balancer::start(&instances, "100ms").await;
     let mut direct = Vec::new();
     for _ in 0..MAX_SESSIONS {
