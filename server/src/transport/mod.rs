@@ -165,7 +165,24 @@ where
     let reason = run(ws, ctx, build).instrument(span.clone()).await;
     span.in_scope(|| tracing::info!(reason = reason.label(), "session ended"));
     metrics.session_closed(reason);
-    metrics.sessions_active.fetch_sub(1, Relaxed);
+    if metrics.sessions_active.fetch_sub(1, Relaxed) == 1 {
+        // The last session of a burst: hand the memory its sessions freed back to the system.
+        tokio::task::spawn_blocking(release_free_memory);
+    }
+}
+
+/// Returns the memory ended sessions freed to the operating system: glibc keeps it in its
+/// per-thread arenas otherwise, and an idle server would stay at the resident size of its busiest
+/// moment.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim takes no pointers; it walks glibc's own heaps under their locks.
+        unsafe { malloc_trim(0) };
+    }
 }
 
 async fn run<P, B>(ws: WebSocketStream<Conn>, mut ctx: SessionContext, build: B) -> CloseReason
