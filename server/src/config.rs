@@ -208,7 +208,7 @@ mod tests {
     #[test]
     fn file_overrides_defaults_and_rejects_unknown_keys() {
         let config = Config::from_toml(
-            "listen = \"0.0.0.0:9000\"\nmax_sessions = 3\npipeline = \"echo\"\n[echo]\nmode = \"utterance\"\n",
+            "listen = \"0.0.0.0:9000\"\nallow_plaintext = true\nmax_sessions = 3\npipeline = \"echo\"\n[echo]\nmode = \"utterance\"\n[auth]\nallow_anonymous = true\n",
         )
         .unwrap();
         assert_eq!(config.listen.port(), 9000);
