@@ -32,8 +32,6 @@ const V1_SUBPROTOCOL: &str = "parley.v1";
 pub const CLIENT_SECRETS_PATH: &str = "/v1/realtime/client_secrets";
 /// Largest client-secret request body.
 const CLIENT_SECRET_BODY_BYTES: usize = 64 * 1024;
-/// How often a draining server looks whether its last session has ended.
-const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -71,16 +69,16 @@ fn refusal_message(refusal: Refusal, max_sessions: usize) -> String {
 }
 
 impl Shared {
-    fn readiness(&self) -> Result<(), Refusal> {
+    /// The pipeline a new session would get, or why there is none now.
+    fn readiness(&self) -> Result<Arc<dyn Pipeline>, Refusal> {
         if self.draining.load(Relaxed) {
-            Err(Refusal::Draining)
-        } else if self.pipeline.get().is_none() {
-            Err(Refusal::Loading)
-        } else if self.sessions.available_permits() == 0 {
-            Err(Refusal::Full)
-        } else {
-            Ok(())
+            return Err(Refusal::Draining);
         }
+        let pipeline = self.pipeline.get().ok_or(Refusal::Loading)?;
+        if self.sessions.available_permits() == 0 {
+            return Err(Refusal::Full);
+        }
+        Ok(pipeline.clone())
     }
 }
 
@@ -178,12 +176,8 @@ pub async fn serve(
     tracing::info!("shutting down: sessions finish their turns; new ones are refused");
     shared.draining.store(true, Relaxed);
     let _ = shared.shutdown.send(());
-    let max = shared.config.max_sessions;
-    let ended = async {
-        while shared.sessions.available_permits() < max {
-            tokio::time::sleep(DRAIN_POLL).await;
-        }
-    };
+    // Every session holds a permit until it ends: all of them back means the last one has ended.
+    let ended = shared.sessions.acquire_many(u32::try_from(shared.config.max_sessions).unwrap_or(u32::MAX));
     tokio::select! {
         _ = &mut serving => {}
         _ = ended => tracing::info!("every session has ended"),
@@ -272,18 +266,17 @@ async fn handle_connection(tcp: TcpStream, shared: &Arc<Shared>) {
         }
         ("GET", "/readyz") => {
             metrics.http_requests.fetch_add(1, Relaxed);
-            let sessions = metrics.sessions_active.load(Relaxed);
+            let mut body = serde_json::json!({"sessions": metrics.sessions_active.load(Relaxed),
+                "max_sessions": config.max_sessions, "auth": shared.auth.enabled()});
             match shared.readiness() {
-                Ok(()) => {
-                    let body = serde_json::json!({"status": "ready", "sessions": sessions,
-                        "max_sessions": config.max_sessions, "auth": shared.auth.enabled()});
+                Ok(_) => {
+                    body["status"] = "ready".into();
                     http::respond_json(&mut stream, "200 OK", &[], &body).await
                 }
                 Err(refusal) => {
-                    let body = serde_json::json!({"status": refusal.label(), "sessions": sessions,
-                        "max_sessions": config.max_sessions, "auth": shared.auth.enabled(),
-                        "message": refusal_message(refusal, config.max_sessions)});
-                    unavailable(&mut stream, config, &format!("{body}\n")).await
+                    body["status"] = refusal.label().into();
+                    body["message"] = refusal_message(refusal, config.max_sessions).into();
+                    unavailable(&mut stream, config, &body).await
                 }
             }
         }
@@ -360,8 +353,7 @@ async fn upgrade(mut stream: Conn, request: Request, shared: &Arc<Shared>, ident
     };
     // The session slot is taken before the answer: a server that cannot take the session says so
     // with a 503 and `Retry-After` (a load balancer retries elsewhere), never after the upgrade.
-    let admitted = shared.readiness().and_then(|()| {
-        let pipeline = shared.pipeline.get().cloned().ok_or(Refusal::Loading)?;
+    let admitted = shared.readiness().and_then(|pipeline| {
         let permit = shared.sessions.clone().try_acquire_owned().map_err(|_| Refusal::Full)?;
         Ok((pipeline, permit))
     });
@@ -492,14 +484,14 @@ async fn refuse(mut stream: Conn, shared: &Arc<Shared>, refusal: Refusal) {
         Refusal::Full => "server_full",
     };
     let body = serde_json::json!({"error": {"type": "server_error", "code": code, "message": message}});
-    let _ = unavailable(&mut stream, &shared.config, &format!("{body}\n")).await;
+    let _ = unavailable(&mut stream, &shared.config, &body).await;
 }
 
 /// `503 Service Unavailable` with `Retry-After` and a JSON `body`.
-async fn unavailable(stream: &mut Conn, config: &Config, body: &str) -> std::io::Result<()> {
+async fn unavailable(stream: &mut Conn, config: &Config, body: &serde_json::Value) -> std::io::Result<()> {
     let retry = config.retry_after_s.to_string();
     let headers = [("Retry-After", retry.as_str()), ("Cache-Control", "no-store")];
-    http::respond_with(stream, "503 Service Unavailable", "application/json", &headers, body.as_bytes()).await
+    http::respond_json(stream, "503 Service Unavailable", &headers, body).await
 }
 
 /// Sends `text`, then closes with `code` and waits (2 s at most) for the client's close answer.
