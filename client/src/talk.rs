@@ -58,7 +58,7 @@ pub enum TalkError {
     Connect { url: String, source: Box<tokio_tungstenite::tungstenite::Error> },
     /// The server answered the upgrade with an HTTP error (503 full, loading or draining; 401…).
     #[error("{url} refused the session: {status} {message}{}", retry_after.as_ref().map(|s| format!(" (retry after {s} s)")).unwrap_or_default())]
-    Refused { url: String, status: u16, retry_after: Option<String>, message: String },
+    Refused { url: String, status: u16, retry_after: Option<String>, code: Option<String>, message: String },
     #[error("WebSocket: {0}")]
     Ws(#[from] Box<tokio_tungstenite::tungstenite::Error>),
     #[error("Opus: {0}")]
@@ -76,15 +76,15 @@ impl TalkError {
             return TalkError::Connect { url: url.into(), source: Box::new(error) };
         };
         let body = response.body().as_deref().unwrap_or_default();
-        let message = serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
+        let error = serde_json::from_slice::<serde_json::Value>(body).ok().map(|v| v["error"].clone());
+        let field = |name: &str| error.as_ref().and_then(|e| e[name].as_str()).map(str::to_string);
+        let message = field("message").unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
         let header = |name| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         TalkError::Refused {
             url: url.into(),
             status: response.status().as_u16(),
             retry_after: header("retry-after"),
+            code: field("code"),
             message,
         }
     }

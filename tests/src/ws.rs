@@ -54,6 +54,16 @@ pub const FRAME: usize = 960;
 /// Longest a test waits for one expected message.
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// A session for `request` (a URL, or one with headers), through the client library: the socket,
+/// or its refusal (`TalkError::Refused` with the HTTP status, `Retry-After` and error code).
+pub async fn upgrade(
+    request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+) -> Result<Ws, parley_client::TalkError> {
+    let request = request.into_client_request().expect("a valid request");
+    let url = request.uri().to_string();
+    parley_client::connect(request).await.map_err(|e| parley_client::TalkError::connect(&url, e))
+}
+
 /// A v1 session at `url`; panics unless it opens.
 pub async fn connect(url: &str) -> Ws {
     let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();

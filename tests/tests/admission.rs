@@ -4,6 +4,7 @@
 //! session is closed with 1001 (or the drain deadline cuts it); pings keep a quiet tunnel alive
 //! without counting as activity; a session's time and byte budgets close it with 4002.
 use futures_util::{SinkExt, StreamExt};
+use parley_client::TalkError;
 use parley_protocol::{CloseCode, ErrorCode, ServerEvent};
 use parley_server::config::{Config, EchoMode};
 use parley_server::conversation::Pipeline;
@@ -15,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 async fn start(config: Config) -> TestServer {
     let pipeline = Arc::new(EchoPipeline::new(config.echo.clone()));
@@ -30,13 +31,8 @@ async fn get(addr: SocketAddr, path: &str) -> (String, String) {
 
 /// The upgrade is refused: its HTTP status, `Retry-After` and the error code of its JSON body.
 async fn refused(url: &str) -> (u16, Option<String>, String) {
-    match tokio_tungstenite::connect_async(url).await {
-        Err(tungstenite::Error::Http(response)) => {
-            let retry = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-            let body: serde_json::Value =
-                serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
-            (response.status().as_u16(), retry, body["error"]["code"].as_str().unwrap_or_default().to_string())
-        }
+    match parley_tests::ws::upgrade(url).await {
+        Err(TalkError::Refused { status, retry_after, code, .. }) => (status, retry_after, code.unwrap_or_default()),
         Ok(_) => panic!("the upgrade was accepted"),
         Err(e) => panic!("expected an HTTP refusal, got {e}"),
     }

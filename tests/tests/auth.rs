@@ -4,6 +4,7 @@
 //! browser subprotocol `openai-insecure-api-key.<secret>`, on any instance sharing the signing
 //! secret); a missing, wrong or expired credential gets 401 before the upgrade, a key over its
 //! session cap or connection rate 429 with `Retry-After`; every denial is counted.
+use parley_client::TalkError;
 use parley_protocol::ServerEvent;
 use parley_server::auth::{AuthConfig, KeyConfig, key_sha256};
 use parley_server::config::Config;
@@ -15,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
-use tokio_tungstenite::tungstenite::{self};
 
 const SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
@@ -44,12 +44,9 @@ async fn open(addr: SocketAddr, path: &str, header: Option<(&str, &str)>) -> Res
             .headers_mut()
             .insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
     }
-    match tokio_tungstenite::connect_async(request).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tungstenite::Error::Http(response)) => Err((
-            response.status().as_u16(),
-            response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()),
-        )),
+    match parley_tests::ws::upgrade(request).await {
+        Ok(ws) => Ok(ws),
+        Err(TalkError::Refused { status, retry_after, .. }) => Err((status, retry_after)),
         Err(e) => panic!("{e}"),
     }
 }
