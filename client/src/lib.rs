@@ -41,29 +41,33 @@ pub async fn connect(
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(parley_protocol::WS_READ_BUFFER_BYTES);
     let connector = match std::env::var_os("PARLEY_CA_FILE") {
-        Some(path) => Some(tls_connector(std::path::Path::new(&path))?),
+        Some(_) => Some(tokio_tungstenite::Connector::Rustls(tls_config()?)),
         None => None,
     };
     let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector).await?;
     Ok(ws)
 }
 
-/// A TLS client trusting the Mozilla roots and the certificates of the PEM file `ca`.
-fn tls_connector(ca: &std::path::Path) -> Result<tokio_tungstenite::Connector, tokio_tungstenite::tungstenite::Error> {
+/// The TLS client settings of `wss://` (and the bench's `https://` metrics): the Mozilla roots,
+/// plus the PEM certificates of `$PARLEY_CA_FILE` when set.
+pub fn tls_config() -> std::io::Result<std::sync::Arc<tokio_rustls::rustls::ClientConfig>> {
     use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::pem::PemObject};
-    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{}: {e}", ca.display()));
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))? {
-        roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+    if let Some(ca) = std::env::var_os("PARLEY_CA_FILE") {
+        let ca = std::path::Path::new(&ca);
+        let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{}: {e}", ca.display()));
+        for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))? {
+            roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+        }
     }
     #[allow(deprecated)] // ring, as the server (see server/src/conn.rs)
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| std::io::Error::other(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(config)))
+    Ok(std::sync::Arc::new(config))
 }
 
 /// Builds the endpoint URL from `ws://host:port` or a full `ws://host:port/v1/voice`.

@@ -40,6 +40,14 @@ pub struct TransportReport {
     pub rtt_us_p50: u64,
     pub rtt_us_p99: u64,
     pub rtt_us_max: u64,
+    /// The server's own turnaround per echoed packet, µs (`packet` mode: its
+    /// `parley_echo_turnaround_seconds`, read from the socket → echo written), as the upper bound
+    /// of the histogram bucket the percentile falls in; `None` without the server's `/metrics`.
+    pub server_turnaround_us_p50: Option<u64>,
+    pub server_turnaround_us_p99: Option<u64>,
+    /// CPU cores the server and this load generator kept busy, on average over the run.
+    pub server_cpu_cores: Option<f64>,
+    pub generator_cpu_cores: Option<f64>,
     /// Sessions that failed to connect or ended with an error.
     pub failed_sessions: usize,
     pub errors: Vec<String>,
@@ -55,6 +63,8 @@ struct StreamResult {
 
 /// Runs the load: `packets` are Opus packets of 20 ms at the stream rate, cycled.
 pub async fn run(options: &TransportOptions, packets: &[Vec<u8>]) -> TransportReport {
+    let before = crate::bench::fetch_metrics(&options.server).await;
+    let cpu_before = own_cpu_seconds();
     let epoch = Instant::now();
     let url = crate::endpoint_url(&options.server);
     let mut tasks = Vec::with_capacity(options.streams);
@@ -69,7 +79,29 @@ pub async fn run(options: &TransportOptions, packets: &[Vec<u8>]) -> TransportRe
     for task in tasks {
         results.push(task.await.unwrap_or_else(|e| StreamResult { error: Some(e.to_string()), ..Default::default() }));
     }
-    report(options, &results)
+    let wall_s = epoch.elapsed().as_secs_f64();
+    let mut report = report(options, &results);
+    report.generator_cpu_cores = own_cpu_seconds().zip(cpu_before).map(|(after, before)| (after - before) / wall_s);
+    if let Some(after) = crate::bench::fetch_metrics(&options.server).await {
+        let turnaround = |q| {
+            let s = crate::bench::histogram_quantile(before.as_deref(), &after, "parley_echo_turnaround_seconds", q);
+            s.filter(|s| s.is_finite()).map(|s| (s * 1e6).round() as u64)
+        };
+        report.server_turnaround_us_p50 = turnaround(0.5);
+        report.server_turnaround_us_p99 = turnaround(0.99);
+        report.server_cpu_cores =
+            crate::bench::ServerUsage::from_metrics(before.as_deref(), Some(&after), wall_s).cpu_cores;
+    }
+    report
+}
+
+/// This process's user and system CPU time, seconds: fields 14 and 15 of `/proc/self/stat`, in
+/// USER_HZ (100 per second on Linux), counted from after the command name's parenthesis.
+fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let mut ticks = || fields.next()?.parse::<u64>().ok();
+    Some((ticks()? + ticks()?) as f64 / 100.0)
 }
 
 fn report(options: &TransportOptions, results: &[StreamResult]) -> TransportReport {
@@ -88,6 +120,10 @@ fn report(options: &TransportOptions, results: &[StreamResult]) -> TransportRepo
         rtt_us_p50: pct(0.5),
         rtt_us_p99: pct(0.99),
         rtt_us_max: rtts.last().copied().unwrap_or(0.0) as u64,
+        server_turnaround_us_p50: None,
+        server_turnaround_us_p99: None,
+        server_cpu_cores: None,
+        generator_cpu_cores: None,
         failed_sessions: errors.len(),
         errors: errors.into_iter().take(10).collect(),
     }

@@ -1,4 +1,4 @@
-//! Whole sessions: a real server (echo pipeline, packet mode) on loopback, fed arbitrary message
+//! Whole sessions: a real server (echo pipeline, frame mode) on loopback, fed arbitrary message
 //! sequences over a real WebSocket on either endpoint. No input may panic the server (libFuzzer
 //! aborts on a panic in any thread) or leave it unable to serve the next session; every session
 //! ends when the client closes.
@@ -32,7 +32,9 @@ fn harness() -> &'static Harness {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let mut config = Config { max_sessions: 1024, ..Config::default() };
-            config.echo.mode = EchoMode::Packet;
+            // Frame mode: every audio message goes through the Opus decoder (packet mode would
+            // send it back undecoded).
+            config.echo.mode = EchoMode::Frame;
             let pipeline = Arc::new(EchoPipeline::new(config.echo.clone()));
             let metrics = Default::default();
             tokio::spawn(parley_server::run_with_pipeline(

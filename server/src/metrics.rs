@@ -5,10 +5,12 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-/// Histogram bucket upper bounds in seconds, dense around the 20 ms frame budget and the
-/// 200–800 ms range of a voice turn.
-const BUCKETS_S: [f64; 16] =
-    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.5, 0.8, 1.5, 3.0];
+/// Histogram bucket upper bounds in seconds: from 50 µs (one frame's handling), dense around the
+/// 20 ms frame budget and the 200–800 ms range of a voice turn.
+const BUCKETS_S: [f64; 19] = [
+    0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.5, 0.8, 1.5,
+    3.0,
+];
 
 /// A cumulative histogram with fixed buckets.
 #[derive(Default)]
@@ -210,6 +212,8 @@ pub struct Metrics {
     stage_seconds: [Histogram; STAGES.len()],
     /// Whole turn on the server: anchor (speech end) → first reply frame sent.
     pub turn_seconds: Histogram,
+    /// Echo `packet` mode, per packet: read from the socket → its echo written to the socket.
+    pub echo_turnaround_seconds: Histogram,
 }
 
 impl Metrics {
@@ -361,6 +365,11 @@ impl Metrics {
                 &self.output_frame_seconds,
             ),
             ("parley_turn_seconds", "Turn on the server: speech end to first reply frame sent.", &self.turn_seconds),
+            (
+                "parley_echo_turnaround_seconds",
+                "Echo packet mode, per packet: read from the socket to its echo written to the socket.",
+                &self.echo_turnaround_seconds,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
             histogram.render(&mut out, name, "");

@@ -4,6 +4,7 @@
 //! plain text on the TLS port gets nothing and is counted, a bad certificate file is a clear
 //! start-up error, and a non-loopback address needs TLS unless it is waived.
 use parley_client::talk::{Clip, TalkOptions};
+use parley_client::transport::TransportOptions;
 use parley_server::config::{Config, EchoMode};
 use parley_server::conn::TlsConfig;
 use parley_server::conversation::echo::EchoPipeline;
@@ -46,9 +47,24 @@ async fn wss_and_https_are_served_with_the_configured_certificate() {
     // wss: the client library's session, audio there and back.
     let tone: Vec<f32> =
         (0..48_000).map(|i| (i as f32 * 440.0 / 48_000.0 * std::f32::consts::TAU).sin() * 0.3).collect();
+    let packets = parley_client::transport::encode_packets(&tone, 48_000).unwrap();
     let options = TalkOptions { server: format!("wss://localhost:{port}"), ..TalkOptions::default() };
     let result = parley_client::talk(&options, &[Clip { name: "tone".into(), samples: tone }]).await.unwrap();
     assert!(result.frames.len() >= 40, "{} frames back", result.frames.len());
+
+    // The transport bench over wss: every frame echoed, and the server's own turnaround and CPU
+    // read from its /metrics over https.
+    let options = TransportOptions {
+        server: format!("wss://localhost:{port}"),
+        streams: 2,
+        seconds: 1,
+        ramp_ms: 2,
+        sample_rate: 48_000,
+    };
+    let report = parley_client::transport::run(&options, &packets).await;
+    assert_eq!((report.frames_sent, report.frames_lost, report.failed_sessions), (100, 0, 0), "{report:?}");
+    assert!(report.server_turnaround_us_p99.is_some_and(|us| us > 0), "{report:?}");
+    assert!(report.server_cpu_cores.is_some() && report.generator_cpu_cores.is_some(), "{report:?}");
 
     // Plain text on the TLS port: no answer, counted.
     let mut plain = TcpStream::connect(server.addr).await.unwrap();

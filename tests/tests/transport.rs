@@ -177,6 +177,9 @@ async fn packet_echo_returns_every_frame_as_sent() {
     let (echoed, sent) = (result.frames.len(), result.sent_us.len());
     assert!(echoed <= sent && echoed + 1 >= sent, "{echoed} of {sent} frames echoed");
     assert_eq!(result.seq_gaps, 0);
+    // The server timed each echo's turnaround (read → written).
+    let timed = server.metrics.echo_turnaround_seconds.count();
+    assert!(timed >= echoed as u64 && timed <= sent as u64, "{timed} turnarounds for {echoed} echoes");
     let sent_at: std::collections::HashSet<u64> = result.sent_us.iter().copied().collect();
     for pair in result.frames.windows(2) {
         assert!(pair[0].seq < pair[1].seq && pair[0].timestamp_us <= pair[1].timestamp_us, "{pair:?}");

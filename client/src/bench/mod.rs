@@ -343,11 +343,40 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
 }
 
-/// `host:port` of the server's HTTP side, from `ws://host[:port][/path]`; `None` for `wss://`.
-pub fn metrics_address(server: &str) -> Option<String> {
-    let authority = server.strip_prefix("ws://")?.split('/').next().filter(|a| !a.is_empty())?;
+/// `host:port` of the server's HTTP side and whether it speaks TLS, from
+/// `ws[s]://host[:port][/path]`.
+pub fn metrics_address(server: &str) -> Option<(String, bool)> {
+    let (rest, tls) = match server.strip_prefix("wss://") {
+        Some(rest) => (rest, true),
+        None => (server.strip_prefix("ws://")?, false),
+    };
+    let authority = rest.split('/').next().filter(|a| !a.is_empty())?;
     let has_port = authority.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok());
-    Some(if has_port { authority.to_string() } else { format!("{authority}:80") })
+    let port = if tls { 443 } else { 80 };
+    Some((if has_port { authority.to_string() } else { format!("{authority}:{port}") }, tls))
+}
+
+/// Quantile `q` (0–1) of the unlabelled histogram `name` over a run, from its cumulative buckets
+/// in Prometheus text before (`None`: from zero) and after: the upper bound of the bucket the
+/// quantile falls in, seconds. `None` without observations in the run.
+pub fn histogram_quantile(before: Option<&str>, after: &str, name: &str, q: f64) -> Option<f64> {
+    let buckets = |text: &str| -> Vec<(f64, f64)> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        text.lines()
+            .filter_map(|line| {
+                let (bound, count) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
+                Some((bound.parse().ok()?, count.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    let after = buckets(after);
+    let before = before.map(buckets).unwrap_or_default();
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(bound, n)| (bound, n - before.iter().find(|b| b.0 == bound).map_or(0.0, |b| b.1)))
+        .collect();
+    let total = counts.iter().find(|b| b.0.is_infinite())?.1;
+    (total > 0.0).then(|| counts.iter().find(|b| b.1 >= q * total).map_or(f64::INFINITY, |b| b.0))
 }
 
 /// Voice-to-voice p95 (utterances without reply counting as infinitely late) ≤ `bound_ms`.
@@ -453,20 +482,35 @@ pub fn load_clips(dir: &Path, rate: u32) -> anyhow::Result<Vec<Clip>> {
         .collect()
 }
 
-/// `GET /metrics` over plain HTTP/1.1; `None` when unreachable or not 200.
+/// `GET /metrics` over HTTP/1.1 (TLS for a `wss://` server); `None` when unreachable or not 200.
 pub async fn fetch_metrics(server: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let address = metrics_address(server)?;
+    let (address, tls) = metrics_address(server)?;
     let request = async {
-        let mut stream = tokio::net::TcpStream::connect(&address).await.ok()?;
-        let head = format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-        stream.write_all(head.as_bytes()).await.ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        let (status, body) = response.split_once("\r\n\r\n")?;
-        status.split_whitespace().nth(1).filter(|code| *code == "200").map(|_| body.to_string())
+        let tcp = tokio::net::TcpStream::connect(&address).await.ok()?;
+        if !tls {
+            return get_metrics(tcp, &address).await;
+        }
+        let host = address.rsplit_once(':')?.0.trim_start_matches('[').trim_end_matches(']');
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string()).ok()?;
+        let stream = tokio_rustls::TlsConnector::from(crate::tls_config().ok()?).connect(name, tcp).await.ok()?;
+        get_metrics(stream, &address).await
     };
     tokio::time::timeout(Duration::from_secs(5), request).await.ok().flatten()
+}
+
+async fn get_metrics<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    host: &str,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    // A TLS peer may close without close_notify: what arrived is still the whole response.
+    let _ = stream.read_to_end(&mut response).await;
+    let response = String::from_utf8(response).ok()?;
+    let (status, body) = response.split_once("\r\n\r\n")?;
+    status.split_whitespace().nth(1).filter(|code| *code == "200").map(|_| body.to_string())
 }
 
 /// One run: `sessions` concurrent staggered sessions, each starting at a different clip.
@@ -637,11 +681,29 @@ mod tests {
 
     #[test]
     fn metrics_address_comes_from_the_ws_url() {
-        assert_eq!(metrics_address("ws://127.0.0.1:8099").as_deref(), Some("127.0.0.1:8099"));
-        assert_eq!(metrics_address("ws://host:8080/v1/voice").as_deref(), Some("host:8080"));
-        assert_eq!(metrics_address("ws://host").as_deref(), Some("host:80"));
-        assert_eq!(metrics_address("ws://[::1]:9000/").as_deref(), Some("[::1]:9000"));
-        assert_eq!(metrics_address("wss://host:443"), None);
+        let plain = |a: &str| Some((a.to_string(), false));
+        assert_eq!(metrics_address("ws://127.0.0.1:8099"), plain("127.0.0.1:8099"));
+        assert_eq!(metrics_address("ws://host:8080/v1/voice"), plain("host:8080"));
+        assert_eq!(metrics_address("ws://host"), plain("host:80"));
+        assert_eq!(metrics_address("ws://[::1]:9000/"), plain("[::1]:9000"));
+        assert_eq!(metrics_address("wss://host"), Some(("host:443".to_string(), true)));
+        assert_eq!(metrics_address("http://host"), None);
+    }
+
+    #[test]
+    fn histogram_quantiles_come_from_the_run_s_bucket_counts() {
+        let text = |counts: [u32; 4]| {
+            let bounds = ["0.001", "0.002", "0.005", "+Inf"];
+            let lines = bounds.iter().zip(counts).map(|(b, n)| format!("h_bucket{{le=\"{b}\"}} {n}\n"));
+            lines.collect::<String>() + "h_sum 1\nh_count 0\n"
+        };
+        let (before, after) = (text([5, 5, 5, 5]), text([95, 104, 105, 105]));
+        assert_eq!(histogram_quantile(Some(&before), &after, "h", 0.5), Some(0.001));
+        assert_eq!(histogram_quantile(Some(&before), &after, "h", 0.99), Some(0.002));
+        assert_eq!(histogram_quantile(Some(&before), &after, "h", 1.0), Some(0.005));
+        assert_eq!(histogram_quantile(None, &after, "h", 0.5), Some(0.001));
+        assert_eq!(histogram_quantile(Some(&after), &after, "h", 0.5), None);
+        assert_eq!(histogram_quantile(None, &after, "other", 0.5), None);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use futures_util::{SinkExt, StreamExt};
 use parley_protocol::{CloseCode, DEFAULT_SAMPLE_RATE, ErrorCode};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -44,21 +44,34 @@ pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// closed or is gone).
 pub type Ending = (CloseReason, Option<(CloseCode, String)>);
 
+/// One message for the writer; `read_at` stamps an echo with when its original was read, so the
+/// writer can time the server's turnaround.
+pub(crate) type Outgoing = (Message, Option<Instant>);
+
 /// The bounded queue of messages to the client. Policy when full: drop the newest message and
 /// count it; the writer's stall deadline then closes the session.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Outgoing>,
     metrics: Arc<Metrics>,
 }
 
 impl Outbox {
-    pub(crate) fn new(tx: mpsc::Sender<Message>, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(tx: mpsc::Sender<Outgoing>, metrics: Arc<Metrics>) -> Self {
         Self { tx, metrics }
     }
 
     pub fn push(&self, message: Message) {
-        if self.tx.try_send(message).is_err() {
+        self.send((message, None));
+    }
+
+    /// An echo of a message read at `read_at` (echo `packet` mode).
+    pub fn echo(&self, message: Message, read_at: Instant) {
+        self.send((message, Some(read_at)));
+    }
+
+    fn send(&self, outgoing: Outgoing) {
+        if self.tx.try_send(outgoing).is_err() {
             self.metrics.send_queue_dropped.fetch_add(1, Relaxed);
         }
     }
@@ -91,14 +104,23 @@ enum WriterEnd {
 
 type Sink = futures_util::stream::SplitSink<WebSocketStream<Conn>, Message>;
 
-async fn write_loop(mut sink: Sink, mut rx: mpsc::Receiver<Message>, deadline: Duration) -> WriterEnd {
-    while let Some(message) = rx.recv().await {
+async fn write_loop(
+    mut sink: Sink,
+    mut rx: mpsc::Receiver<Outgoing>,
+    deadline: Duration,
+    metrics: Arc<Metrics>,
+) -> WriterEnd {
+    // When the echoes of this flush were read (echo `packet` mode only).
+    let mut echoes: Vec<Instant> = Vec::new();
+    while let Some((message, read_at)) = rx.recv().await {
         let mut closing = matches!(message, Message::Close(_));
+        echoes.extend(read_at);
         let batch = async {
             sink.feed(message).await?;
             // Batch what is already queued into one flush.
-            while !closing && let Ok(next) = rx.try_recv() {
+            while !closing && let Ok((next, read_at)) = rx.try_recv() {
                 closing = matches!(next, Message::Close(_));
+                echoes.extend(read_at);
                 sink.feed(next).await?;
             }
             sink.flush().await
@@ -108,6 +130,9 @@ async fn write_loop(mut sink: Sink, mut rx: mpsc::Receiver<Message>, deadline: D
             Ok(Err(_)) => return WriterEnd::Failed,
             Ok(Ok(())) if closing => return WriterEnd::Closed,
             Ok(Ok(())) => {}
+        }
+        for read_at in echoes.drain(..) {
+            metrics.echo_turnaround_seconds.observe(read_at.elapsed());
         }
     }
     WriterEnd::Done
@@ -193,7 +218,8 @@ where
     let config = ctx.config.clone();
     let (sink, mut stream) = ws.split();
     let (out_tx, out_rx) = mpsc::channel(config.send_queue);
-    let mut writer = tokio::spawn(write_loop(sink, out_rx, config.write_timeout()).in_current_span());
+    let writing = write_loop(sink, out_rx, config.write_timeout(), ctx.metrics.clone());
+    let mut writer = tokio::spawn(writing.in_current_span());
     let outbox = Outbox::new(out_tx, ctx.metrics.clone());
 
     let control = Arc::new(ReplyControl::new(DEFAULT_SAMPLE_RATE));

@@ -30,8 +30,9 @@ const MAX_CONCEALED_FRAMES: u32 = 5;
 /// Serves one upgraded `/v1/voice` connection until it ends.
 pub async fn serve(ws: WebSocketStream<Conn>, ctx: super::SessionContext) {
     super::serve(ws, ctx, |link| {
-        let passthrough = link.config.pipeline == crate::config::PipelineKind::Echo
-            && link.config.echo.mode == crate::config::EchoMode::Packet;
+        // The pipeline the session runs decides (a test may hand the server an echo pipeline
+        // whatever `config.pipeline` says).
+        let passthrough = link.pipeline_name == "echo" && link.config.echo.mode == crate::config::EchoMode::Packet;
         let transmit = OpusFrames::new(link.outbox.clone(), &link.config).map_err(|e| e.to_string())?;
         let session = Session {
             errors: ErrorRun::new(link.config.max_consecutive_errors),
@@ -203,7 +204,7 @@ impl Session {
             // Validated (header, order, size), counted, and sent back as it came.
             self.last_seq = Some(seq);
             self.metrics.frames_received.fetch_add(1, Relaxed);
-            self.outbox.push(Message::Binary(Bytes::copy_from_slice(data)));
+            self.outbox.echo(Message::Binary(Bytes::copy_from_slice(data)), arrived);
             self.metrics.input_frame_seconds.observe(arrived.elapsed());
             return Ok(());
         }
