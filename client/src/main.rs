@@ -220,7 +220,7 @@ fn transport(args: &BenchArgs, clips: &[Clip], session_counts: &[u16]) -> anyhow
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut reports = Vec::new();
     println!(
-        "| streams | seconds | frames sent | echoed | lost | round trip p50 ms | p99 ms | max ms | server turnaround p50 ms | p99 ms | server CPU cores | generator CPU cores | failed sessions |"
+        "| streams | seconds | frames sent | echoed | lost | round trip p50 ms | p99 ms | max ms | server turnaround p50 ms | p99 ms | server CPU µs/frame | generator CPU µs/frame | failed sessions |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &streams in session_counts {
@@ -233,7 +233,7 @@ fn transport(args: &BenchArgs, clips: &[Clip], session_counts: &[u16]) -> anyhow
         };
         let r = runtime.block_on(run(&options, &packets));
         let ms = |us: u64| us as f64 / 1000.0;
-        let cores = |value: Option<f64>| value.map_or("-".into(), |v| format!("{v:.2}"));
+        let cpu = |value: Option<f64>| value.map_or("-".into(), |v| format!("{v:.1}"));
         // The server's figure is a histogram bucket's upper bound.
         let bound = |us: Option<u64>| us.map_or("-".into(), |us| format!("≤ {:.2}", ms(us)));
         println!(
@@ -248,8 +248,8 @@ fn transport(args: &BenchArgs, clips: &[Clip], session_counts: &[u16]) -> anyhow
             ms(r.rtt_us_max),
             bound(r.server_turnaround_us_p50),
             bound(r.server_turnaround_us_p99),
-            cores(r.server_cpu_cores),
-            cores(r.generator_cpu_cores),
+            cpu(r.server_cpu_us_per_frame),
+            cpu(r.generator_cpu_us_per_frame),
             r.failed_sessions
         );
         reports.push(r);

@@ -45,9 +45,10 @@ pub struct TransportReport {
     /// of the histogram bucket the percentile falls in; `None` without the server's `/metrics`.
     pub server_turnaround_us_p50: Option<u64>,
     pub server_turnaround_us_p99: Option<u64>,
-    /// CPU cores the server and this load generator kept busy, on average over the run.
-    pub server_cpu_cores: Option<f64>,
-    pub generator_cpu_cores: Option<f64>,
+    /// CPU time of the server and of this load generator per echoed frame (one message each
+    /// way), µs: what a frame costs each side, whatever the run's length.
+    pub server_cpu_us_per_frame: Option<f64>,
+    pub generator_cpu_us_per_frame: Option<f64>,
     /// Sessions that failed to connect or ended with an error.
     pub failed_sessions: usize,
     pub errors: Vec<String>,
@@ -79,9 +80,10 @@ pub async fn run(options: &TransportOptions, packets: &[Vec<u8>]) -> TransportRe
     for task in tasks {
         results.push(task.await.unwrap_or_else(|e| StreamResult { error: Some(e.to_string()), ..Default::default() }));
     }
-    let wall_s = epoch.elapsed().as_secs_f64();
     let mut report = report(options, &results);
-    report.generator_cpu_cores = own_cpu_seconds().zip(cpu_before).map(|(after, before)| (after - before) / wall_s);
+    let per_frame = |cpu_s: f64| cpu_s * 1e6 / report.frames_received.max(1) as f64;
+    report.generator_cpu_us_per_frame =
+        own_cpu_seconds().zip(cpu_before).map(|(after, before)| per_frame(after - before));
     if let Some(after) = crate::bench::fetch_metrics(&options.server).await {
         let turnaround = |q| {
             let s = crate::bench::histogram_quantile(before.as_deref(), &after, "parley_echo_turnaround_seconds", q);
@@ -89,8 +91,8 @@ pub async fn run(options: &TransportOptions, packets: &[Vec<u8>]) -> TransportRe
         };
         report.server_turnaround_us_p50 = turnaround(0.5);
         report.server_turnaround_us_p99 = turnaround(0.99);
-        report.server_cpu_cores =
-            crate::bench::ServerUsage::from_metrics(before.as_deref(), Some(&after), wall_s).cpu_cores;
+        let usage = crate::bench::ServerUsage::from_metrics(before.as_deref(), Some(&after), 1.0);
+        report.server_cpu_us_per_frame = usage.cpu_seconds.map(per_frame);
     }
     report
 }
@@ -122,8 +124,8 @@ fn report(options: &TransportOptions, results: &[StreamResult]) -> TransportRepo
         rtt_us_max: rtts.last().copied().unwrap_or(0.0) as u64,
         server_turnaround_us_p50: None,
         server_turnaround_us_p99: None,
-        server_cpu_cores: None,
-        generator_cpu_cores: None,
+        server_cpu_us_per_frame: None,
+        generator_cpu_us_per_frame: None,
         failed_sessions: errors.len(),
         errors: errors.into_iter().take(10).collect(),
     }

@@ -64,7 +64,7 @@ async fn wss_and_https_are_served_with_the_configured_certificate() {
     let report = parley_client::transport::run(&options, &packets).await;
     assert_eq!((report.frames_sent, report.frames_lost, report.failed_sessions), (100, 0, 0), "{report:?}");
     assert!(report.server_turnaround_us_p99.is_some_and(|us| us > 0), "{report:?}");
-    assert!(report.server_cpu_cores.is_some() && report.generator_cpu_cores.is_some(), "{report:?}");
+    assert!(report.server_cpu_us_per_frame.is_some() && report.generator_cpu_us_per_frame.is_some(), "{report:?}");
 
     // Plain text on the TLS port: no answer, counted.
     let mut plain = TcpStream::connect(server.addr).await.unwrap();
