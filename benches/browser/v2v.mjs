@@ -9,7 +9,7 @@ import { execFileSync } from "node:child_process";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { browser, open, view } from "../../tests/browser/driver.mjs";
+import { open, view, withBrowser } from "../../tests/browser/driver.mjs";
 
 const LEAD_S = 1;
 const TAIL_S = 7;
@@ -29,8 +29,7 @@ for (const clip of args) {
   const wav = path.join(scratch, path.basename(clip));
   execFileSync("sox", ["-G", clip, "-r", "48000", "-c", "1", "-b", "16", wav, "pad", `${LEAD_S}`, `${TAIL_S}`]);
   const seconds = Number(execFileSync("soxi", ["-D", wav]).toString());
-  const b = await browser(wav);
-  try {
+  await withBrowser(wav, async (b) => {
     const page = await open(b, url);
     await page.click("#connect");
     await page.waitForTimeout(seconds * 1000);
@@ -42,9 +41,7 @@ for (const clip of args) {
       console.log(JSON.stringify(row));
     }
     if (v.turns.length === 0) console.log(JSON.stringify({ clip: path.basename(clip), error: "no turn", alert: v.errors }));
-  } finally {
-    await b.close();
-  }
+  });
 }
 const summary = (key) => ({ p50: percentile(rows.map((r) => r[key]), 50), p95: percentile(rows.map((r) => r[key]), 95) });
 const totals = { v2v_ms: summary("v2v_ms"), server_ms: summary("server_ms"), page_and_network_ms: summary("page_ms") };

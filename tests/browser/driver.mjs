@@ -25,6 +25,17 @@ export async function browser(wav, fakeUi = true, extra = []) {
   return chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args });
 }
 
+/** Runs `use(b)` with a fresh browser (microphone granted, playing `wav`; `extra` flags) and
+ * closes it afterwards, whatever `use` did; returns what `use` returned. */
+export async function withBrowser(wav, use, extra = []) {
+  const b = await browser(wav, true, extra);
+  try {
+    return await use(b);
+  } finally {
+    await b.close();
+  }
+}
+
 export async function open(b, url, init) {
   const page = await b.newPage({ viewport: { width: 1100, height: 900 } });
   page.on("pageerror", (e) => console.log(`  page error: ${e.message}`));

@@ -8,7 +8,7 @@
 // the echo server (`STOP echo`, answered with a line) for the "server gone" case.
 import { createInterface } from "node:readline";
 import path from "node:path";
-import { browser, check, open, until, view } from "./driver.mjs";
+import { browser, check, open, until, view, withBrowser } from "./driver.mjs";
 
 const config = JSON.parse(process.argv[2]);
 const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
@@ -25,8 +25,7 @@ const cases = {
   // Hands-free over v1 (WebCodecs Opus): a question heard (partial then final), its reply played
   // and measured, spoken over and stopped at once, then the second question answered.
   async conversation() {
-    const b = await browser(config.clips.conversation);
-    try {
+    return withBrowser(config.clips.conversation, async (b) => {
       const page = await open(b, config.voice);
       await page.click("#connect");
       await until(page, 15, "the v1 link", (v) => v.protocol?.startsWith("v1"));
@@ -53,15 +52,12 @@ const cases = {
       return `heard ${JSON.stringify(second.heard)}, v2v ${first.v2vMs} / ${second.v2vMs} ms (server ${Math.round(
         first.totalMs)} / ${Math.round(second.totalMs)} ms), ${first.partials} partial(s), flushed ${
         v.stats.flushed} samples, played ${v.stats.played}; screenshot ${shot}`;
-    } finally {
-      await b.close();
-    }
+    });
   },
 
   // A spoken unsafe request: the refusal is shown with its rule, and spoken.
   async unsafe_request() {
-    const b = await browser(config.clips.unsafe);
-    try {
+    return withBrowser(config.clips.unsafe, async (b) => {
       const page = await open(b, config.voice);
       await page.click("#connect");
       const v = await until(page, 45, "the refusal", (v) => v.turns[0]?.done);
@@ -73,15 +69,12 @@ const cases = {
       check(turn.reply.length > 0 && v.stats.played > 0, "the refusal was not spoken");
       await page.screenshot({ path: path.join(config.artifacts, "refusal.png"), fullPage: true });
       return `heard ${JSON.stringify(turn.heard)}; shown "${chip.trim()}"; said ${JSON.stringify(turn.reply)}`;
-    } finally {
-      await b.close();
-    }
+    });
   },
 
   // Without WebCodecs the page talks pcm16 over the Realtime endpoint instead.
   async realtime_fallback() {
-    const b = await browser(config.clips.question);
-    try {
+    return withBrowser(config.clips.question, async (b) => {
       const page = await open(b, config.voice, () => {
         delete window.AudioEncoder;
         delete window.AudioDecoder;
@@ -94,15 +87,12 @@ const cases = {
       check(turn.v2vMs > 0 && turn.marks.length > 3 && turn.safety.length > 0, JSON.stringify(turn));
       check(v.stats.played > 0, "no reply audio played");
       return `heard ${JSON.stringify(turn.heard)}, v2v ${turn.v2vMs} ms (server ${Math.round(turn.totalMs)} ms)`;
-    } finally {
-      await b.close();
-    }
+    });
   },
 
   // Push to talk: the first question is said with the button up (never heard), the second held.
   async push_to_talk() {
-    const b = await browser(config.clips.ptt);
-    try {
+    return withBrowser(config.clips.ptt, async (b) => {
       const page = await open(b, config.voice);
       await page.check("input[value=push-to-talk]");
       await page.click("#connect");
@@ -117,9 +107,7 @@ const cases = {
       const v = await until(page, 45, "the held question's answer", (v) => v.turns[0]?.done);
       check(v.turns.length === 1 && v.turns[0].heard.length > 0, JSON.stringify(v.turns));
       return `one turn, heard ${JSON.stringify(v.turns[0].heard)}`;
-    } finally {
-      await b.close();
-    }
+    });
   },
 
   // Full, gone, unreachable, and no microphone: each said in plain words.
@@ -162,24 +150,20 @@ const cases = {
   async over_tls() {
     const { hostname, port } = new URL(config.tls.url);
     const flags = [`--host-resolver-rules=MAP ${hostname} 127.0.0.1:${port}`, `--ignore-certificate-errors-spki-list=${config.tls.spki}`];
-    const b = await browser(config.clips.question, true, flags);
-    try {
+    return withBrowser(config.clips.question, async (b) => {
       const page = await open(b, config.tls.url);
       const origin = await page.evaluate(() => ({ secure: window.isSecureContext, host: location.hostname }));
       check(origin.secure && origin.host === hostname, `origin ${JSON.stringify(origin)}`);
       await page.click("#connect");
       const v = await until(page, 30, "the echo played back", (v) => v.state === "live" && v.stats.played > 0);
       return `${config.tls.url} (secure context), ${v.protocol}, ${v.stats.played} samples played`;
-    } finally {
-      await b.close();
-    }
+    }, flags);
   },
 
   // A server that needs a key: the page shows the key field and says so; a wrong key is refused;
   // a client secret given in `#key=` (then cleared from the address bar) opens the session.
   async key_required() {
-    const b = await browser(config.clips.question);
-    try {
+    return withBrowser(config.clips.question, async (b) => {
       const page = await open(b, config.keyed);
       await page.locator("#key-field").waitFor({ state: "visible", timeout: 5000 });
       await page.click("#connect");
@@ -194,9 +178,7 @@ const cases = {
       await keyed.click("#connect");
       const v = await until(keyed, 15, "the keyed session", (v) => v.state === "live");
       return `no key: "${needed}" | wrong key: "${wrong}" | client secret: ${v.protocol}`;
-    } finally {
-      await b.close();
-    }
+    });
   },
 };
 

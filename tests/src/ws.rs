@@ -1,6 +1,6 @@
 //! Raw clients for the transport tests: one plain HTTP request; a v1 WebSocket (connect, read
 //! events and the close, make Opus frames of a tone or of silence).
-use futures_util::StreamExt;
+use futures_util::{Sink, SinkExt, StreamExt};
 use parley_protocol::{ErrorCode, FrameHeader, ServerEvent};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -124,4 +124,19 @@ pub fn tone_frame(encoder: &mut opus::Encoder, seq: u32) -> Message {
 pub fn silence_frame(encoder: &mut opus::Encoder, seq: u32) -> Message {
     let packet = encoder.encode_vec_float(&[0.0; FRAME], 1275).unwrap();
     Message::Binary(Bytes::from(FrameHeader::audio(seq, seq as u64 * 20_000).encode(&packet)))
+}
+
+/// Streams `frames` 20 ms frames in real time, the first `tone_frames` a tone and the rest silence
+/// (as a microphone would); `false` as soon as the socket refuses one.
+pub async fn speak<S: Sink<Message> + Unpin>(sink: &mut S, tone_frames: u32, frames: u32) -> bool {
+    let mut encoder = encoder();
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    for seq in 0..frames {
+        ticker.tick().await;
+        let frame = if seq < tone_frames { tone_frame(&mut encoder, seq) } else { silence_frame(&mut encoder, seq) };
+        if sink.send(frame).await.is_err() {
+            return false;
+        }
+    }
+    true
 }

@@ -11,7 +11,7 @@ use parley_server::conversation::Pipeline;
 use parley_server::conversation::echo::EchoPipeline;
 use parley_server::metrics::{CloseReason, Metrics, Refusal};
 use parley_tests::TestServer;
-use parley_tests::ws::{WAIT, Ws, connect, encoder, expect_close, next_event, silence_frame, tone_frame};
+use parley_tests::ws::{WAIT, Ws, connect, encoder, expect_close, next_event, speak, tone_frame};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,16 +41,7 @@ async fn refused(url: &str) -> (u16, Option<String>, String) {
 /// Streams `tone_ms` of a tone, then silence, in real time, until the socket closes.
 fn talk(mut tx: futures_util::stream::SplitSink<Ws, Message>, tone_ms: u32) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut encoder = encoder();
-        let mut ticker = tokio::time::interval(Duration::from_millis(20));
-        for seq in 0.. {
-            ticker.tick().await;
-            let frame =
-                if seq * 20 < tone_ms { tone_frame(&mut encoder, seq) } else { silence_frame(&mut encoder, seq) };
-            if tx.send(frame).await.is_err() {
-                return;
-            }
-        }
+        speak(&mut tx, tone_ms.div_ceil(20), u32::MAX).await;
     })
 }
 

@@ -4,13 +4,13 @@
 //! elsewhere; a draining instance (the SIGTERM path) takes no new sessions while its running turn
 //! finishes; a killed instance closes only its own sessions, and the clients' reconnects land on
 //! the others; with fast health checks (`/readyz`) a full instance gets no attempt at all.
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use parley_protocol::ServerEvent;
 use parley_server::config::{Config, EchoMode};
 use parley_server::conversation::echo::EchoPipeline;
 use parley_server::metrics::Refusal;
 use parley_tests::server::Instance;
-use parley_tests::ws::{Ws, connect, encoder, next_event, silence_frame, tone_frame};
+use parley_tests::ws::{Ws, connect, next_event, speak};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command};
@@ -92,14 +92,8 @@ async fn settle(what: &str, test: impl Fn() -> bool) {
 
 /// Whether `ws` is still served: a tone then silence in real time comes back as an echo.
 async fn echoes(ws: &mut Ws) -> bool {
-    let mut encoder = encoder();
-    let mut ticker = tokio::time::interval(Duration::from_millis(20));
-    for seq in 0..60 {
-        ticker.tick().await;
-        let frame = if seq < 20 { tone_frame(&mut encoder, seq) } else { silence_frame(&mut encoder, seq) };
-        if ws.send(frame).await.is_err() {
-            return false;
-        }
+    if !speak(ws, 20, 60).await {
+        return false;
     }
     let deadline = tokio::time::sleep(Duration::from_secs(5));
     tokio::pin!(deadline);
@@ -164,15 +158,7 @@ async fn haproxy_spreads_sessions_and_routes_around_full_draining_and_dead_insta
     for ws in sessions {
         let (mut tx, rx) = ws.split();
         let sender = tokio::spawn(async move {
-            let mut encoder = encoder();
-            let mut ticker = tokio::time::interval(Duration::from_millis(20));
-            for seq in 0.. {
-                ticker.tick().await;
-                let frame = if seq < 75 { tone_frame(&mut encoder, seq) } else { silence_frame(&mut encoder, seq) };
-                if tx.send(frame).await.is_err() {
-                    return;
-                }
-            }
+            speak(&mut tx, 75, u32::MAX).await;
         });
         talking.push((sender, rx));
     }
