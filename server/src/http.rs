@@ -27,6 +27,11 @@ impl Request {
         self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
+    /// The comma-separated values of a header, trimmed (none when it is absent).
+    pub fn tokens(&self, name: &str) -> impl Iterator<Item = &str> {
+        self.header(name).unwrap_or_default().split(',').map(str::trim)
+    }
+
     /// The credential presented: `Authorization: Bearer …`, or (browsers cannot set headers on a
     /// WebSocket) the subprotocol `openai-insecure-api-key.…`.
     pub fn credential(&self) -> Option<&str> {
@@ -34,14 +39,12 @@ impl Request {
             let (scheme, token) = value.trim().split_once(' ').unwrap_or((value, ""));
             return scheme.eq_ignore_ascii_case("bearer").then_some(token.trim());
         }
-        self.header("sec-websocket-protocol")?.split(',').find_map(|p| p.trim().strip_prefix(INSECURE_KEY_PROTOCOL))
+        self.tokens("sec-websocket-protocol").find_map(|p| p.strip_prefix(INSECURE_KEY_PROTOCOL))
     }
 
     /// Whether the request asks for a WebSocket upgrade.
     pub fn is_websocket_upgrade(&self) -> bool {
-        let has_token = |name: &str, token: &str| {
-            self.header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        };
+        let has_token = |name: &str, token: &str| self.tokens(name).any(|t| t.eq_ignore_ascii_case(token));
         has_token("upgrade", "websocket") && has_token("connection", "upgrade")
     }
 }

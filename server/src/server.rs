@@ -335,10 +335,9 @@ async fn upgrade(mut stream: Conn, request: Request, shared: &Arc<Shared>, ident
     };
     // The Realtime API's browser clients offer `realtime` (and their key as another subprotocol,
     // which is never echoed).
-    let offered = request.header("sec-websocket-protocol").unwrap_or_default();
     // Browsers on v1 offer `parley.v1` beside their key (a browser fails a socket whose offered
     // subprotocols got no answer).
-    let offers = |name: &str| offered.split(',').any(|p| p.trim() == name);
+    let offers = |name: &str| request.tokens("sec-websocket-protocol").any(|p| p == name);
     let subprotocol = match endpoint {
         Endpoint::Realtime { .. } if offers("realtime") => Some("realtime"),
         Endpoint::V1 if offers(V1_SUBPROTOCOL) => Some(V1_SUBPROTOCOL),
@@ -417,7 +416,7 @@ async fn deny(stream: &mut Conn, shared: &Arc<Shared>, denied: &Denied) {
     shared.metrics.auth_denied(denied.code());
     tracing::info!(code = denied.code(), "request denied: {denied}");
     let kind = if denied.retry_after_s().is_some() { "rate_limit_error" } else { "invalid_request_error" };
-    let body = serde_json::json!({"error": {"type": kind, "code": denied.code(), "message": denied.to_string()}});
+    let body = api_error(kind, denied.code(), &denied.to_string());
     let retry = denied.retry_after_s().map(|s| s.to_string());
     let headers = match &retry {
         Some(retry) => vec![("Retry-After", retry.as_str())],
@@ -435,7 +434,7 @@ async fn client_secret(
     shared: &Arc<Shared>,
     identity: &Identity,
 ) -> std::io::Result<()> {
-    let bad = |message: String| serde_json::json!({"error": {"type": "invalid_request_error", "code": "invalid_value", "message": message}});
+    let bad = |message: String| api_error("invalid_request_error", "invalid_value", &message);
     if request.credential().is_some_and(|c| c.starts_with(auth::SECRET_PREFIX)) {
         let body = bad("a client secret cannot mint another: use an API key".into());
         return http::respond_json(stream, "403 Forbidden", &[], &body).await;
@@ -483,8 +482,12 @@ async fn refuse(mut stream: Conn, shared: &Arc<Shared>, refusal: Refusal) {
         Refusal::Draining => "server_shutting_down",
         Refusal::Full => "server_full",
     };
-    let body = serde_json::json!({"error": {"type": "server_error", "code": code, "message": message}});
-    let _ = unavailable(&mut stream, &shared.config, &body).await;
+    let _ = unavailable(&mut stream, &shared.config, &api_error("server_error", code, &message)).await;
+}
+
+/// An OpenAI-style HTTP error body: `{"error": {"type", "code", "message"}}`.
+fn api_error(kind: &str, code: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({"error": {"type": kind, "code": code, "message": message}})
 }
 
 /// `503 Service Unavailable` with `Retry-After` and a JSON `body`.
