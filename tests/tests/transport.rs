@@ -9,12 +9,12 @@ use parley_server::config::{Config, EchoMode};
 use parley_server::conversation::echo::EchoPipeline;
 use parley_server::metrics::{CloseReason, InputError};
 use parley_tests::TestServer;
-use parley_tests::ws::{FRAME, Ws, encoder, expect_close, next_error, next_event, silence_frame, tone_frame};
+use parley_tests::ws::{
+    FRAME, Response, Ws, encoder, expect_close, http, next_error, next_event, silence_frame, tone_frame,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
@@ -110,13 +110,10 @@ fn best_correlation(a: &[f32], b: &[f32], max_lag: usize) -> f32 {
         .fold(f32::MIN, f32::max)
 }
 
+/// The status line and body of the response to `request`.
 async fn http_get(addr: SocketAddr, request: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+    let response = http(addr, request).await;
+    (response.head.lines().next().unwrap_or_default().to_string(), response.body)
 }
 
 async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
@@ -271,11 +268,7 @@ async fn health_and_metrics_answer_on_the_same_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_is_served_at_the_root_with_a_strict_policy() {
     let server = start(Config::default()).await;
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let Response { head, body, .. } = http(server.addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
     for header in
         ["Content-Type: text/html", "Content-Security-Policy: default-src 'self'", "X-Content-Type-Options: nosniff"]

@@ -76,15 +76,7 @@ async fn piper(text: &str) -> (Vec<f32>, u32) {
 
 /// The body of a plain HTTP GET to the test server.
 async fn http_get(server: &TestServer, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+    parley_tests::ws::http(server.addr, &parley_tests::ws::get(path, None)).await.body
 }
 
 fn eval_options(server: &TestServer) -> parley_client::eval::EvalOptions {
