@@ -7,9 +7,19 @@ pub mod ws;
 
 pub use server::TestServer;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Where Debian's `pocketsphinx-testdata` puts its recordings.
 pub const TESTDATA: &str = "/usr/share/pocketsphinx/test/data";
+
+/// Waits until `condition` holds, looking every 20 ms; panics naming `what` after `within`.
+pub async fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < within, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// One recorded utterance and what was said.
 #[derive(Debug, Clone)]

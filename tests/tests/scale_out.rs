@@ -82,12 +82,9 @@ fn spread(instances: &[Instance]) -> Vec<u64> {
     instances.iter().map(Instance::sessions).collect()
 }
 
+/// Waits (10 s at most) until `test` holds.
 async fn settle(what: &str, test: impl Fn() -> bool) {
-    let started = Instant::now();
-    while !test() {
-        assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    parley_tests::wait_until(what, Duration::from_secs(10), test).await
 }
 
 /// Whether `ws` is still served: a tone then silence in real time comes back as an echo.

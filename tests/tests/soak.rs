@@ -90,9 +90,7 @@ impl Server {
     /// A gauge or counter of its `/metrics`.
     async fn metric(&self, name: &str) -> f64 {
         let body = http(self.addr, &get("/metrics", None)).await.body;
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+        parley_client::bench::metric_value(&body, name).unwrap_or_else(|| panic!("no {name} in /metrics"))
     }
 
     /// Resident memory (KiB), open descriptors, alive tasks and open sessions.

@@ -116,14 +116,9 @@ async fn http_get(addr: SocketAddr, request: &str) -> (String, String) {
     (response.head.lines().next().unwrap_or_default().to_string(), response.body)
 }
 
-async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    for _ in 0..300 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
+/// Waits (15 s at most) until `condition` holds.
+async fn wait_for(what: &str, condition: impl FnMut() -> bool) {
+    parley_tests::wait_until(what, Duration::from_secs(15), condition).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
