@@ -280,9 +280,9 @@ async fn the_server_ends_a_soak_where_it_started() {
     // A spoken question for the models (the echo gets a tone).
     let (question, rate) = parley_tests::read_wav(&Path::new(parley_tests::TESTDATA).join("cards/001.wav"));
     let speech = Arc::new(parley_client::audio::resample(&question, rate, 48_000).unwrap());
-    // Warm up at full load (thread pools, buffers and the allocator reach their working size),
-    // let it go idle, then take the baseline.
-    let warm_up = Duration::from_secs((seconds / 4).clamp(3, 30));
+    // Warm up at full load as long as the run (thread pools, buffers and the allocator reach the
+    // working size the run will reach), let it go idle, then take the baseline.
+    let warm_up = Duration::from_secs(seconds.clamp(3, 30));
     soak(addr, clients, warm_up, speech.clone(), voice, Arc::new(Tally::default())).await;
     idle(&server).await;
     let (rss0, fds0, tasks0, _) = server.vitals().await;
