@@ -83,6 +83,10 @@ enum Tool {
         /// Check only the last N ms of sound of each utterance, alone (a short reply's case).
         #[arg(long)]
         tail_ms: Option<u32>,
+        /// With --tail-ms: check the tail after the end of a Piper reply, in one 1.6 s window
+        /// (a reply's short last words are checked with the audio the gate passed before them).
+        #[arg(long, requires = "tail_ms")]
+        lead: bool,
         /// Where to write the JSON report.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -163,10 +167,11 @@ fn run_tool(tool: Tool, config: &Config) -> anyhow::Result<()> {
             let set = tools::read_set(&set).map_err(anyhow::Error::msg)?;
             tools::calibrate_policy(&manifest()?, &policy_file, &set, write)
         }
-        Tool::EvalVoice { set, limit, tail_ms, report } => {
+        Tool::EvalVoice { set, limit, tail_ms, lead, report } => {
             let mut set = tools::read_set(&set).map_err(anyhow::Error::msg)?;
             set.truncate(limit);
-            tools::eval_voice(&manifest()?, &set, &config.safety, tail_ms, report.as_deref())
+            let tail = tail_ms.map(|ms| tools::Tail { ms, lead });
+            tools::eval_voice(&manifest()?, &set, &config.safety, tail, report.as_deref())
         }
         Tool::NewKey { id } => {
             let (key, sha256) = parley_server::auth::new_key();

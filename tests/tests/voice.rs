@@ -314,7 +314,7 @@ async fn a_reply_ends_at_the_end_of_its_second_sentence() {
         ServerEvent::ResponseTextDone { text, .. } => Some(text.clone()),
         _ => None,
     });
-    let reply = reply.expect("the reply finished");
+    let reply = reply.unwrap_or_else(|| panic!("the reply finished: {events:#?}"));
     assert!(audio, "the reply was spoken");
     assert_eq!(sentence_ends(&reply), VoiceConfig::default().max_reply_sentences, "{reply:?}");
     assert!(reply.ends_with(['.', '!', '?']), "{reply:?}");

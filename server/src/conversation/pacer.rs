@@ -7,7 +7,7 @@
 use crate::audio::resample::Resampler;
 use crate::conversation::{Output, ReplyControl, TurnMarks};
 use crate::metrics::Metrics;
-use parley_protocol::event::{LatencyMark, mark};
+use parley_protocol::event::{CancelReason, LatencyMark, mark};
 use parley_protocol::{FRAME_MS, ServerEvent, frame_samples};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -120,7 +120,7 @@ impl Pacer {
             let due = (self.run_start + self.run_sent).checked_sub(self.max_lead).unwrap_or(self.run_start);
             tokio::select! {
                 biased;
-                _ = self.control.cancelled.notified() => self.cancel(),
+                _ = self.control.cancelled.notified() => self.cancel()?,
                 _ = sleep_until(due.into()), if ready => self.send_frame()?,
                 output = self.rx.recv(), if !ready && open => match output {
                     Some(output) => self.ingest(output)?,
@@ -277,10 +277,10 @@ impl Pacer {
         self.control.turn_ends(turn);
     }
 
-    fn cancel(&mut self) {
+    fn cancel(&mut self) -> Result<(), PacerError> {
         let (upto, reason) = self.control.cancelled_upto();
-        let Some(state) = self.turn.as_ref().filter(|t| t.turn > 0 && t.turn <= upto) else {
-            return;
+        let Some(state) = self.turn.take_if(|t| t.turn > 0 && t.turn <= upto) else {
+            return Ok(());
         };
         let frame = self.frame_len();
         self.metrics.reply_frames_dropped.fetch_add((self.pcm.len() / frame) as u64, Relaxed);
@@ -289,6 +289,17 @@ impl Pacer {
         self.resampler = None;
         let sent = Duration::from_millis(state.frames as u64 * FRAME_MS as u64);
         let played = state.first_sent.map_or(Duration::ZERO, |t| t.elapsed()).min(sent);
+        self.control.record_cancel(state.turn, played.as_millis() as u64);
+        self.control.set_playing(0, Instant::now());
+        if reason == CancelReason::Safety {
+            // The gate's decision (or its failure) was queued behind the turn's audio before the
+            // cut: what is queued goes first (its audio dropped), so the client learns why.
+            while self.pcm.len() < frame
+                && let Ok(output) = self.rx.try_recv()
+            {
+                self.ingest(output)?;
+            }
+        }
         let event = ServerEvent::ReplyCancelled {
             turn: state.turn,
             reason,
@@ -296,9 +307,7 @@ impl Pacer {
             sent_ms: sent.as_millis() as u64,
         };
         self.transmit.event(&event);
-        self.control.record_cancel(state.turn, played.as_millis() as u64);
-        self.control.set_playing(0, Instant::now());
-        self.turn = None;
+        Ok(())
     }
 
     /// Sends `turn.latency` for `turn` from its marks plus the first frame's send time.
@@ -379,5 +388,65 @@ mod tests {
         // At least the one of the blocked runtime (a loaded machine may delay the pacer more).
         assert!(value("parley_reply_underruns_total{cause=\"sender_late\"}") >= 1.0);
         assert!(value("parley_reply_underrun_seconds_total") >= 0.4);
+    }
+
+    /// A transport that records the events it is given.
+    struct Record(Arc<std::sync::Mutex<Vec<ServerEvent>>>);
+
+    impl Transmit for Record {
+        fn event(&mut self, event: &ServerEvent) {
+            self.0.lock().unwrap().push(event.clone());
+        }
+        fn frame(&mut self, _: u64, _: &[f32], _: u32, _: u32, _: u64) -> Result<(), PacerError> {
+            Ok(())
+        }
+    }
+
+    /// A gate's cut stops the reply's queued audio at once, and the decision queued behind that
+    /// audio still reaches the client before `reply.cancelled` (reason safety); its audio does not.
+    #[tokio::test]
+    async fn a_safety_cut_sends_the_decision_queued_behind_the_audio_first() {
+        let (tx, rx) = mpsc::channel(16);
+        let control = Arc::new(ReplyControl::new(48_000));
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let transmit = Box::new(Record(events.clone()));
+        let pacer = Pacer::new(rx, control.clone(), transmit, Arc::new(Metrics::default()), Duration::from_millis(60));
+        let pacer = tokio::spawn(pacer.run());
+        let audio = |ms: usize| Output::Audio { turn: 1, pcm: vec![0.0; 16 * ms], sample_rate: 16_000, ref_ts_us: 0 };
+        let decision = |action| ServerEvent::SafetyDecision {
+            turn: 1,
+            stage: parley_protocol::event::SafetyStage::Voice,
+            action,
+            rule_id: Some("VC-0".into()),
+            category: Some("voice".into()),
+            score: Some(0.6),
+            elapsed_ms: Some(9.0),
+            detail: None,
+        };
+        use parley_protocol::event::SafetyAction::{Allow, Block};
+        tx.send(Output::Event(decision(Allow))).await.unwrap();
+        tx.send(audio(2_000)).await.unwrap();
+        tx.send(Output::Event(decision(Allow))).await.unwrap();
+        tx.send(audio(2_000)).await.unwrap();
+        tx.send(Output::Event(decision(Block))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        control.cancel(1, CancelReason::Safety);
+        tx.send(Output::AudioEnd { turn: 1 }).await.unwrap();
+        drop(tx);
+        pacer.await.unwrap().unwrap();
+        let events = events.lock().unwrap();
+        let kinds: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                ServerEvent::SafetyDecision { action, .. } => format!("{action:?}"),
+                ServerEvent::ReplyCancelled { reason, sent_ms, .. } => {
+                    assert!(*sent_ms < 2_000, "the queued audio was dropped: {e:?}");
+                    format!("cancelled {reason:?}")
+                }
+                ServerEvent::ResponseAudioStarted { .. } => "started".into(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["Allow", "started", "Allow", "Block", "cancelled Safety"], "{events:?}");
     }
 }

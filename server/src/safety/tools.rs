@@ -4,7 +4,7 @@
 use super::SafetyConfig;
 use super::content::ContentClassifier;
 use super::policy::Policy;
-use super::voice::{MIN_CHECK_MS, VoiceGate, check_windows};
+use super::voice::{MAX_CHECK_MS, MIN_CHECK_MS, VoiceGate, check_windows, to_16k};
 use crate::models::text_embed::TextEmbedder;
 use crate::models::tts::Tts;
 use crate::models::{Manifest, ModelError, espeak};
@@ -239,50 +239,75 @@ struct VoiceReport {
     samples: Vec<VoiceSample>,
 }
 
+/// Which end of each utterance `eval-voice` checks (see [`eval_voice`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Tail {
+    pub ms: u32,
+    pub lead: bool,
+}
+
 /// Scores the voice gate on the Piper voice (positives: the texts of `set`), espeak-ng voices
 /// and human recordings (negatives); prints precision and recall, and writes a JSON report.
-/// With `tail_ms`, each utterance is checked once, on its last `tail_ms` of sound alone (how the
-/// gate judges a short reply, or a reply's short last piece), instead of in the pipeline's windows.
+/// With `tail`, each utterance is checked once, on its last `tail.ms` of sound instead of in the
+/// pipeline's windows: alone (how the gate judges a whole short reply), or with `tail.lead` after
+/// the end of the Piper voice's audio of a text, filling one [`MAX_CHECK_MS`] window (how it
+/// judges a reply's short last words: with the end of the audio it passed before them).
 pub fn eval_voice(
     manifest: &Manifest,
     set: &[SetLine],
     safety: &SafetyConfig,
-    tail_ms: Option<u32>,
+    tail: Option<Tail>,
     report: Option<&Path>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let (threshold, short) = (safety.voice_threshold, safety.voice_threshold_short);
     let mut gate = VoiceGate::load(manifest, 1, threshold, short)?;
     let mut tts = Tts::load(manifest, 2)?;
+    let piper: Vec<Vec<f32>> = set.iter().map(|l| tts.synthesize(&l.text)).collect::<Result<_, _>>()?;
+    let piper_rate = tts.sample_rate();
     let mut samples = Vec::new();
-    // Each utterance is checked in the windows the pipeline checks reply audio in.
-    let mut score = |source: String, enrolled: bool, audio: &[f32], rate: u32| -> Result<(), ModelError> {
-        let windows = match tail_ms {
-            None => check_windows(audio.len(), rate),
-            Some(ms) => {
-                let peak = audio.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-                let end = audio.iter().rposition(|x| x.abs() > peak / 100.0).map_or(0, |i| i + 1);
-                let start = end.saturating_sub(ms as usize * rate as usize / 1000);
-                std::iter::once(start..end).collect()
+    // Each utterance is checked in the windows the pipeline checks reply audio in; `i` picks
+    // the Piper audio a tail follows.
+    let mut score = |source: String, enrolled: bool, audio: &[f32], rate: u32, i: usize| -> Result<(), ModelError> {
+        // (audio, its rate, samples of Piper lead before it)
+        let checks: Vec<(Vec<f32>, u32, usize)> = match tail {
+            None => check_windows(audio.len(), rate).into_iter().map(|w| (audio[w].to_vec(), rate, 0)).collect(),
+            Some(tail) => {
+                let sound = |audio: &[f32], ms: f64, rate: u32| {
+                    let peak = audio.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                    let end = audio.iter().rposition(|x| x.abs() > peak / 100.0).map_or(0, |i| i + 1);
+                    audio[end.saturating_sub((ms * rate as f64 / 1000.0) as usize)..end].to_vec()
+                };
+                let last = sound(audio, f64::from(tail.ms), rate);
+                if tail.lead {
+                    let lead_ms = (MAX_CHECK_MS - f64::from(tail.ms)).max(0.0);
+                    let mut window = to_16k(&sound(&piper[i], lead_ms, piper_rate), piper_rate)?;
+                    let lead = window.len();
+                    window.extend(to_16k(&last, rate)?);
+                    vec![(window, crate::models::speaker::SAMPLE_RATE, lead)]
+                } else {
+                    vec![(last, rate, 0)]
+                }
             }
         };
-        for (k, window) in windows.into_iter().enumerate() {
+        for (k, (audio, rate, lead)) in checks.into_iter().enumerate() {
             let started = Instant::now();
-            let check = gate.check(&audio[window.clone()], rate)?;
+            let check = gate.check_after(&audio, rate, lead)?;
             let ms = started.elapsed().as_secs_f64() * 1000.0;
-            let seconds = window.len() as f32 / rate as f32;
+            let seconds = audio.len() as f32 / rate as f32;
             let source = format!("{source}:{k}");
             samples.push(VoiceSample { source, enrolled, seconds, score: check.score, blocked: !check.pass, ms });
         }
         Ok(())
     };
-    for line in set {
-        score(format!("piper:{}", line.id), true, &tts.synthesize(&line.text)?, tts.sample_rate())?;
+    for (i, line) in set.iter().enumerate() {
+        score(format!("piper:{}", line.id), true, &piper[i], piper_rate, (i + 1) % set.len())?;
     }
     for (i, line) in set.iter().enumerate() {
         let voice = ESPEAK_VOICES[i % ESPEAK_VOICES.len()];
         let (audio, rate) = espeak::synthesize(&line.text, voice)?;
-        score(format!("espeak:{voice}:{}", line.id), false, &audio, rate)?;
+        score(format!("espeak:{voice}:{}", line.id), false, &audio, rate, i)?;
     }
+    let mut i = 0;
     for dir in HUMAN_DIRS {
         let mut paths: Vec<_> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         paths.retain(|p| p.extension().is_some_and(|e| e == "wav"));
@@ -293,7 +318,8 @@ pub fn eval_voice(
             let audio: Vec<f32> =
                 reader.samples::<i16>().map(|s| s.map(|s| f32::from(s) / 32768.0)).collect::<Result<_, _>>()?;
             let name = path.file_stem().unwrap_or_default().to_string_lossy();
-            score(format!("human:{name}"), false, &audio, rate)?;
+            score(format!("human:{name}"), false, &audio, rate, i % set.len())?;
+            i += 1;
         }
     }
     let blocked_others = samples.iter().filter(|s| !s.enrolled && s.blocked).count();

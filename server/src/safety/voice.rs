@@ -6,9 +6,11 @@
 //! compared (cosine) with the enrollment; a chunk under the threshold is cut. Embeddings of short
 //! audio are less reliable, so the pipeline checks at least [`MIN_CHECK_MS`] at a time, and audio
 //! shorter than one 1.6 s model segment is tiled to fill it rather than zero-padded. Audio
-//! shorter than [`MIN_CHECK_MS`] (a whole short reply, or a reply's last words) is judged alone,
-//! against its own, lower threshold: the enrolled voice scores lower on it, other voices do not
-//! score higher (`parley-server eval-voice --tail-ms`).
+//! shorter than [`MIN_CHECK_MS`] after audio already passed (a chunk's rest, a reply's last
+//! words) is judged in one whole segment with the end of that audio ([`VoiceGate::check_after`]),
+//! and alone against a floor; a whole short reply is judged alone, against its own, lower
+//! threshold: the enrolled voice scores lower on it, other voices do not score higher
+//! (`parley-server eval-voice --tail-ms [--lead]`).
 use crate::models::speaker::{SAMPLE_RATE, SpeakerEmbedder, cosine};
 use crate::models::{Manifest, ModelError};
 use parley_protocol::resample::Resampler;
@@ -26,6 +28,14 @@ pub const MIN_CHECK_MS: f64 = 800.0;
 /// Audio checked in one go, at most, in ms: one 1.6 s speaker-model segment, so the first frame
 /// waits for one short check.
 pub const MAX_CHECK_MS: f64 = 1600.0;
+/// Audio after a lead judged alone as well, from this length, in ms (shorter pieces alone say
+/// little: the enrolled voice's last 150 ms score from 0.43).
+pub const ALONE_MIN_MS: f64 = 300.0;
+/// The cosine under which such a piece alone is cut. The enrolled voice's last 300–600 ms alone
+/// score at least 0.52 (60 texts each of dev and holdout, `eval-voice --tail-ms 300`), its last
+/// words in replies at least 0.61 (969 of 0.3–0.7 s); other voices' last 300 ms reach 0.58, so
+/// the floor catches most, not all, of a voice that changes only at the very end.
+pub const ALONE_FLOOR: f32 = 0.50;
 /// Samples of one GE2E segment (1.6 s at 16 kHz); shorter audio is tiled up to this.
 const SEGMENT_SAMPLES: usize = 25_600;
 
@@ -50,6 +60,8 @@ pub struct VoiceGate {
 pub struct VoiceCheck {
     /// Cosine to the enrolled voice.
     pub score: f32,
+    /// Of [`VoiceGate::check_after`]: the cosine of the audio after the lead alone, when judged.
+    pub alone: Option<f32>,
     pub pass: bool,
 }
 
@@ -80,19 +92,37 @@ impl VoiceGate {
 
     /// Compares `audio` (mono, at `rate`) with the enrolled voice.
     pub fn check(&mut self, audio: &[f32], rate: u32) -> Result<VoiceCheck, ModelError> {
-        let mut audio = to_16k(audio, rate)?;
-        if audio.is_empty() {
-            return Ok(VoiceCheck { score: 0.0, pass: false });
-        }
+        let audio = to_16k(audio, rate)?;
         let short = (audio.len() as f64) < MIN_CHECK_MS * f64::from(SAMPLE_RATE) / 1000.0;
+        let score = self.score(audio)?;
         let threshold = if short { self.short_threshold } else { self.threshold };
+        Ok(VoiceCheck { score, alone: None, pass: score >= threshold })
+    }
+
+    /// Compares `audio`, whose first `lead` samples are audio the gate passed, with the enrolled
+    /// voice: the whole as [`VoiceGate::check`] does, and the rest alone, if it lasts at least
+    /// [`ALONE_MIN_MS`], against [`ALONE_FLOOR`], so another voice cannot pass behind the lead.
+    pub fn check_after(&mut self, audio: &[f32], rate: u32, lead: usize) -> Result<VoiceCheck, ModelError> {
+        let mut check = self.check(audio, rate)?;
+        let rest = &audio[lead.min(audio.len())..];
+        if lead > 0 && rest.len() as f64 >= ALONE_MIN_MS * f64::from(rate) / 1000.0 {
+            let alone = self.score(to_16k(rest, rate)?)?;
+            check.alone = Some(alone);
+            check.pass &= alone >= ALONE_FLOOR;
+        }
+        Ok(check)
+    }
+
+    /// The cosine of 16 kHz `audio` to the enrollment (0 for no audio).
+    fn score(&mut self, mut audio: Vec<f32>) -> Result<f32, ModelError> {
+        if audio.is_empty() {
+            return Ok(0.0);
+        }
         if audio.len() < SEGMENT_SAMPLES {
             let n = audio.len();
             audio = audio.iter().copied().cycle().take(SEGMENT_SAMPLES.max(n)).collect();
         }
-        let embedding = self.embedder.embed(&audio)?;
-        let score = cosine(&embedding, &self.enrollment);
-        Ok(VoiceCheck { score, pass: score >= threshold })
+        Ok(cosine(&self.embedder.embed(&audio)?, &self.enrollment))
     }
 }
 

@@ -36,13 +36,14 @@ impl Gates {
         }
     }
 
-    /// Compares synthesized `audio` (at the voice's rate) with the enrolled voice. `None`: the
-    /// gate could not run (reported).
-    pub(super) async fn voice(&self, audio: Vec<f32>) -> Result<Option<Decision>, SessionClosed> {
+    /// Compares synthesized `audio` (at the voice's rate), whose first `lead` samples the gate
+    /// passed before, with the enrolled voice. `None`: the gate could not run (reported).
+    pub(super) async fn voice(&self, audio: Vec<f32>, lead: usize) -> Result<Option<Decision>, SessionClosed> {
         let started = Instant::now();
         let rate = self.engines.tts_rate;
-        let seconds = audio.len() as f64 / rate as f64;
-        match self.engines.voice_gate.try_run(Priority::High, move |gate| gate.check(&audio, rate)).await {
+        let seconds = |n: usize| n as f64 / rate as f64;
+        let (total, new) = (seconds(audio.len()), seconds(audio.len().saturating_sub(lead)));
+        match self.engines.voice_gate.try_run(Priority::High, move |gate| gate.check_after(&audio, rate, lead)).await {
             Ok(check) => {
                 let decision = Decision {
                     stage: SafetyStage::Voice,
@@ -51,9 +52,17 @@ impl Gates {
                     rule_id: Some(crate::safety::voice::RULE_ID.into()),
                     score: Some(check.score),
                     elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
-                    detail: (!check.pass).then(|| "the audio does not match the enrolled voice: cut".into()),
+                    detail: (!check.pass).then(|| match check.alone {
+                        Some(alone) => {
+                            format!("the audio does not match the enrolled voice (its new part alone {alone:.2}): cut")
+                        }
+                        None => "the audio does not match the enrolled voice: cut".into(),
+                    }),
                 };
-                let judged = format!("{seconds:.2} s of synthesized audio");
+                let judged = match lead {
+                    0 => format!("{total:.2} s of synthesized audio"),
+                    _ => format!("{total:.2} s of synthesized audio ({new:.2} s new)"),
+                };
                 self.record(decision, &judged).await.map(Some)
             }
             Err(e) => {
