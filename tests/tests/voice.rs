@@ -44,6 +44,14 @@ async fn server() -> TestServer {
     TestServer::start(Config::default(), pipeline).await
 }
 
+/// A server with a pipeline of its own (the models loaded again), for a test whose behaviour
+/// depends on the engines being idle.
+async fn own_server() -> TestServer {
+    let safety = SafetyConfig { audit_log: audit_log(), ..Default::default() };
+    let pipeline = tokio::task::spawn_blocking(move || load(VoiceConfig::default(), safety)).await.unwrap();
+    TestServer::start(Config::default(), pipeline).await
+}
+
 fn clip(name: &str, samples: &[f32], rate: u32) -> Clip {
     Clip { name: name.into(), samples: parley_client::audio::resample(samples, rate, RATE).unwrap() }
 }
@@ -228,9 +236,7 @@ async fn a_clip_with_pauses_is_several_turns_each_measured_from_its_own_end() {
 async fn the_end_of_turn_model_hears_an_open_ending_in_the_pause_before_the_reply() {
     // A pipeline of its own: the verdict is made ahead only while the reply model and synthesizer
     // are idle, which the other tests' turns on the shared pipeline would leave to chance.
-    let safety = SafetyConfig { audit_log: audit_log(), ..Default::default() };
-    let pipeline = tokio::task::spawn_blocking(move || load(VoiceConfig::default(), safety)).await.unwrap();
-    let server = TestServer::start(Config::default(), pipeline).await;
+    let server = own_server().await;
     // The cards' short answers: Whisper leaves them unpunctuated ("7 of clubs") or stops before a
     // repeat ("5" for "five five"), so the words alone leave their endings open.
     let cards: Vec<Clip> = speech_clips()
@@ -415,7 +421,10 @@ async fn a_flagged_reply_and_an_unenrolled_voice_never_reach_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn words_are_sent_as_they_settle_while_the_user_speaks() {
-    let server = server().await;
+    // A pipeline of its own: passes run only while the recognizer, reply model and synthesizer
+    // are idle, which the other tests' turns on the shared pipeline would leave to chance (with a
+    // CPU hog beside the tests, none ran in time).
+    let server = own_server().await;
     let reference = &speech_clips()[0]; // 7 s: "and mister john dashwood had then leisure to consider…"
     let (samples, rate) = read_wav(&reference.path);
     let result = parley_client::talk(&options(&server), &[clip("long", &samples, rate)]).await.unwrap();
