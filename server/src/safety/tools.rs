@@ -239,6 +239,13 @@ struct VoiceReport {
     samples: Vec<VoiceSample>,
 }
 
+/// The last `ms` of `audio` (at `rate`) up to its last sample above 1 % of its peak.
+fn last_sound(audio: &[f32], ms: f64, rate: u32) -> Vec<f32> {
+    let peak = audio.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let end = audio.iter().rposition(|x| x.abs() > peak / 100.0).map_or(0, |i| i + 1);
+    audio[end.saturating_sub((ms * rate as f64 / 1000.0) as usize)..end].to_vec()
+}
+
 /// Which end of each utterance `eval-voice` checks (see [`eval_voice`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Tail {
@@ -272,15 +279,10 @@ pub fn eval_voice(
         let checks: Vec<(Vec<f32>, u32, usize)> = match tail {
             None => check_windows(audio.len(), rate).into_iter().map(|w| (audio[w].to_vec(), rate, 0)).collect(),
             Some(tail) => {
-                let sound = |audio: &[f32], ms: f64, rate: u32| {
-                    let peak = audio.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-                    let end = audio.iter().rposition(|x| x.abs() > peak / 100.0).map_or(0, |i| i + 1);
-                    audio[end.saturating_sub((ms * rate as f64 / 1000.0) as usize)..end].to_vec()
-                };
-                let last = sound(audio, f64::from(tail.ms), rate);
+                let last = last_sound(audio, f64::from(tail.ms), rate);
                 if tail.lead {
                     let lead_ms = (MAX_CHECK_MS - f64::from(tail.ms)).max(0.0);
-                    let mut window = to_16k(&sound(&piper[i], lead_ms, piper_rate), piper_rate)?;
+                    let mut window = to_16k(&last_sound(&piper[i], lead_ms, piper_rate), piper_rate)?;
                     let lead = window.len();
                     window.extend(to_16k(&last, rate)?);
                     vec![(window, crate::models::speaker::SAMPLE_RATE, lead)]

@@ -92,21 +92,22 @@ impl VoiceGate {
 
     /// Compares `audio` (mono, at `rate`) with the enrolled voice.
     pub fn check(&mut self, audio: &[f32], rate: u32) -> Result<VoiceCheck, ModelError> {
-        let audio = to_16k(audio, rate)?;
-        let short = (audio.len() as f64) < MIN_CHECK_MS * f64::from(SAMPLE_RATE) / 1000.0;
-        let score = self.score(audio)?;
-        let threshold = if short { self.short_threshold } else { self.threshold };
-        Ok(VoiceCheck { score, alone: None, pass: score >= threshold })
+        self.check_after(audio, rate, 0)
     }
 
     /// Compares `audio`, whose first `lead` samples are audio the gate passed, with the enrolled
-    /// voice: the whole as [`VoiceGate::check`] does, and the rest alone, if it lasts at least
-    /// [`ALONE_MIN_MS`], against [`ALONE_FLOOR`], so another voice cannot pass behind the lead.
+    /// voice: the whole against the threshold for its length, and the rest alone, if it lasts at
+    /// least [`ALONE_MIN_MS`], against [`ALONE_FLOOR`], so another voice cannot pass behind the lead.
     pub fn check_after(&mut self, audio: &[f32], rate: u32, lead: usize) -> Result<VoiceCheck, ModelError> {
-        let mut check = self.check(audio, rate)?;
+        let audio = to_16k(audio, rate)?;
+        let ms = |samples: usize| samples as f64 * 1000.0 / f64::from(SAMPLE_RATE);
+        let score = self.score(&audio)?;
+        let threshold = if ms(audio.len()) < MIN_CHECK_MS { self.short_threshold } else { self.threshold };
+        let mut check = VoiceCheck { score, alone: None, pass: score >= threshold };
+        let lead = (lead as u64 * u64::from(SAMPLE_RATE) / u64::from(rate.max(1))) as usize;
         let rest = &audio[lead.min(audio.len())..];
-        if lead > 0 && rest.len() as f64 >= ALONE_MIN_MS * f64::from(rate) / 1000.0 {
-            let alone = self.score(to_16k(rest, rate)?)?;
+        if lead > 0 && ms(rest.len()) >= ALONE_MIN_MS {
+            let alone = self.score(rest)?;
             check.alone = Some(alone);
             check.pass &= alone >= ALONE_FLOOR;
         }
@@ -114,15 +115,18 @@ impl VoiceGate {
     }
 
     /// The cosine of 16 kHz `audio` to the enrollment (0 for no audio).
-    fn score(&mut self, mut audio: Vec<f32>) -> Result<f32, ModelError> {
+    fn score(&mut self, audio: &[f32]) -> Result<f32, ModelError> {
         if audio.is_empty() {
             return Ok(0.0);
         }
-        if audio.len() < SEGMENT_SAMPLES {
-            let n = audio.len();
-            audio = audio.iter().copied().cycle().take(SEGMENT_SAMPLES.max(n)).collect();
-        }
-        Ok(cosine(&self.embedder.embed(&audio)?, &self.enrollment))
+        let tiled: Vec<f32>;
+        let audio = if audio.len() < SEGMENT_SAMPLES {
+            tiled = audio.iter().copied().cycle().take(SEGMENT_SAMPLES).collect();
+            &tiled
+        } else {
+            audio
+        };
+        Ok(cosine(&self.embedder.embed(audio)?, &self.enrollment))
     }
 }
 
